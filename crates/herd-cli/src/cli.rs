@@ -1,0 +1,195 @@
+//! Command-line flags.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use herd::backoff::BackoffPolicy;
+use herd::config::{parse_duration, parse_signal, Signal, MAX_WORKERS};
+use herd::output::LogFormat;
+use herd::{Balance, ClusterConfig, CrashLoopAction, ListenSpec, RestartPolicy, WorkerCommand};
+
+const EXIT_STATUSES: &str = "\
+Exit status:
+  0    stopped by SIGINT/SIGTERM, or every worker finished with status 0
+  1    every worker finished and one failed (--restart never/on-failure), or an internal error
+  2    bad input: flags, listen specs, address in use or not permitted
+  3    crash loop under --on-crash-loop exit
+  126  the worker command is not executable
+  127  the worker command was not found";
+
+/// Run any server as a cluster of worker processes sharing its sockets.
+#[derive(Debug, Parser)]
+#[command(name = "herd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// herd's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command as N workers sharing the listening sockets.
+    #[command(after_help = EXIT_STATUSES)]
+    Run(RunArgs),
+    /// The built-in HTTP hello-world server (what `herd run` runs with no command).
+    Hello(HelloArgs),
+}
+
+/// `herd run` flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of workers, or `auto` for one per CPU.
+    #[arg(short, long, default_value = "2", value_parser = parse_workers, value_name = "N|auto")]
+    pub workers: usize,
+
+    /// Where to listen: HOST:PORT, [V6]:PORT, :PORT, unix:PATH, udp:HOST:PORT,
+    /// each optionally NAME=…; repeatable. Default: 127.0.0.1:8000.
+    #[arg(short, long = "listen", value_name = "SPEC")]
+    pub listen: Vec<ListenSpec>,
+
+    /// Do not listen at all (a cluster of workers without sockets).
+    #[arg(long, conflicts_with = "listen")]
+    pub no_listen: bool,
+
+    /// How connections are spread: one shared socket, or one SO_REUSEPORT socket per worker.
+    #[arg(long, default_value_t = Balance::default(), value_name = "shared|reuseport")]
+    pub balance: Balance,
+
+    /// When to replace an exited worker.
+    #[arg(long, default_value = "always", value_name = "always|on-failure|never")]
+    pub restart: RestartPolicy,
+
+    /// A worker up this long was healthy: its backoff resets.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub stable: Duration,
+
+    /// First backoff delay after repeated quick failures (doubles each time).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub backoff_initial: Duration,
+
+    /// Backoff cap; failed slots are retried at this pace.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub backoff_max: Duration,
+
+    /// Crash loop: more than this many restarts of one slot…
+    #[arg(long, default_value = "5", value_name = "R")]
+    pub max_restarts: u32,
+
+    /// …within this window.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub within: Duration,
+
+    /// What a crash loop does: mark the slot failed and keep retrying, or exit 3.
+    #[arg(long, default_value = "retry", value_name = "retry|exit")]
+    pub on_crash_loop: CrashLoopAction,
+
+    /// Signal that asks workers to stop.
+    #[arg(long, default_value = "SIGTERM", value_parser = parse_signal, value_name = "SIGNAL")]
+    pub stop_signal: Signal,
+
+    /// Time stopping workers get before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub stop_timeout: Duration,
+
+    /// Log format for herd's events and worker output.
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
+
+    /// The worker command; herd's built-in hello-world server when omitted.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable lines, worker output prefixed `[slot pid]`.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `herd hello` flags.
+#[derive(Debug, Args)]
+pub struct HelloArgs {
+    /// Address to bind when not given sockets by herd or systemd.
+    #[arg(short, long, default_value = "127.0.0.1:8000")]
+    pub listen: std::net::SocketAddr,
+}
+
+impl RunArgs {
+    /// The library configuration these flags describe.
+    pub fn into_config(self, command: WorkerCommand) -> ClusterConfig {
+        let mut config = ClusterConfig::new(command);
+        config.workers = self.workers;
+        config.listen = if self.no_listen {
+            Vec::new()
+        } else if self.listen.is_empty() {
+            vec!["127.0.0.1:8000"
+                .parse()
+                .expect("the default listen spec is valid")]
+        } else {
+            self.listen
+        };
+        config.balance = self.balance;
+        config.restart = self.restart;
+        config.backoff = BackoffPolicy {
+            initial: self.backoff_initial,
+            max: self.backoff_max.max(self.backoff_initial),
+            stable: self.stable,
+        };
+        config.max_restarts = self.max_restarts;
+        config.within = self.within;
+        config.on_crash_loop = self.on_crash_loop;
+        config.stop_signal = self.stop_signal;
+        config.stop_timeout = self.stop_timeout;
+        config.log_format = match self.log_format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        };
+        config
+    }
+}
+
+fn parse_workers(text: &str) -> Result<usize, String> {
+    if text == "auto" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    let n: usize = text
+        .parse()
+        .map_err(|_| format!("expected a number or auto, got {text:?}"))?;
+    match n {
+        0 => Err("at least 1 worker is needed".into()),
+        n if n > MAX_WORKERS => Err(format!("at most {MAX_WORKERS} workers are allowed")),
+        n => Ok(n),
+    }
+}
+
+/// Prints a flag error as one line (help and version print in full) and
+/// returns the exit status: 0 for help/version, 2 for errors.
+pub fn report_parse_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(2)
+        }
+        _ => {
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("herd: {line} (see herd --help)");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The `herd` command: a thin layer over the `herd` library.
+//!
+//! Exit statuses (also in docs/ARCHITECTURE.md and `herd run --help`):
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0   | stopped on request (SIGINT/SIGTERM), or every worker finished with status 0 |
+//! | 1   | every worker finished and at least one failed (`--restart never/on-failure`), or an internal error |
+//! | 2   | bad input: flags, listen specs, an address in use or not permitted |
+//! | 3   | crash loop under `--on-crash-loop exit` |
+//! | 126 | the worker command is not executable |
+//! | 127 | the worker command was not found |
+
+mod cli;
+mod hello;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use herd::{Cluster, ClusterConfig, CommandError, Outcome, WorkerCommand};
+
+use cli::{Cli, Command, LogFormatArg, RunArgs};
+
+/// Exit status: bad input.
+const EXIT_USAGE: u8 = 2;
+/// Exit status: crash loop under `--on-crash-loop exit`.
+const EXIT_CRASH_LOOP: u8 = 3;
+/// Exit status: worker command not executable.
+const EXIT_NOT_EXECUTABLE: u8 = 126;
+/// Exit status: worker command not found.
+const EXIT_NOT_FOUND: u8 = 127;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::report_parse_error(e),
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Hello(args) => match hello::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_USAGE, &format!("{e:#}")),
+        },
+    }
+}
+
+/// Prints one line on stderr and returns `status`.
+fn fail(status: u8, message: &str) -> ExitCode {
+    eprintln!("herd: {message}");
+    ExitCode::from(status)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    init_tracing(args.log_format);
+    let argv = if args.command.is_empty() {
+        // The built-in hello-world server: this very binary in worker role.
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return fail(1, &format!("cannot find the herd binary: {e}")),
+        };
+        vec![exe.into_os_string(), "hello".into()]
+    } else {
+        args.command.clone()
+    };
+    let command = match WorkerCommand::resolve(argv) {
+        Ok(c) => c,
+        Err(e @ CommandError::NotExecutable(_)) => {
+            return fail(EXIT_NOT_EXECUTABLE, &e.to_string())
+        }
+        Err(e) => return fail(EXIT_NOT_FOUND, &e.to_string()),
+    };
+    let config = args.into_config(command);
+    match run_cluster(config) {
+        Ok(Outcome::Stopped)
+        | Ok(Outcome::Finished {
+            all_succeeded: true,
+        }) => ExitCode::SUCCESS,
+        Ok(Outcome::Finished {
+            all_succeeded: false,
+        }) => ExitCode::from(1),
+        Ok(Outcome::CrashLoop { slot }) => fail(
+            EXIT_CRASH_LOOP,
+            &format!("slot {slot} is in a crash loop; exiting (--on-crash-loop exit)"),
+        ),
+        Err(herd::Error::Bind(e)) => fail(EXIT_USAGE, &e.to_string()),
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn run_cluster(config: ClusterConfig) -> Result<Outcome, herd::Error> {
+    let cluster = Cluster::bind(config)?;
+    // Current-thread runtime on the main thread: workers are forked from the
+    // thread that lives as long as herd, so PR_SET_PDEATHSIG fires only when
+    // herd itself dies.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(herd::Error::Spawn)?;
+    runtime.block_on(cluster.run())
+}
+
+fn init_tracing(format: LogFormatArg) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormatArg::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormatArg::Json => builder.json().flatten_event(true).init(),
+    }
+}

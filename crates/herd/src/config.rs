@@ -1,0 +1,304 @@
+//! What a cluster runs and how it is kept alive.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A signal number, as herd's configuration carries it.
+pub use rustix::process::Signal;
+
+use crate::backoff::BackoffPolicy;
+use crate::listen::ListenSpec;
+use crate::output::LogFormat;
+use crate::socket::Balance;
+
+/// The most workers one cluster may run.
+pub const MAX_WORKERS: usize = 1024;
+
+/// When an exited worker is replaced (OTP's permanent / transient / temporary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestartPolicy {
+    /// Always replace it.
+    #[default]
+    Always,
+    /// Replace it unless it exited with status 0.
+    OnFailure,
+    /// Never replace it; herd exits when the last worker has.
+    Never,
+}
+
+impl FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "never" => Ok(RestartPolicy::Never),
+            other => Err(format!(
+                "unknown restart policy {other:?} (expected always, on-failure or never)"
+            )),
+        }
+    }
+}
+
+/// What a crash loop (too many restarts too fast) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrashLoopAction {
+    /// Mark the slot failed, say so, and keep retrying at the backoff cap.
+    #[default]
+    Retry,
+    /// Stop the cluster and exit non-zero, for an outer supervisor to act.
+    Exit,
+}
+
+impl FromStr for CrashLoopAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "retry" => Ok(CrashLoopAction::Retry),
+            "exit" => Ok(CrashLoopAction::Exit),
+            other => Err(format!(
+                "unknown crash-loop action {other:?} (expected retry or exit)"
+            )),
+        }
+    }
+}
+
+/// The program every worker runs, resolved to a path once, at start.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    /// The executable, resolved through `PATH`.
+    pub program: PathBuf,
+    /// `argv[0]` and the arguments, as given.
+    pub argv: Vec<OsString>,
+}
+
+/// Why a worker command cannot run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No command was given.
+    #[error("no command given")]
+    Empty,
+    /// Not found on `PATH` or at the given path.
+    #[error("command not found: {0}")]
+    NotFound(String),
+    /// Found but not an executable file.
+    #[error("cannot execute {0}: permission denied or not an executable file")]
+    NotExecutable(String),
+}
+
+impl WorkerCommand {
+    /// Resolves `argv[0]` the way a shell would: a name with a `/` is a path,
+    /// anything else is looked up in `PATH`.
+    pub fn resolve(argv: Vec<OsString>) -> Result<Self, CommandError> {
+        let first = argv.first().ok_or(CommandError::Empty)?;
+        let shown = first.to_string_lossy().into_owned();
+        if first.is_empty() {
+            return Err(CommandError::Empty);
+        }
+        let program = if first.to_string_lossy().contains('/') {
+            let path = PathBuf::from(first);
+            check_executable(&path, &shown)?;
+            path
+        } else {
+            let path_var = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+            let mut not_executable = None;
+            let mut found = None;
+            for dir in std::env::split_paths(&path_var) {
+                let candidate = dir.join(first);
+                match check_executable(&candidate, &shown) {
+                    Ok(()) => {
+                        found = Some(candidate);
+                        break;
+                    }
+                    Err(e @ CommandError::NotExecutable(_)) => not_executable = Some(e),
+                    Err(_) => {}
+                }
+            }
+            match (found, not_executable) {
+                (Some(p), _) => p,
+                (None, Some(e)) => return Err(e),
+                (None, None) => return Err(CommandError::NotFound(shown)),
+            }
+        };
+        Ok(WorkerCommand { program, argv })
+    }
+
+    /// The command line as the user would type it, for logs.
+    pub fn display(&self) -> String {
+        let parts: Vec<_> = self.argv.iter().map(|a| a.to_string_lossy()).collect();
+        parts.join(" ")
+    }
+}
+
+fn check_executable(path: &Path, shown: &str) -> Result<(), CommandError> {
+    let meta = std::fs::metadata(path).map_err(|_| CommandError::NotFound(shown.into()))?;
+    if !meta.is_file() {
+        return Err(CommandError::NotExecutable(shown.into()));
+    }
+    rustix::fs::access(path, rustix::fs::Access::EXEC_OK)
+        .map_err(|_| CommandError::NotExecutable(shown.into()))
+}
+
+/// Everything a cluster needs to run.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// What each worker runs.
+    pub command: WorkerCommand,
+    /// How many worker slots.
+    pub workers: usize,
+    /// What to listen on (may be empty: a cluster without sockets).
+    pub listen: Vec<ListenSpec>,
+    /// How connections are spread.
+    pub balance: Balance,
+    /// When exited workers are replaced.
+    pub restart: RestartPolicy,
+    /// How restarts are spaced.
+    pub backoff: BackoffPolicy,
+    /// Crash-loop limit: more than this many restarts of a slot…
+    pub max_restarts: u32,
+    /// …within this window.
+    pub within: Duration,
+    /// What a crash loop does.
+    pub on_crash_loop: CrashLoopAction,
+    /// The signal that asks a worker to stop.
+    pub stop_signal: Signal,
+    /// How long a stopping worker gets before SIGKILL.
+    pub stop_timeout: Duration,
+    /// How worker output is written.
+    pub log_format: LogFormat,
+}
+
+impl ClusterConfig {
+    /// A configuration with herd's defaults for everything but the command.
+    pub fn new(command: WorkerCommand) -> Self {
+        ClusterConfig {
+            command,
+            workers: 2,
+            listen: Vec::new(),
+            balance: Balance::default(),
+            restart: RestartPolicy::default(),
+            backoff: BackoffPolicy::default(),
+            max_restarts: 5,
+            within: Duration::from_secs(30),
+            on_crash_loop: CrashLoopAction::default(),
+            stop_signal: Signal::TERM,
+            stop_timeout: Duration::from_secs(10),
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+/// Parses a signal by name (`TERM`, `SIGTERM`, case-insensitive) or number.
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let sig = match name {
+        "HUP" => Signal::HUP,
+        "INT" => Signal::INT,
+        "QUIT" => Signal::QUIT,
+        "KILL" => Signal::KILL,
+        "USR1" => Signal::USR1,
+        "USR2" => Signal::USR2,
+        "TERM" => Signal::TERM,
+        "CONT" => Signal::CONT,
+        "STOP" => Signal::STOP,
+        "WINCH" => Signal::WINCH,
+        "ALRM" => Signal::ALARM,
+        _ => match name.parse::<i32>().ok().and_then(Signal::from_named_raw) {
+            Some(sig) => sig,
+            None => return Err(format!("unknown signal {text:?}")),
+        },
+    };
+    Ok(sig)
+}
+
+/// The conventional name of a signal number (`SIGTERM`), or its number.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?} (expected e.g. 500ms, 10s, 2m)"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("invalid duration {text:?} (units: ms, s, m, h)")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("duration {text:?} is too long"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        for bad in ["", "s", "10x", "-1s", "1e400"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("SIGTERM").unwrap(), Signal::TERM);
+        assert_eq!(parse_signal("int").unwrap(), Signal::INT);
+        assert_eq!(parse_signal("9").unwrap(), Signal::KILL);
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert_eq!(signal_name(9), "SIGKILL");
+    }
+
+    #[test]
+    fn resolves_commands_like_a_shell() {
+        let ok = WorkerCommand::resolve(vec!["sh".into(), "-c".into()]).unwrap();
+        assert!(ok.program.is_absolute());
+        assert!(matches!(
+            WorkerCommand::resolve(vec!["no-such-command-herd".into()]),
+            Err(CommandError::NotFound(_))
+        ));
+        assert!(matches!(
+            WorkerCommand::resolve(vec!["/etc/hostname".into()]),
+            Err(CommandError::NotExecutable(_))
+        ));
+        assert!(matches!(
+            WorkerCommand::resolve(vec!["/".into()]),
+            Err(CommandError::NotExecutable(_))
+        ));
+    }
+}

@@ -1,0 +1,81 @@
+//! # herd: one primary, N workers, shared sockets
+//!
+//! herd runs a server program as a cluster: the primary process binds the
+//! listening sockets once and keeps them, starts N worker processes that
+//! inherit them, replaces workers that die (with backoff and crash-loop
+//! limits), and stops them all cleanly. Any program can be a worker: sockets
+//! travel by systemd's socket-activation protocol (`LISTEN_FDS`).
+//!
+//! ## Theory of operation
+//!
+//! * [`listen`] parses what to listen on; [`socket`] binds it — one socket
+//!   per address ([`Balance::Shared`]) or one `SO_REUSEPORT` socket per slot
+//!   per address ([`Balance::Reuseport`]). The primary holds every socket for
+//!   as long as the slot exists, so connections that arrive while a worker is
+//!   being replaced wait in the kernel's queue instead of being refused.
+//! * A **slot** is a numbered place for a worker (0..N); it outlives the
+//!   workers that fill it and owns their [`backoff`] state.
+//! * The **supervisor** ([`Cluster::run`]) is a single task that owns every
+//!   slot. It `select!`s over signals, worker exits (pidfds, through tokio)
+//!   and one timer; everything it reacts to arrives as an event, so an idle
+//!   cluster makes no wakeups.
+//! * Spawning goes through `tokio::process::Command` with a `pre_exec` hook
+//!   from [`sys`](crate) (the only module with `unsafe`): new process group,
+//!   `PR_SET_PDEATHSIG`, sockets moved to fds 3.., everything else
+//!   close-on-exec, and `LISTEN_PID` written into a pre-built environment
+//!   block with the child's own pid before it execs.
+//! * No orphans: workers die with the primary (`PR_SET_PDEATHSIG`); the
+//!   primary is a child subreaper and reaps reparented grandchildren; and a
+//!   tiny forked **guardian** process, which outlives a SIGKILLed primary,
+//!   kills every worker process group and every process carrying the
+//!   cluster's `HERD_PRIMARY_PID` in its environment.
+//! * [`output`] forwards worker stdout/stderr line by line with a prefix.
+//! * [`activation`] is the worker side: adopt the sockets in `LISTEN_FDS`.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use herd::{Cluster, ClusterConfig, WorkerCommand};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let command = WorkerCommand::resolve(vec!["node".into(), "app.js".into()])?;
+//! let mut config = ClusterConfig::new(command);
+//! config.workers = 4;
+//! config.listen = vec!["127.0.0.1:8000".parse()?];
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! let outcome = runtime.block_on(Cluster::bind(config)?.run())?;
+//! println!("{outcome:?}");
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod activation;
+pub mod backoff;
+pub mod config;
+pub mod listen;
+pub mod output;
+pub mod socket;
+mod supervisor;
+mod sys;
+
+pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
+pub use listen::{ListenAddress, ListenSpec, ListenSpecError};
+pub use socket::{Balance, BindError, Listeners};
+pub use supervisor::{Cluster, Outcome};
+
+/// Everything that can stop a cluster from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listening socket could not be opened.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The worker command cannot run.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// A process or thread could not be started.
+    #[error("cannot start: {0}")]
+    Spawn(std::io::Error),
+}

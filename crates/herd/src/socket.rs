@@ -1,0 +1,282 @@
+//! Listening sockets, bound once by the primary and held for the life of the
+//! cluster (shared mode) or of each slot (reuseport mode).
+//!
+//! Holding the sockets in the primary is what makes restarts lossless: while a
+//! worker is dead the kernel keeps queueing connections on the socket, and the
+//! replacement accepts them.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::listen::{ListenAddress, ListenSpec, TcpAddress};
+
+/// The listen backlog asked for (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// How connections are spread over workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// One socket per address, inherited by every worker; whichever worker is
+    /// free accepts (work-conserving).
+    #[default]
+    Shared,
+    /// One `SO_REUSEPORT` socket per slot per address; the kernel spreads
+    /// connections by flow hash. Unix sockets have no reuseport and stay shared.
+    Reuseport,
+}
+
+impl FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(Balance::Shared),
+            "reuseport" => Ok(Balance::Reuseport),
+            other => Err(format!(
+                "unknown balance mode {other:?} (expected shared or reuseport)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::Shared => "shared",
+            Balance::Reuseport => "reuseport",
+        })
+    }
+}
+
+/// Why a socket could not be opened. Each message names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// Another socket holds the address.
+    #[error("address {0} is already in use")]
+    InUse(String),
+    /// Binding needs privileges this process lacks.
+    #[error("permission denied binding {0} (ports below 1024 need root or CAP_NET_BIND_SERVICE)")]
+    PermissionDenied(String),
+    /// A file that is not a socket sits at a unix socket path.
+    #[error("cannot listen on unix:{0}: the path exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Any other failure.
+    #[error("cannot listen on {address}: {source}")]
+    Io {
+        /// The address.
+        address: String,
+        /// The error from the kernel.
+        source: io::Error,
+    },
+}
+
+fn bind_error(address: &dyn fmt::Display, source: io::Error) -> BindError {
+    let address = address.to_string();
+    match source.kind() {
+        io::ErrorKind::AddrInUse => BindError::InUse(address),
+        io::ErrorKind::PermissionDenied => BindError::PermissionDenied(address),
+        _ => BindError::Io { address, source },
+    }
+}
+
+/// The sockets of one listen spec.
+#[derive(Debug)]
+enum SpecSockets {
+    /// One socket for every slot.
+    Shared(OwnedFd),
+    /// Socket `i` belongs to slot `i`.
+    PerSlot(Vec<OwnedFd>),
+}
+
+/// All listening sockets of a cluster, by spec and slot.
+#[derive(Debug)]
+pub struct Listeners {
+    specs: Vec<ListenSpec>,
+    sockets: Vec<SpecSockets>,
+    unix_paths: Vec<PathBuf>,
+}
+
+impl Listeners {
+    /// Binds every spec for `slots` slots. Port 0 is resolved once, so every
+    /// slot of a reuseport spec shares the kernel-chosen port.
+    pub fn bind(specs: &[ListenSpec], balance: Balance, slots: usize) -> Result<Self, BindError> {
+        let mut out = Listeners {
+            specs: Vec::new(),
+            sockets: Vec::new(),
+            unix_paths: Vec::new(),
+        };
+        for spec in specs {
+            let (resolved, sockets) = match &spec.address {
+                ListenAddress::Unix(path) => {
+                    let fd = bind_unix(path)?;
+                    out.unix_paths.push(path.clone());
+                    (spec.clone(), SpecSockets::Shared(fd))
+                }
+                ListenAddress::Tcp(addr) | ListenAddress::Udp(addr) => {
+                    let stream = matches!(spec.address, ListenAddress::Tcp(_));
+                    match balance {
+                        Balance::Shared => {
+                            let sock = bind_ip(addr, stream, false, spec)?;
+                            let resolved = with_port(spec, local_port(&sock));
+                            (resolved, SpecSockets::Shared(sock.into()))
+                        }
+                        Balance::Reuseport => {
+                            // A plain bind first: if anything else holds the
+                            // address, even with SO_REUSEPORT, fail loudly
+                            // rather than silently share its traffic.
+                            let probe = bind_ip(addr, stream, false, spec)?;
+                            let port = local_port(&probe);
+                            drop(probe);
+                            let resolved = with_port(spec, port);
+                            let addr = TcpAddress { port, ..*addr };
+                            let per_slot = (0..slots)
+                                .map(|_| bind_ip(&addr, stream, true, &resolved).map(OwnedFd::from))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            (resolved, SpecSockets::PerSlot(per_slot))
+                        }
+                    }
+                }
+            };
+            out.specs.push(resolved);
+            out.sockets.push(sockets);
+        }
+        Ok(out)
+    }
+
+    /// The specs as bound (port 0 replaced by the port the kernel chose).
+    pub fn specs(&self) -> &[ListenSpec] {
+        &self.specs
+    }
+
+    /// The descriptors slot `slot` hands its worker, in spec order.
+    pub fn fds_for_slot(&self, slot: usize) -> Vec<RawFd> {
+        self.sockets
+            .iter()
+            .map(|s| match s {
+                SpecSockets::Shared(fd) => fd.as_raw_fd(),
+                SpecSockets::PerSlot(fds) => fds[slot % fds.len()].as_raw_fd(),
+            })
+            .collect()
+    }
+
+    /// `LISTEN_FDNAMES`: the spec names joined by `:`.
+    pub fn fd_names(&self) -> String {
+        let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
+        names.join(":")
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        // The socket files are ours: leave no stale file behind.
+        for path in &self.unix_paths {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn with_port(spec: &ListenSpec, port: u16) -> ListenSpec {
+    let mut spec = spec.clone();
+    match &mut spec.address {
+        ListenAddress::Tcp(a) | ListenAddress::Udp(a) => a.port = port,
+        ListenAddress::Unix(_) => {}
+    }
+    spec
+}
+
+fn local_port(sock: &Socket) -> u16 {
+    sock.local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+fn bind_ip(
+    addr: &TcpAddress,
+    stream: bool,
+    reuseport: bool,
+    spec: &ListenSpec,
+) -> Result<Socket, BindError> {
+    match bind_ip_at(addr.socket_addr(), addr.host.is_none(), stream, reuseport) {
+        // "All interfaces" on a host without IPv6: fall back to IPv4.
+        Err(e) if addr.host.is_none() && is_no_ipv6(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port));
+            bind_ip_at(v4, false, stream, reuseport)
+        }
+        other => other,
+    }
+    .map_err(|e| bind_error(&spec.address, e))
+}
+
+fn is_no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
+    )
+}
+
+fn bind_ip_at(
+    addr: SocketAddr,
+    dual_stack: bool,
+    stream: bool,
+    reuseport: bool,
+) -> io::Result<Socket> {
+    let (ty, proto) = if stream {
+        (Type::STREAM, Protocol::TCP)
+    } else {
+        (Type::DGRAM, Protocol::UDP)
+    };
+    let sock = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(!dual_stack)?;
+    }
+    if stream {
+        // Restarting herd must not wait out TIME_WAIT of the previous run.
+        sock.set_reuse_address(true)?;
+    }
+    if reuseport {
+        sock.set_reuse_port(true)?;
+    }
+    sock.bind(&addr.into())?;
+    if stream {
+        sock.listen(BACKLOG)?;
+    }
+    Ok(sock)
+}
+
+fn bind_unix(path: &Path) -> Result<OwnedFd, BindError> {
+    let shown = format!("unix:{}", path.display());
+    remove_stale_unix_socket(path)?;
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(|e| bind_error(&shown, e))?;
+    let addr = SockAddr::unix(path).map_err(|e| bind_error(&shown, e))?;
+    sock.bind(&addr).map_err(|e| bind_error(&shown, e))?;
+    sock.listen(BACKLOG).map_err(|e| bind_error(&shown, e))?;
+    Ok(sock.into())
+}
+
+/// Removes a socket file left by a dead server; refuses if a server answers.
+fn remove_stale_unix_socket(path: &Path) -> Result<(), BindError> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = format!("unix:{}", path.display());
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(bind_error(&shown, e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket(path.to_path_buf()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(BindError::InUse(shown)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(|e| bind_error(&shown, e))
+        }
+        Err(e) => Err(bind_error(&shown, e)),
+    }
+}

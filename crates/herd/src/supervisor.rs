@@ -1,0 +1,583 @@
+//! The supervisor: one task that owns every slot and worker.
+//!
+//! It `select!`s over signals, worker exits and the one timer it needs (the
+//! earliest backoff restart or stop deadline), so an idle cluster makes no
+//! wakeups. Nothing else touches cluster state.
+//!
+//! Workers are spawned from this task, which runs on the runtime's main
+//! thread (the caller must use a current-thread runtime on the thread that
+//! lives as long as the process): `PR_SET_PDEATHSIG` fires when the *thread*
+//! that forked a child exits, not the process.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio::time::sleep_until;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::{Backoff, Intensity, Jitter};
+use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
+use crate::output::{OutputSink, Stream};
+use crate::socket::Listeners;
+use crate::sys::{self, ExecPlan};
+use crate::Error;
+
+/// How a cluster ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped on request (SIGINT/SIGTERM); every worker is gone.
+    Stopped,
+    /// Every worker exited and the restart policy replaced none.
+    /// `all_succeeded` is whether each last worker exited with status 0.
+    Finished {
+        /// Whether every slot's last worker exited 0.
+        all_succeeded: bool,
+    },
+    /// A slot hit the crash-loop limit under [`CrashLoopAction::Exit`].
+    CrashLoop {
+        /// The slot that looped.
+        slot: usize,
+    },
+}
+
+/// A running cluster: its sockets and configuration. [`Cluster::run`] drives it.
+pub struct Cluster {
+    config: ClusterConfig,
+    listeners: Listeners,
+}
+
+impl Cluster {
+    /// Binds the sockets. Nothing is spawned yet.
+    pub fn bind(config: ClusterConfig) -> Result<Self, Error> {
+        let listeners = Listeners::bind(&config.listen, config.balance, config.workers)?;
+        Ok(Cluster { config, listeners })
+    }
+
+    /// The sockets as bound (with kernel-chosen ports filled in).
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    /// Runs the cluster until it stops. Must be called on a current-thread
+    /// runtime driven by the process's main thread (see module docs).
+    pub async fn run(self) -> Result<Outcome, Error> {
+        Supervisor::new(self)?.run().await
+    }
+}
+
+#[derive(Debug)]
+enum SlotState {
+    /// A worker is alive.
+    Running { pid: u32, started: Instant },
+    /// Waiting to restart (backoff); `failed` slots wait at the cap.
+    Waiting { until: Instant },
+    /// Not running and not coming back (restart policy, or stopping).
+    Done { succeeded: bool },
+}
+
+struct Slot {
+    state: SlotState,
+    backoff: Backoff,
+    intensity: Intensity,
+    failed: bool,
+}
+
+enum Phase {
+    Running,
+    Stopping { kill_at: Instant, outcome: Outcome },
+}
+
+struct Exit {
+    slot: usize,
+    pid: u32,
+    status: std::io::Result<ExitStatus>,
+}
+
+struct Guardian {
+    child: tokio::process::Child,
+    pipe: OwnedFd,
+}
+
+struct Supervisor {
+    config: ClusterConfig,
+    listeners: Listeners,
+    slots: Vec<Slot>,
+    phase: Phase,
+    exits: JoinSet<Exit>,
+    output: OutputSink,
+    guardian: Option<Guardian>,
+    marker: String,
+    jitter: Jitter,
+    base_env: Vec<CString>,
+    argv: Vec<CString>,
+}
+
+impl Supervisor {
+    fn new(cluster: Cluster) -> Result<Self, Error> {
+        let Cluster { config, listeners } = cluster;
+        // Orphaned grandchildren are reparented to us, so we can reap them.
+        if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+            warn!("cannot become child subreaper: {e}");
+        }
+        let output = OutputSink::start(config.log_format).map_err(Error::Spawn)?;
+        let marker = format!("HERD_PRIMARY_PID={}", std::process::id());
+        let base_env = std::env::vars_os()
+            .filter(|(k, _)| {
+                let k = k.as_bytes();
+                !matches!(k, b"LISTEN_PID" | b"LISTEN_FDS" | b"LISTEN_FDNAMES")
+                    && !k.starts_with(b"HERD_")
+            })
+            .filter_map(|(k, v)| env_entry(&k, &v))
+            .collect();
+        let argv = config
+            .command
+            .argv
+            .iter()
+            .filter_map(|a| CString::new(a.as_bytes()).ok())
+            .collect();
+        let slots = (0..config.workers)
+            .map(|_| Slot {
+                state: SlotState::Done { succeeded: true },
+                backoff: Backoff::new(config.backoff),
+                intensity: Intensity::new(config.max_restarts, config.within),
+                failed: false,
+            })
+            .collect();
+        Ok(Supervisor {
+            config,
+            listeners,
+            slots,
+            phase: Phase::Running,
+            exits: JoinSet::new(),
+            output,
+            guardian: None,
+            marker,
+            jitter: Jitter::from_entropy(),
+            base_env,
+            argv,
+        })
+    }
+
+    async fn run(mut self) -> Result<Outcome, Error> {
+        let sig = |kind| signal(kind).map_err(Error::Signals);
+        let mut sigint = sig(SignalKind::interrupt())?;
+        let mut sigterm = sig(SignalKind::terminate())?;
+        let mut sigchld = sig(SignalKind::child())?;
+        let mut sighup = sig(SignalKind::hangup())?;
+
+        self.start_guardian();
+        info!(
+            command = %self.config.command.display(),
+            workers = self.config.workers,
+            balance = %self.config.balance,
+            "starting"
+        );
+        for spec in self.listeners.specs() {
+            info!("listening on {spec}");
+        }
+        for slot in 0..self.slots.len() {
+            self.spawn(slot);
+        }
+
+        loop {
+            if let Some(outcome) = self.finished() {
+                self.stop_guardian().await;
+                return Ok(outcome);
+            }
+            let deadline = self.next_deadline();
+            tokio::select! {
+                _ = sigint.recv() => self.on_stop_request("SIGINT"),
+                _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
+                _ = sighup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
+                _ = sigchld.recv() => self.reap_strays(),
+                Some(joined) = self.exits.join_next() => match joined {
+                    Ok(exit) => self.on_exit(exit),
+                    Err(e) => error!("worker watcher failed: {e}"),
+                },
+                status = wait_guardian(&mut self.guardian) => {
+                    warn!("orphan guardian exited ({status:?}); starting a new one");
+                    self.guardian = None;
+                    self.start_guardian();
+                }
+                _ = sleep_until(deadline.unwrap_or_else(far_future).into()), if deadline.is_some() => {
+                    self.on_timer(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// The cluster's result once nothing runs and nothing will.
+    fn finished(&self) -> Option<Outcome> {
+        let all_done = self
+            .slots
+            .iter()
+            .all(|s| matches!(s.state, SlotState::Done { .. }));
+        if !all_done {
+            return None;
+        }
+        Some(match &self.phase {
+            Phase::Stopping { outcome, .. } => outcome.clone(),
+            Phase::Running => Outcome::Finished {
+                all_succeeded: self
+                    .slots
+                    .iter()
+                    .all(|s| matches!(s.state, SlotState::Done { succeeded: true })),
+            },
+        })
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Stopping { kill_at, .. } => Some(*kill_at),
+            Phase::Running => self
+                .slots
+                .iter()
+                .filter_map(|s| match s.state {
+                    SlotState::Waiting { until } => Some(until),
+                    _ => None,
+                })
+                .min(),
+        }
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        match &self.phase {
+            Phase::Stopping { kill_at, .. } if now >= *kill_at => {
+                warn!(
+                    "stop timeout ({:?}) expired; killing remaining workers",
+                    self.config.stop_timeout
+                );
+                self.signal_all(Signal::KILL);
+                // Nothing more to wait for but their exits.
+                self.phase_kill_at(far_future());
+            }
+            Phase::Stopping { .. } => {}
+            Phase::Running => {
+                let due: Vec<usize> = self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(
+                        |(_, s)| matches!(s.state, SlotState::Waiting { until } if until <= now),
+                    )
+                    .map(|(i, _)| i)
+                    .collect();
+                for slot in due {
+                    self.spawn(slot);
+                }
+            }
+        }
+    }
+
+    fn phase_kill_at(&mut self, at: Instant) {
+        if let Phase::Stopping { kill_at, .. } = &mut self.phase {
+            *kill_at = at;
+        }
+    }
+
+    fn on_stop_request(&mut self, name: &str) {
+        match self.phase {
+            Phase::Running => {
+                info!(
+                    "{name} received; stopping workers with {} (timeout {:?})",
+                    signal_name(self.config.stop_signal.as_raw()),
+                    self.config.stop_timeout
+                );
+                self.begin_stop(Outcome::Stopped);
+            }
+            Phase::Stopping { .. } => {
+                warn!("{name} received again; killing workers now");
+                self.signal_all(Signal::KILL);
+                self.phase_kill_at(far_future());
+            }
+        }
+    }
+
+    fn begin_stop(&mut self, outcome: Outcome) {
+        self.phase = Phase::Stopping {
+            kill_at: Instant::now() + self.config.stop_timeout,
+            outcome,
+        };
+        for slot in &mut self.slots {
+            if let SlotState::Waiting { .. } = slot.state {
+                slot.state = SlotState::Done { succeeded: true };
+            }
+        }
+        self.signal_all(self.config.stop_signal);
+    }
+
+    /// Signals every live worker's process group.
+    fn signal_all(&self, sig: Signal) {
+        for slot in &self.slots {
+            if let SlotState::Running { pid, .. } = slot.state {
+                signal_group(pid, sig);
+            }
+        }
+    }
+
+    fn spawn(&mut self, slot: usize) {
+        match self.try_spawn(slot) {
+            Ok((pid, child)) => {
+                info!(slot, pid, "worker {pid} spawned in slot {slot}");
+                self.slots[slot].state = SlotState::Running {
+                    pid,
+                    started: Instant::now(),
+                };
+                self.tell_guardian(pid as i32);
+                self.exits.spawn(async move {
+                    let mut child = child;
+                    let status = child.wait().await;
+                    Exit { slot, pid, status }
+                });
+            }
+            Err(e) => {
+                error!(slot, "cannot spawn a worker for slot {slot}: {e}");
+                let now = Instant::now();
+                self.schedule_restart(slot, Duration::ZERO, now);
+            }
+        }
+    }
+
+    fn try_spawn(&mut self, slot: usize) -> std::io::Result<(u32, tokio::process::Child)> {
+        let fds = self.listeners.fds_for_slot(slot);
+        let mut env = self.base_env.clone();
+        let mut add = |k: &str, v: &str| env.extend(env_entry(k.as_ref(), v.as_ref()));
+        add("HERD_WORKER_ID", &slot.to_string());
+        add("HERD_WORKERS", &self.config.workers.to_string());
+        add("HERD_PRIMARY_PID", &std::process::id().to_string());
+        if !fds.is_empty() {
+            add("LISTEN_FDS", &fds.len().to_string());
+            add("LISTEN_FDNAMES", &self.listeners.fd_names());
+        }
+        let plan = ExecPlan::new(&self.config.command.program, self.argv.clone(), env, fds)?;
+        let mut cmd = tokio::process::Command::new(&self.config.command.program);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        plan.install(&mut cmd);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or(0);
+        if let Some(out) = child.stdout.take() {
+            let sink = self.output.clone();
+            tokio::spawn(sink.forward(out, Stream::Stdout, slot, pid));
+        }
+        if let Some(err) = child.stderr.take() {
+            let sink = self.output.clone();
+            tokio::spawn(sink.forward(err, Stream::Stderr, slot, pid));
+        }
+        Ok((pid, child))
+    }
+
+    fn on_exit(&mut self, exit: Exit) {
+        let Exit { slot, pid, status } = exit;
+        self.tell_guardian(-(pid as i32));
+        let now = Instant::now();
+        let uptime = match self.slots[slot].state {
+            SlotState::Running { pid: p, started } if p == pid => now - started,
+            _ => {
+                debug!(slot, pid, "exit of a worker no longer tracked");
+                return;
+            }
+        };
+        let how = describe(&status);
+        let succeeded = matches!(&status, Ok(s) if s.success());
+        if let Phase::Stopping { .. } = self.phase {
+            info!(slot, pid, "worker {pid} stopped ({how})");
+            self.slots[slot].state = SlotState::Done { succeeded };
+            return;
+        }
+        warn!(
+            slot,
+            pid,
+            uptime_ms = uptime.as_millis() as u64,
+            "worker {pid} died ({how})"
+        );
+        let restart = match self.config.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !succeeded,
+            RestartPolicy::Never => false,
+        };
+        if !restart {
+            info!(slot, "slot {slot} not restarted (restart policy)");
+            self.slots[slot].state = SlotState::Done { succeeded };
+            return;
+        }
+        self.schedule_restart(slot, uptime, now);
+    }
+
+    /// Decides when slot `slot` gets its next worker after one ran for `uptime`.
+    fn schedule_restart(&mut self, slot: usize, uptime: Duration, now: Instant) {
+        let stable = uptime >= self.config.backoff.stable;
+        let jitter = self.jitter.next();
+        let s = &mut self.slots[slot];
+        if stable {
+            s.intensity.reset();
+            if s.failed {
+                info!(slot, "slot {slot} recovered");
+            }
+            s.failed = false;
+        }
+        let looping = s.intensity.record(now);
+        let mut delay = s.backoff.next_delay(uptime, jitter);
+        if looping && !s.failed {
+            error!(
+                slot,
+                "CRASH LOOP: slot {slot} restarted more than {} times within {:?}",
+                self.config.max_restarts,
+                self.config.within
+            );
+            if self.config.on_crash_loop == CrashLoopAction::Exit {
+                s.state = SlotState::Done { succeeded: false };
+                self.begin_stop(Outcome::CrashLoop { slot });
+                return;
+            }
+            s.failed = true;
+            error!(
+                slot,
+                "slot {slot} marked failed; retrying every {:?}",
+                s.backoff.cap()
+            );
+        }
+        if s.failed {
+            delay = s.backoff.cap();
+        }
+        if delay.is_zero() {
+            self.spawn(slot);
+        } else {
+            info!(
+                slot,
+                delay_ms = delay.as_millis() as u64,
+                "restarting slot {slot} in {delay:?}"
+            );
+            self.slots[slot].state = SlotState::Waiting { until: now + delay };
+        }
+    }
+
+    /// Reaps zombies that are not our workers: orphaned grandchildren
+    /// reparented to us (we are a subreaper), or anything when we are PID 1.
+    fn reap_strays(&mut self) {
+        let mut ours: HashSet<u32> = self
+            .slots
+            .iter()
+            .filter_map(|s| match s.state {
+                SlotState::Running { pid, .. } => Some(pid),
+                _ => None,
+            })
+            .collect();
+        if let Some(g) = self.guardian.as_ref().and_then(|g| g.child.id()) {
+            ours.insert(g);
+        }
+        for pid in children_of_self() {
+            if ours.contains(&pid) {
+                continue;
+            }
+            let Some(p) = Pid::from_raw(pid as i32) else {
+                continue;
+            };
+            if let Ok(Some((_, status))) =
+                rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG)
+            {
+                debug!(pid, "reaped orphaned descendant ({status:?})");
+            }
+        }
+    }
+
+    fn start_guardian(&mut self) {
+        match sys::spawn_guardian(&self.marker) {
+            Ok((child, pipe)) => {
+                let g = Guardian { child, pipe };
+                for s in &self.slots {
+                    if let SlotState::Running { pid, .. } = s.state {
+                        send_to_guardian(&g, pid as i32);
+                    }
+                }
+                self.guardian = Some(g);
+            }
+            Err(e) => warn!("cannot start the orphan guardian: {e}"),
+        }
+    }
+
+    fn tell_guardian(&self, message: i32) {
+        if let Some(g) = &self.guardian {
+            send_to_guardian(g, message);
+        }
+    }
+
+    /// On a clean exit the guardian sweeps leftover descendants; wait briefly
+    /// so that the sweep is done when herd's exit status is seen.
+    async fn stop_guardian(&mut self) {
+        if let Some(mut g) = self.guardian.take() {
+            drop(g.pipe);
+            let _ = tokio::time::timeout(Duration::from_secs(2), g.child.wait()).await;
+        }
+    }
+}
+
+async fn wait_guardian(guardian: &mut Option<Guardian>) -> std::io::Result<ExitStatus> {
+    match guardian {
+        Some(g) => g.child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn send_to_guardian(g: &Guardian, message: i32) {
+    // Non-blocking; a full pipe loses the message, and the environment sweep
+    // still finds the processes.
+    let _ = rustix::io::write(g.pipe.as_fd(), &message.to_ne_bytes());
+}
+
+fn signal_group(pid: u32, sig: Signal) {
+    if let Some(p) = Pid::from_raw(pid as i32) {
+        // The group may be gone already (the worker exited); that is fine.
+        let _ = rustix::process::kill_process_group(p, sig);
+    }
+}
+
+/// The pids of this process's children, from /proc (every thread's list).
+fn children_of_self() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+fn describe(status: &std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(sig)) => format!("killed by {}", signal_name(sig)),
+            _ => format!("{s}"),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}
+
+fn env_entry(key: &std::ffi::OsStr, value: &std::ffi::OsStr) -> Option<CString> {
+    let mut bytes = Vec::with_capacity(key.len() + value.len() + 1);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.push(b'=');
+    bytes.extend_from_slice(value.as_bytes());
+    CString::new(bytes).ok()
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}

@@ -1,0 +1,436 @@
+//! Platform code: every `unsafe` block in herd lives in this module.
+//!
+//! # Contract
+//!
+//! Code here runs in two very different worlds:
+//!
+//! * **Between fork and exec** (`pre_exec` hooks). The child of a threaded
+//!   process may only make async-signal-safe calls: raw syscalls, no heap
+//!   allocation, no locks, no `Drop` that frees. Every buffer such code touches
+//!   is allocated by the parent *before* the fork and only written in place in
+//!   the child. Functions that run there are marked `// fork-safe`.
+//! * **In the primary**, where the usual rules hold.
+//!
+//! Everything exported from here is a safe function; callers never see a raw
+//! pointer. Linux only (pidfds, `close_range`, `PR_SET_PDEATHSIG`, subreapers).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Stdio;
+
+/// The first descriptor number a worker receives sockets on (systemd's `SD_LISTEN_FDS_START`).
+pub const LISTEN_FDS_START: RawFd = 3;
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// Room for any pid's decimal digits.
+const PID_DIGITS: usize = 20;
+
+/// Everything the child needs to exec a worker, prepared in the parent so the
+/// child only copies integers and makes syscalls.
+pub(crate) struct ExecPlan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<usize>,
+    env: Vec<Vec<u8>>,
+    env_ptrs: Vec<usize>,
+    listen_pid_entry: Option<usize>,
+    fds: Vec<RawFd>,
+    scratch: Vec<RawFd>,
+    parent: i32,
+}
+
+impl ExecPlan {
+    /// Prepares an exec of `path` with `argv` (argv\[0\] included) and `env`
+    /// (`KEY=VALUE` pairs, LISTEN_PID excluded: it is filled in by the child).
+    /// `fds` become descriptors 3, 4, … in order; when `fds` is not empty
+    /// `LISTEN_PID` is set to the worker's own pid.
+    pub(crate) fn new(
+        path: &Path,
+        argv: Vec<CString>,
+        env: Vec<CString>,
+        fds: Vec<RawFd>,
+    ) -> io::Result<Self> {
+        let path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
+        let mut env: Vec<Vec<u8>> = env.into_iter().map(|c| c.into_bytes_with_nul()).collect();
+        let listen_pid_entry = if fds.is_empty() {
+            None
+        } else {
+            let mut entry = LISTEN_PID_PREFIX.to_vec();
+            entry.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+            env.push(entry);
+            Some(env.len() - 1)
+        };
+        let mut argv_ptrs: Vec<usize> = argv.iter().map(|a| a.as_ptr() as usize).collect();
+        argv_ptrs.push(0);
+        let mut env_ptrs: Vec<usize> = env.iter().map(|e| e.as_ptr() as usize).collect();
+        env_ptrs.push(0);
+        let scratch = vec![-1; fds.len()];
+        Ok(ExecPlan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            env,
+            env_ptrs,
+            listen_pid_entry,
+            fds,
+            scratch,
+            parent: std::process::id() as i32,
+        })
+    }
+
+    /// Installs the plan as the command's `pre_exec` hook: the hook execs the
+    /// worker itself (so it can set `LISTEN_PID` to its own pid) and never
+    /// returns to std's exec. Also: own process group (set by the caller with
+    /// `process_group(0)`), `PR_SET_PDEATHSIG(SIGKILL)`, empty signal mask,
+    /// default SIGPIPE, every descriptor but 0-2 and the sockets closed on exec.
+    pub(crate) fn install(mut self, cmd: &mut tokio::process::Command) {
+        // SAFETY: the closure only makes async-signal-safe calls (see
+        // `exec_in_child`) on memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || self.exec_in_child());
+        }
+    }
+
+    // fork-safe
+    fn exec_in_child(&mut self) -> io::Result<()> {
+        // SAFETY: plain syscalls on valid, pre-allocated arguments; this is the
+        // child of a fork, and nothing here allocates or takes a lock.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+            // Die with the primary. This fires when the *thread* that forked
+            // exits; herd spawns from the runtime's main thread, which lives as
+            // long as the process (see supervisor.rs).
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != self.parent {
+                // The primary died between fork and prctl.
+                libc::_exit(1);
+            }
+
+            // Move the sockets to 3, 4, …: first out of the way (above the
+            // target range, so no source is overwritten), then into place.
+            // dup2 leaves the targets without CLOEXEC, as they must be.
+            let first_free = LISTEN_FDS_START + self.fds.len() as RawFd;
+            for (i, &src) in self.fds.iter().enumerate() {
+                let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
+                if tmp < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                self.scratch[i] = tmp;
+            }
+            for (i, &tmp) in self.scratch.iter().enumerate() {
+                if libc::dup2(tmp, LISTEN_FDS_START + i as RawFd) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // Whatever else is open (descriptors herd inherited from its own
+            // parent without CLOEXEC, say) must not reach the worker.
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            libc::syscall(
+                libc::SYS_close_range,
+                first_free as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
+
+            if let Some(idx) = self.listen_pid_entry {
+                let entry = &mut self.env[idx];
+                let digits = &mut entry[LISTEN_PID_PREFIX.len()..];
+                write_decimal(digits, libc::getpid() as u64);
+            }
+
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr() as *const *const libc::c_char,
+                self.env_ptrs.as_ptr() as *const *const libc::c_char,
+            );
+            // exec failed. std's error pipe may have been replaced by the fd
+            // shuffle above, so report on the worker's stderr (herd logs it)
+            // and exit like a shell does.
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 48];
+            let prefix = b"herd: exec failed with errno ";
+            msg[..prefix.len()].copy_from_slice(prefix);
+            let n = write_decimal(&mut msg[prefix.len()..], errno as u64);
+            msg[prefix.len() + n] = b'\n';
+            libc::write(2, msg.as_ptr().cast(), prefix.len() + n + 1);
+            let code = if errno == libc::ENOENT { 127 } else { 126 };
+            libc::_exit(code);
+        }
+    }
+}
+
+/// Writes `value` in decimal followed by a NUL into `buf`; returns the digit count.
+// fork-safe
+fn write_decimal(buf: &mut [u8], mut value: u64) -> usize {
+    let mut tmp = [0u8; PID_DIGITS];
+    let mut n = 0;
+    loop {
+        tmp[n] = b'0' + (value % 10) as u8;
+        value /= 10;
+        n += 1;
+        if value == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        buf[i] = tmp[n - 1 - i];
+    }
+    buf[n] = 0;
+    n
+}
+
+/// Starts the orphan guardian: a forked (never exec'd) child that blocks on a
+/// pipe from the primary. Through the pipe the primary announces each
+/// worker's process group (`+pgid` as a native-endian i32) and withdraws it
+/// when the worker is reaped (`-pgid`). When the pipe reaches EOF — the
+/// primary exited or was SIGKILLed — the guardian SIGKILLs every announced
+/// group and every process whose environment carries `marker`
+/// (`HERD_PRIMARY_PID=<pid>`, inherited by all worker descendants, even
+/// daemons that left the group with setsid), then exits.
+///
+/// Returns the guardian process and the pipe's (non-blocking) write end.
+pub(crate) fn spawn_guardian(marker: &str) -> io::Result<(tokio::process::Child, OwnedFd)> {
+    use rustix::pipe::{pipe_with, PipeFlags};
+    let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
+    rustix::io::ioctl_fionbio(&write, true)?;
+    let mut marker = marker.as_bytes().to_vec();
+    marker.push(0);
+    let mut cmd = tokio::process::Command::new("/proc/self/exe");
+    cmd.stdin(Stdio::from(read))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    // SAFETY: `guardian_main` only makes async-signal-safe syscalls on stack
+    // buffers and on `marker`, allocated before the fork; it never returns.
+    unsafe {
+        cmd.pre_exec(move || guardian_main(&marker));
+    }
+    let child = cmd.spawn()?;
+    Ok((child, write))
+}
+
+const GUARDIAN_MAX_GROUPS: usize = 4096;
+
+// fork-safe
+fn guardian_main(marker: &[u8]) -> ! {
+    // SAFETY: raw syscalls on stack buffers in a forked child; see module docs.
+    unsafe {
+        for sig in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        // Closing everything above stdio closes std's exec-error pipe (so the
+        // primary's spawn() returns) and the pipe's write end (so EOF comes).
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
+
+        let mut groups = [0i32; GUARDIAN_MAX_GROUPS];
+        let mut buf = [0u8; 4096];
+        let mut have = 0usize;
+        loop {
+            let n = libc::read(0, buf[have..].as_mut_ptr().cast(), buf.len() - have);
+            if n < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            have += n as usize;
+            let whole = have - have % 4;
+            for chunk in buf[..whole].chunks_exact(4) {
+                let v = i32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                if v > 0 {
+                    if let Some(slot) = groups.iter_mut().find(|g| **g == 0) {
+                        *slot = v;
+                    }
+                } else if v < 0 {
+                    if let Some(slot) = groups.iter_mut().find(|g| **g == -v) {
+                        *slot = 0;
+                    }
+                }
+            }
+            buf.copy_within(whole..have, 0);
+            have -= whole;
+        }
+
+        for &g in groups.iter().filter(|g| **g > 0) {
+            libc::kill(-g, libc::SIGKILL);
+        }
+        // Sweep until a pass finds nothing: a descendant may fork while we kill.
+        for _ in 0..50 {
+            if kill_marked(marker) == 0 {
+                break;
+            }
+            let pause = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 5_000_000,
+            };
+            libc::nanosleep(&pause, std::ptr::null_mut());
+        }
+        libc::_exit(0);
+    }
+}
+
+/// SIGKILLs every process whose environment holds `marker` (NUL-terminated,
+/// matched as a whole entry). Returns how many it signalled.
+// fork-safe
+unsafe fn kill_marked(marker: &[u8]) -> usize {
+    let me = libc::getpid();
+    let dir = libc::open(
+        c"/proc".as_ptr(),
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+    );
+    if dir < 0 {
+        return 0;
+    }
+    let mut killed = 0;
+    let mut dents = [0u8; 8192];
+    let mut environ = [0u8; 65536];
+    loop {
+        let n = libc::syscall(libc::SYS_getdents64, dir, dents.as_mut_ptr(), dents.len());
+        if n <= 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // struct linux_dirent64 { u64 ino; i64 off; u16 reclen; u8 type; char name[]; }
+            let reclen = u16::from_ne_bytes([dents[off + 16], dents[off + 17]]) as usize;
+            let name = &dents[off + 19..off + reclen];
+            off += reclen;
+            let mut pid: i32 = 0;
+            let mut digits = 0;
+            for &b in name.iter().take_while(|b| **b != 0) {
+                if !b.is_ascii_digit() {
+                    digits = 0;
+                    break;
+                }
+                pid = pid.saturating_mul(10).saturating_add((b - b'0') as i32);
+                digits += 1;
+            }
+            if digits == 0 || pid == me {
+                continue;
+            }
+            let mut path = [0u8; 40];
+            let head = b"/proc/";
+            path[..head.len()].copy_from_slice(head);
+            let len = write_decimal(&mut path[head.len()..], pid as u64);
+            let tail = b"/environ\0";
+            path[head.len() + len..head.len() + len + tail.len()].copy_from_slice(tail);
+            let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                continue;
+            }
+            let mut got = 0usize;
+            while got < environ.len() {
+                let r = libc::read(fd, environ[got..].as_mut_ptr().cast(), environ.len() - got);
+                if r <= 0 {
+                    break;
+                }
+                got += r as usize;
+            }
+            libc::close(fd);
+            if env_has_entry(&environ[..got], marker) {
+                libc::kill(pid, libc::SIGKILL);
+                killed += 1;
+            }
+        }
+    }
+    libc::close(dir);
+    killed
+}
+
+/// Whether a NUL-separated environment block holds `entry` (NUL-terminated) whole.
+// fork-safe
+fn env_has_entry(block: &[u8], entry: &[u8]) -> bool {
+    let mut start = 0;
+    while start < block.len() {
+        let rest = &block[start..];
+        if rest.len() >= entry.len() && &rest[..entry.len()] == entry {
+            return true;
+        }
+        match rest.iter().position(|b| *b == 0) {
+            Some(p) => start += p + 1,
+            None => break,
+        }
+    }
+    false
+}
+
+/// Takes ownership of an inherited descriptor after checking it is open.
+/// Used by workers to adopt the sockets named by `LISTEN_FDS`.
+pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD on any integer is harmless; it fails with EBADF if closed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open, was handed to this process by its
+    // parent for it to own (socket activation), and nothing else in this
+    // process refers to it: callers adopt each number once (see activation.rs).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Our own children must not inherit it.
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    debug_assert_eq!(owned.as_raw_fd(), fd);
+    Ok(owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        let mut b = [0xffu8; 24];
+        assert_eq!(write_decimal(&mut b, 0), 1);
+        assert_eq!(&b[..2], b"0\0");
+        assert_eq!(write_decimal(&mut b, 4194304), 7);
+        assert_eq!(&b[..8], b"4194304\0");
+    }
+
+    #[test]
+    fn env_entry_match_is_whole() {
+        let block = b"A=1\0HERD_PRIMARY_PID=12\0B=2\0";
+        assert!(env_has_entry(block, b"HERD_PRIMARY_PID=12\0"));
+        assert!(!env_has_entry(block, b"HERD_PRIMARY_PID=1\0"));
+        assert!(!env_has_entry(
+            b"XHERD_PRIMARY_PID=12\0",
+            b"HERD_PRIMARY_PID=12\0"
+        ));
+        assert!(env_has_entry(
+            b"HERD_PRIMARY_PID=12\0",
+            b"HERD_PRIMARY_PID=12\0"
+        ));
+    }
+}
