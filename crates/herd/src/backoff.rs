@@ -135,7 +135,7 @@ impl Jitter {
     }
 
     /// A number in `[0, 1)`.
-    pub fn next(&mut self) -> f64 {
+    pub fn sample(&mut self) -> f64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -214,7 +214,7 @@ mod tests {
                 prop_assert!(d <= p.max, "delay {d:?} over cap");
                 let nominal = b.nominal(n as u32);
                 prop_assert!(nominal >= last_nominal);
-                prop_assert!(d >= nominal.mul_f64(0.75).min(p.max) - Duration::from_nanos(1));
+                prop_assert!(d >= nominal.mul_f64(0.75).min(p.max).saturating_sub(Duration::from_nanos(1)));
                 prop_assert!(d <= nominal);
                 last_nominal = nominal;
             }
@@ -245,7 +245,7 @@ mod tests {
         fn jitter_is_in_unit_interval(seed in any::<u64>()) {
             let mut j = Jitter(seed | 1);
             for _ in 0..100 {
-                let x = j.next();
+                let x = j.sample();
                 prop_assert!((0.0..1.0).contains(&x));
             }
         }

@@ -292,10 +292,11 @@ mod tests {
             WorkerCommand::resolve(vec!["no-such-command-herd".into()]),
             Err(CommandError::NotFound(_))
         ));
-        assert!(matches!(
-            WorkerCommand::resolve(vec!["/etc/hostname".into()]),
-            Err(CommandError::NotExecutable(_))
-        ));
+        let plain = std::env::temp_dir().join(format!("herd-noexec-{}", std::process::id()));
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let result = WorkerCommand::resolve(vec![plain.clone().into()]);
+        std::fs::remove_file(&plain).unwrap();
+        assert!(matches!(result, Err(CommandError::NotExecutable(_))));
         assert!(matches!(
             WorkerCommand::resolve(vec!["/".into()]),
             Err(CommandError::NotExecutable(_))

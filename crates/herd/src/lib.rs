@@ -49,6 +49,8 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod activation;
 pub mod backoff;
 pub mod config;

@@ -417,7 +417,7 @@ impl Supervisor {
     /// Decides when slot `slot` gets its next worker after one ran for `uptime`.
     fn schedule_restart(&mut self, slot: usize, uptime: Duration, now: Instant) {
         let stable = uptime >= self.config.backoff.stable;
-        let jitter = self.jitter.next();
+        let jitter = self.jitter.sample();
         let s = &mut self.slots[slot];
         if stable {
             s.intensity.reset();

@@ -1,1 +1,12 @@
-mod placeholder {}
+//! Integration tests: the real `herd` binary, real worker programs, real
+//! sockets on 127.0.0.1. One binary, a module per area.
+
+mod bad_input;
+mod demo;
+mod logs;
+mod node;
+mod orphans;
+mod sockets;
+mod stop;
+mod supervision;
+mod util;

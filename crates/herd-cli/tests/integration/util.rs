@@ -1,0 +1,306 @@
+//! Helpers: find the binaries, run herd, talk HTTP over loopback, wait with
+//! bounds. Every herd started here is SIGKILLed on drop (its guardian then
+//! removes its workers), so a failing test leaves nothing behind.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `herd` binary under test.
+pub fn herd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_herd"))
+}
+
+/// The test worker program (built by cargo as an example target).
+pub fn fixture_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/examples/herd-fixture
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("examples/herd-fixture");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("herd-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Captured lines of one stream, with a condition variable to wait on.
+#[derive(Clone, Default)]
+pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Lines {
+    fn capture(self, stream: impl Read + Send + 'static) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*self.0;
+                lock.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Waits until a line satisfies `pred`; returns it, or panics with all lines.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for_nth(what, timeout, 1, pred)
+    }
+
+    /// Waits until `n` lines satisfy `pred`; returns the n-th.
+    pub fn wait_for_nth(
+        &self,
+        what: &str,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.0;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().filter(|l| pred(l)).nth(n - 1) {
+                return l.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!(
+                    "timed out waiting for {what}; lines so far:\n{}",
+                    lines.join("\n")
+                );
+            }
+            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.0 .0.lock().unwrap().iter().filter(|l| pred(l)).count()
+    }
+}
+
+/// A running `herd`, killed on drop.
+pub struct Herd {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+pub const STARTUP: Duration = Duration::from_secs(10);
+
+impl Herd {
+    /// Starts `herd <args>` with stdout and stderr captured.
+    pub fn start<I, S>(args: I) -> Herd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new(herd_bin());
+        cmd.args(args);
+        Herd::spawn(cmd)
+    }
+
+    /// Starts a prepared command (for extra env, uid, a wrapping shell).
+    pub fn spawn(mut cmd: Command) -> Herd {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("HERD_LOG", "debug");
+        let mut child = cmd.spawn().expect("spawn herd");
+        let stdout = Lines::default();
+        let stderr = Lines::default();
+        stdout.clone().capture(child.stdout.take().unwrap());
+        stderr.clone().capture(child.stderr.take().unwrap());
+        Herd {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The port herd reports for its first listen spec.
+    pub fn port(&self) -> u16 {
+        let line = self
+            .stderr
+            .wait_for("listening line", STARTUP, |l| l.contains("listening on"));
+        let addr = line.rsplit("listening on ").next().unwrap().trim();
+        let port = addr.rsplit(':').next().unwrap();
+        port.parse()
+            .unwrap_or_else(|_| panic!("no port in {line:?}"))
+    }
+
+    /// Waits for the n-th `worker <pid> spawned` line; returns the pid.
+    pub fn nth_spawned(&self, n: usize) -> u32 {
+        let line = self
+            .stderr
+            .wait_for_nth("a spawned worker", STARTUP, n, |l| {
+                l.contains(" spawned in slot ")
+            });
+        pid_after(&line, "worker ")
+    }
+
+    /// Every pid spawned so far.
+    pub fn spawned(&self) -> Vec<u32> {
+        self.stderr
+            .all()
+            .iter()
+            .filter(|l| l.contains(" spawned in slot "))
+            .map(|l| pid_after(l, "worker "))
+            .collect()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        send_signal(self.pid(), sig);
+    }
+
+    /// Waits for herd to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "herd still running after {timeout:?}; stderr:\n{}",
+                self.stderr.all().join("\n")
+            )
+        })
+    }
+}
+
+impl Drop for Herd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pid_after(line: &str, marker: &str) -> u32 {
+    let rest = &line[line
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in {line:?}"))
+        + marker.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs herd to completion (bounded); returns status and stderr.
+pub fn run_to_end<I, S>(args: I, timeout: Duration) -> (ExitStatus, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut herd = Herd::start(args);
+    let status = herd.wait(timeout);
+    // Give the reader threads a moment to drain the pipes.
+    std::thread::sleep(Duration::from_millis(50));
+    (status, herd.stderr.all().join("\n"))
+}
+
+pub fn send_signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+            state != Some('Z')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `f` every 10 ms until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One `GET /` with `Connection: close`; returns (status line, headers+body).
+pub fn http_get(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The body of an HTTP response.
+pub fn body(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+}
+
+/// A header's value.
+pub fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    resp.split("\r\n")
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+}
