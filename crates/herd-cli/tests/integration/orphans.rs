@@ -127,3 +127,49 @@ fn orphaned_grandchildren_are_reaped_by_herd() {
         "grandchild {gc} left as a zombie"
     );
 }
+
+/// As PID 1 (a container's init), herd reaps every orphan that lands on it
+/// and still stops gracefully on SIGTERM.
+#[test]
+fn as_pid_1_herd_reaps_every_zombie() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "--mount-proc", "true"])
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        eprintln!("skipped: cannot create a PID namespace here (unshare --pid needs root)");
+        return;
+    }
+    let script = format!(
+        "for i in 1 2 3 4 5; do (sleep 0.05 &); done; exec {}",
+        fixture_bin().display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .arg(herd_bin())
+        .args(["run", "-w", "1", "--no-listen", "--", "sh", "-c", &script]);
+    let mut herd = Herd::spawn(cmd);
+    herd.nth_spawned(1);
+    // herd's pid outside the namespace: unshare's only child.
+    let unshare = herd.pid();
+    let children =
+        std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).unwrap();
+    let outer: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let zombies_of_herd = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+            .filter(|stat| {
+                let rest: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+                rest[0] == "Z" && rest[1] == outer.to_string()
+            })
+            .count()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        eventually(Duration::from_secs(2), || zombies_of_herd() == 0),
+        "herd as PID 1 left zombies"
+    );
+    send_signal(outer, "TERM");
+    assert_eq!(herd.wait(Duration::from_secs(10)).code(), Some(0));
+}

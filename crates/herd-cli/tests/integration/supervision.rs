@@ -198,3 +198,18 @@ fn unexecutable_commands_fail_once_with_distinct_statuses() {
         );
     }
 }
+
+#[test]
+fn workers_auto_means_one_per_cpu() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let (status, stderr) = run_to_end(
+        run_args(&["-w", "auto", "--restart", "never"], "exit 0"),
+        END,
+    );
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches(" spawned in slot ").count(),
+        cpus,
+        "{stderr}"
+    );
+}
