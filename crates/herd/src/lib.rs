@@ -57,6 +57,7 @@ pub mod config;
 pub mod listen;
 pub mod output;
 pub mod socket;
+pub mod spawn;
 mod supervisor;
 mod sys;
 

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -160,6 +160,21 @@ impl Listeners {
             .map(|s| match s {
                 SpecSockets::Shared(fd) => fd.as_raw_fd(),
                 SpecSockets::PerSlot(fds) => fds[slot % fds.len()].as_raw_fd(),
+            })
+            .collect()
+    }
+
+    /// The sockets slot `slot` hands its worker, with their names, in spec order.
+    pub fn sockets_for_slot(&self, slot: usize) -> Vec<(&str, BorrowedFd<'_>)> {
+        self.specs
+            .iter()
+            .zip(&self.sockets)
+            .map(|(spec, s)| {
+                let fd = match s {
+                    SpecSockets::Shared(fd) => fd.as_fd(),
+                    SpecSockets::PerSlot(fds) => fds[slot % fds.len()].as_fd(),
+                };
+                (spec.name.as_str(), fd)
             })
             .collect()
     }

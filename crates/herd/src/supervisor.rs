@@ -363,7 +363,7 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        plan.install(&mut cmd);
+        plan.install(cmd.as_std_mut());
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
         if let Some(out) = child.stdout.take() {

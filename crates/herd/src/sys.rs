@@ -87,7 +87,8 @@ impl ExecPlan {
     /// returns to std's exec. Also: own process group (set by the caller with
     /// `process_group(0)`), `PR_SET_PDEATHSIG(SIGKILL)`, empty signal mask,
     /// default SIGPIPE, every descriptor but 0-2 and the sockets closed on exec.
-    pub(crate) fn install(mut self, cmd: &mut tokio::process::Command) {
+    pub(crate) fn install(mut self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
         // SAFETY: the closure only makes async-signal-safe calls (see
         // `exec_in_child`) on memory allocated before the fork.
         unsafe {

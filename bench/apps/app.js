@@ -1,0 +1,33 @@
+// The benchmark app: a minimal Node HTTP hello world, the same file under every
+// system. Under herd (and the supervisor-less launcher) it serves on the
+// inherited fd 3; under Node cluster, PM2 and alone it listens on $PORT.
+// Each response names the worker (x-worker: pid). With BENCH_STATS_DIR set it
+// writes its request and connection counts there twice a second.
+const http = require('http');
+const fs = require('fs');
+
+const pid = String(process.pid);
+let requests = 0;
+let connections = 0;
+const server = http.createServer((req, res) => {
+  requests++;
+  res.setHeader('x-worker', pid);
+  res.end('hello world\n');
+});
+server.on('connection', () => { connections++; });
+
+const dir = process.env.BENCH_STATS_DIR;
+if (dir) {
+  const write = () => {
+    const tmp = `${dir}/${pid}.tmp`;
+    fs.writeFileSync(tmp, JSON.stringify({ pid: process.pid, requests, connections }));
+    fs.renameSync(tmp, `${dir}/${pid}.json`);
+  };
+  setInterval(write, 500).unref();
+}
+
+if (parseInt(process.env.LISTEN_FDS || '0', 10) > 0) {
+  server.listen({ fd: 3 });
+} else {
+  server.listen(parseInt(process.env.PORT, 10), '127.0.0.1');
+}
