@@ -35,6 +35,11 @@ struct Cli {
 enum Cmd {
     /// Start N socket-activated copies of a command and wait: no supervisor.
     Raw(RawArgs),
+    /// Decompress an .xz file to stdout (for machines without xz: bench/device-run).
+    Unxz {
+        /// The .xz file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -115,6 +120,13 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::Raw(args)) => raw(args),
+        Some(Cmd::Unxz { file }) => {
+            let mut input = std::io::BufReader::new(std::fs::File::open(&file)?);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            lzma_rs::xz_decompress(&mut input, &mut out)
+                .map_err(|e| anyhow::anyhow!("{}: {e:?}", file.display()))?;
+            Ok(())
+        }
         None => suite(cli.suite),
     }
 }
@@ -213,6 +225,8 @@ fn suite(a: SuiteArgs) -> Result<()> {
             continue;
         }
         run(&ctx, &mut results).with_context(|| format!("scenario {name}"))?;
+        // Write what we have after each scenario: a run cut short keeps its figures.
+        report::write_markdown(&a.out, &header(&ctx, &a, started.elapsed()), &results)?;
     }
     let _ = std::fs::remove_dir_all(&workdir);
 
