@@ -2,7 +2,8 @@
 // system. Under herd (and the supervisor-less launcher) it serves on the
 // inherited fd 3; under Node cluster, PM2 and alone it listens on $PORT.
 // Each response names the worker (x-worker: pid). With BENCH_STATS_DIR set it
-// writes its request and connection counts there twice a second.
+// writes PID.ready there once listening, and its request and connection
+// counts (PID.json) twice a second.
 const http = require('http');
 const fs = require('fs');
 
@@ -26,8 +27,10 @@ if (dir) {
   setInterval(write, 500).unref();
 }
 
+// Readiness for the bench: a file per worker once it listens.
+const ready = () => { if (dir) fs.writeFileSync(`${dir}/${pid}.ready`, ''); };
 if (parseInt(process.env.LISTEN_FDS || '0', 10) > 0) {
-  server.listen({ fd: 3 });
+  server.listen({ fd: 3 }, ready);
 } else {
-  server.listen(parseInt(process.env.PORT, 10), '127.0.0.1');
+  server.listen(parseInt(process.env.PORT, 10), '127.0.0.1', ready);
 }

@@ -78,7 +78,11 @@ impl Load {
         let out = cmd.output().with_context(|| format!("running {wrk}"))?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         if !out.status.success() {
-            bail!("wrk failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "wrk failed: {}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         parse(&text).with_context(|| format!("cannot parse wrk output:\n{text}"))
     }

@@ -36,7 +36,13 @@ pub struct Results {
 
 impl Results {
     /// Records a target check.
-    pub fn target(&mut self, what: impl Into<String>, measured: String, goal: impl Into<String>, met: bool) {
+    pub fn target(
+        &mut self,
+        what: impl Into<String>,
+        measured: String,
+        goal: impl Into<String>,
+        met: bool,
+    ) {
         self.targets.push(Target {
             what: what.into(),
             measured,
@@ -166,7 +172,11 @@ pub fn write_chart(path: &Path, title: &str, results: &Results) -> Result<()> {
         .flat_map(|(_, a, b)| [*a, *b])
         .filter(|v| v.is_finite())
         .fold(1.0f64, f64::max);
-    let labels: Vec<String> = results.throughput.iter().map(|(l, _, _)| l.clone()).collect();
+    let labels: Vec<String> = results
+        .throughput
+        .iter()
+        .map(|(l, _, _)| l.clone())
+        .collect();
     let mut chart = ChartBuilder::on(&top)
         .caption("throughput, req/s (median)", ("sans-serif", 16))
         .margin(10)
@@ -187,8 +197,18 @@ pub fn write_chart(path: &Path, title: &str, results: &Results) -> Result<()> {
     for (i, (_, ka, close)) in results.throughput.iter().enumerate() {
         // Keep-alive in the upper half of the row, close in the lower half.
         let bars = [
-            (*ka, BLUE.mix(0.7), SegmentValue::Exact(i), SegmentValue::CenterOf(i)),
-            (*close, RED.mix(0.7), SegmentValue::CenterOf(i), SegmentValue::Exact(i + 1)),
+            (
+                *ka,
+                BLUE.mix(0.7),
+                SegmentValue::Exact(i),
+                SegmentValue::CenterOf(i),
+            ),
+            (
+                *close,
+                RED.mix(0.7),
+                SegmentValue::CenterOf(i),
+                SegmentValue::Exact(i + 1),
+            ),
         ];
         for (v, color, from, to) in bars {
             if v.is_finite() {
@@ -200,10 +220,20 @@ pub fn write_chart(path: &Path, title: &str, results: &Results) -> Result<()> {
         }
     }
     // Legend, drawn by hand for a stable look.
-    top.draw(&Rectangle::new([(900, 40), (915, 52)], BLUE.mix(0.7).filled()))?;
+    top.draw(&Rectangle::new(
+        [(900, 40), (915, 52)],
+        BLUE.mix(0.7).filled(),
+    ))?;
     top.draw(&Text::new("keep-alive", (920, 38), ("sans-serif", 13)))?;
-    top.draw(&Rectangle::new([(900, 58), (915, 70)], RED.mix(0.7).filled()))?;
-    top.draw(&Text::new("Connection: close", (920, 56), ("sans-serif", 13)))?;
+    top.draw(&Rectangle::new(
+        [(900, 58), (915, 70)],
+        RED.mix(0.7).filled(),
+    ))?;
+    top.draw(&Text::new(
+        "Connection: close",
+        (920, 56),
+        ("sans-serif", 13),
+    ))?;
 
     let mem_labels: Vec<String> = results.memory.iter().map(|(l, _)| l.clone()).collect();
     let max_mem = results
@@ -228,14 +258,22 @@ pub fn write_chart(path: &Path, title: &str, results: &Results) -> Result<()> {
         })
         .label_style(("sans-serif", 13))
         .draw()?;
-    chart.draw_series(results.memory.iter().enumerate().filter(|(_, (_, v))| v.is_finite()).map(
-        |(i, (_, v))| {
-            Rectangle::new(
-                [(0.0, SegmentValue::Exact(i)), (*v / 1024.0, SegmentValue::CenterOf(i))],
-                GREEN.mix(0.7).filled(),
-            )
-        },
-    ))?;
+    chart.draw_series(
+        results
+            .memory
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, v))| v.is_finite())
+            .map(|(i, (_, v))| {
+                Rectangle::new(
+                    [
+                        (0.0, SegmentValue::Exact(i)),
+                        (*v / 1024.0, SegmentValue::CenterOf(i)),
+                    ],
+                    GREEN.mix(0.7).filled(),
+                )
+            }),
+    )?;
     root.present()?;
     Ok(())
 }

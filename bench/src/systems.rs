@@ -123,7 +123,12 @@ impl System {
     }
 
     /// The command line and environment that start it.
-    pub fn command(&self, ctx: &Ctx, workers: usize, port: u16) -> (Vec<String>, Vec<(String, String)>) {
+    pub fn command(
+        &self,
+        ctx: &Ctx,
+        workers: usize,
+        port: u16,
+    ) -> (Vec<String>, Vec<(String, String)>) {
         let app_js = ctx.apps.join("app.js").display().to_string();
         let node = ctx.node.display().to_string();
         let herd = ctx.herd.display().to_string();
@@ -136,38 +141,89 @@ impl System {
         let mut env = vec![("PORT".to_string(), port.to_string())];
         let mut argv: Vec<String> = match self.sys {
             Sys::HerdShared | Sys::HerdReuseport => {
-                let mode = if self.sys == Sys::HerdShared { "shared" } else { "reuseport" };
-                let mut v: Vec<String> = [herd.as_str(), "run", "-w", &n, "--balance", mode, "-l", &listen, "--"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
+                let mode = if self.sys == Sys::HerdShared {
+                    "shared"
+                } else {
+                    "reuseport"
+                };
+                let mut v: Vec<String> = [
+                    herd.as_str(),
+                    "run",
+                    "-w",
+                    &n,
+                    "--balance",
+                    mode,
+                    "-l",
+                    &listen,
+                    "--",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
                 v.extend(app_cmd);
                 v
             }
             Sys::RawShared | Sys::RawReuseport => {
-                let mode = if self.sys == Sys::RawShared { "shared" } else { "reuseport" };
+                let mode = if self.sys == Sys::RawShared {
+                    "shared"
+                } else {
+                    "reuseport"
+                };
                 let bench = ctx.bench.display().to_string();
-                let mut v: Vec<String> = [bench.as_str(), "raw", "-w", &n, "--balance", mode, "-l", &listen, "--"]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
+                let mut v: Vec<String> = [
+                    bench.as_str(),
+                    "raw",
+                    "-w",
+                    &n,
+                    "--balance",
+                    mode,
+                    "-l",
+                    &listen,
+                    "--",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
                 v.extend(app_cmd);
                 v
             }
             Sys::NodeRr | Sys::NodeNone => {
-                let policy = if self.sys == Sys::NodeRr { "rr" } else { "none" };
+                let policy = if self.sys == Sys::NodeRr {
+                    "rr"
+                } else {
+                    "none"
+                };
                 env.push(("NODE_CLUSTER_SCHED_POLICY".into(), policy.into()));
                 env.push(("WORKERS".into(), n.clone()));
-                vec![node.clone(), ctx.apps.join("cluster.js").display().to_string()]
+                vec![
+                    node.clone(),
+                    ctx.apps.join("cluster.js").display().to_string(),
+                ]
             }
             Sys::Pm2 => {
-                let pm2 = ctx.pm2.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-                vec![node.clone(), pm2, "start".into(), app_js.clone(), "-i".into(), n.clone(), "--name".into(), "bench".into()]
+                let pm2 = ctx
+                    .pm2
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                vec![
+                    node.clone(),
+                    pm2,
+                    "start".into(),
+                    app_js.clone(),
+                    "-i".into(),
+                    n.clone(),
+                    "--name".into(),
+                    "bench".into(),
+                ]
             }
             Sys::Single => vec![node.clone(), app_js.clone()],
         };
         if let Some(cpus) = &ctx.server_cpus {
-            argv.splice(0..0, ["taskset".to_string(), "-c".to_string(), cpus.clone()]);
+            argv.splice(
+                0..0,
+                ["taskset".to_string(), "-c".to_string(), cpus.clone()],
+            );
         }
         (argv, env)
     }
@@ -203,7 +259,9 @@ impl System {
             cmd.env("PATH", format!("{}:{path}", bin.display()));
         }
         let started = Instant::now();
-        let child = cmd.spawn().with_context(|| format!("starting {}", argv.join(" ")))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", argv.join(" ")))?;
         Ok(Running {
             system: *self,
             port,
@@ -260,28 +318,54 @@ impl Running {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
 
-    /// Waits until `workers` distinct workers have answered; returns the time
-    /// since the command was spawned.
+    /// How many workers have said they listen: the Node app writes
+    /// `PID.ready` into the stats directory, herd's built-in worker prints
+    /// `hello: listening on …`. The same signal under every supervisor.
+    pub fn ready_count(&self) -> usize {
+        match self.system.app {
+            App::Node => std::fs::read_dir(&self.stats_dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "ready"))
+                        .count()
+                })
+                .unwrap_or(0),
+            App::Builtin => self
+                .stdout()
+                .lines()
+                .filter(|l| l.contains("hello: listening on"))
+                .count(),
+        }
+    }
+
+    /// Waits until `workers` workers are listening and one has answered a
+    /// request; returns the time since the command was spawned.
     pub fn wait_ready(&self, workers: usize, timeout: Duration) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
-        let mut seen = BTreeSet::new();
-        while seen.len() < workers {
+        let fail = |what: &str| {
+            anyhow::anyhow!(
+                "{}: {what} within {timeout:?}; stderr:\n{}",
+                self.system.label(),
+                self.stderr()
+            )
+        };
+        while self.ready_count() < workers {
             if Instant::now() > deadline {
-                bail!(
-                    "{}: only {} of {workers} workers answered within {timeout:?}; stderr:\n{}",
-                    self.system.label(),
-                    seen.len(),
-                    self.stderr()
-                );
+                return Err(fail(&format!(
+                    "only {} of {workers} workers listening",
+                    self.ready_count()
+                )));
             }
-            match get_worker(self.port) {
-                Ok(pid) => {
-                    seen.insert(pid);
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
+            std::thread::sleep(Duration::from_micros(500));
         }
-        Ok(self.started.elapsed())
+        let ready = self.started.elapsed();
+        while get_worker(self.port).is_err() {
+            if Instant::now() > deadline {
+                return Err(fail("no answer"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(ready)
     }
 
     /// Requests and connections served so far, per worker pid (Node app only).
@@ -292,8 +376,12 @@ impl Running {
         };
         for e in entries.flatten() {
             if e.path().extension().is_some_and(|x| x == "json") {
-                let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+                let Ok(text) = std::fs::read_to_string(e.path()) else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                    continue;
+                };
                 if let (Some(pid), Some(r), Some(c)) = (
                     v["pid"].as_u64(),
                     v["requests"].as_u64(),
@@ -387,7 +475,8 @@ pub fn get_worker(port: u16) -> Result<u32> {
         .take_while(|l| !l.is_empty())
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-worker").then(|| v.trim().parse::<u32>().ok())?
+            k.eq_ignore_ascii_case("x-worker")
+                .then(|| v.trim().parse::<u32>().ok())?
         });
     pid.with_context(|| format!("no x-worker header in {out:?}"))
 }

@@ -48,7 +48,9 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         let running = system.start(ctx, ctx.workers)?;
         running.wait_ready(ctx.workers, Duration::from_secs(60))?;
         std::thread::sleep(Duration::from_secs(1));
-        let sup = running.supervisor().expect("a supervised system has a supervisor");
+        let sup = running
+            .supervisor()
+            .expect("a supervised system has a supervisor");
         let idle_kib = procfs::rss_kib(sup).unwrap_or(0) as f64;
         if system.sys == Sys::HerdShared {
             if let Some(g) = guardian_of(sup, &herd_exe) {
@@ -79,10 +81,7 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         let running = system.start(ctx, ctx.many_workers)?;
         running.wait_ready(ctx.many_workers, Duration::from_secs(120))?;
         std::thread::sleep(Duration::from_secs(1));
-        let many_kib = running
-            .supervisor()
-            .and_then(procfs::rss_kib)
-            .unwrap_or(0) as f64;
+        let many_kib = running.supervisor().and_then(procfs::rss_kib).unwrap_or(0) as f64;
         running.stop();
         rows.push(Row {
             label: system.label(),
@@ -130,9 +129,13 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         mib(guardian.0),
         mib(guardian.1)
     );
-    res.sections.push(("Supervisor memory and idle cost".into(), md));
+    res.sections
+        .push(("Supervisor memory and idle cost".into(), md));
 
-    if let Some(h) = rows.iter().find(|r| r.label == System::new(Sys::HerdShared, App::Node).label()) {
+    if let Some(h) = rows
+        .iter()
+        .find(|r| r.label == System::new(Sys::HerdShared, App::Node).label())
+    {
         res.target(
             format!("herd RSS with {} workers", ctx.many_workers),
             mib(h.many_kib),

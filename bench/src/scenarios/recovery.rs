@@ -29,7 +29,9 @@ struct Sample {
 }
 
 fn wall_secs(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 /// Seconds since the epoch from `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
@@ -39,7 +41,10 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
     let mut d = date.split('-').map(|x| x.parse::<i64>());
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
     let mut t = time.split(':');
-    let (h, min) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
     let sec: f64 = t.next()?.parse().ok()?;
     // Days from civil (H. Hinnant).
     let y = if m <= 2 { y - 1 } else { y };
@@ -78,12 +83,19 @@ fn one_kill(running: &Running, s: &mut Sample) -> Result<()> {
         std::thread::sleep(Duration::from_micros(200));
     };
     s.spawned.push(t0.elapsed().as_secs_f64() * 1e6);
+    // The first answer from a worker that did not exist before the kill (the
+    // first new child need not be the worker: PM2's daemon also runs helpers).
     loop {
-        if get_worker(running.port).ok() == Some(fresh) {
-            break;
+        if let Ok(pid) = get_worker(running.port) {
+            if !before.contains(&pid) {
+                break;
+            }
         }
         if Instant::now() > deadline {
-            bail!("{}: replacement {fresh} never answered", running.system.label());
+            bail!(
+                "{}: no replacement answered within 10 s",
+                running.system.label()
+            );
         }
         std::thread::sleep(Duration::from_micros(500));
     }
@@ -221,7 +233,13 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
 mod tests {
     #[test]
     fn rfc3339() {
-        assert_eq!(super::parse_rfc3339("1970-01-02T00:00:01.5Z"), Some(86_401.5));
-        assert_eq!(super::parse_rfc3339("2000-03-01T00:00:00Z"), Some(951_868_800.0));
+        assert_eq!(
+            super::parse_rfc3339("1970-01-02T00:00:01.5Z"),
+            Some(86_401.5)
+        );
+        assert_eq!(
+            super::parse_rfc3339("2000-03-01T00:00:00Z"),
+            Some(951_868_800.0)
+        );
     }
 }

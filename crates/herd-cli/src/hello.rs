@@ -42,6 +42,21 @@ enum Listener {
     Udp(UdpSocket),
 }
 
+impl Listener {
+    /// The bound address, for the startup line.
+    fn describe(&self) -> String {
+        let addr = match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
+            Listener::Udp(s) => s.local_addr().map(|a| format!("udp:{a}")),
+            Listener::Unix(l) => l.local_addr().map(|a| match a.as_pathname() {
+                Some(p) => format!("unix:{}", p.display()),
+                None => "unix:(unnamed)".into(),
+            }),
+        };
+        addr.unwrap_or_else(|e| format!("(unknown address: {e})"))
+    }
+}
+
 fn adopt(fd: OwnedFd, kind: SocketKind) -> Result<Option<Listener>> {
     Ok(match kind {
         SocketKind::TcpListener => {
@@ -80,6 +95,9 @@ async fn serve(args: HelloArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         listeners.push(Listener::Tcp(l));
+    }
+    for l in &listeners {
+        println!("hello: listening on {}", l.describe());
     }
     let header = response_head();
     let (drain_tx, drain) = watch::channel(false);

@@ -78,7 +78,8 @@ impl OutputSink {
         slot: usize,
         pid: u32,
     ) {
-        let mut reader = BufReader::with_capacity(16 * 1024, reader);
+        // Small: one per worker stream, and a pipe delivers at most a page or so per read.
+        let mut reader = BufReader::with_capacity(4 * 1024, reader);
         let mut pending: Vec<u8> = Vec::new();
         loop {
             let chunk = match reader.fill_buf().await {

@@ -38,7 +38,10 @@ pub fn socket_activated(
         .filter_map(|(k, v)| entry(&k, &v))
         .collect();
     if !sockets.is_empty() {
-        vars.extend(entry("LISTEN_FDS".as_ref(), sockets.len().to_string().as_ref()));
+        vars.extend(entry(
+            "LISTEN_FDS".as_ref(),
+            sockets.len().to_string().as_ref(),
+        ));
         vars.extend(entry("LISTEN_FDNAMES".as_ref(), names.join(":").as_ref()));
     }
     let argv = command
