@@ -152,128 +152,101 @@ pub fn write_markdown(path: &Path, header: &str, results: &Results) -> Result<()
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-/// Draws throughput (keep-alive and close, per system) and supervisor memory.
+type Area<'a> =
+    plotters::drawing::DrawingArea<plotters::backend::BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// One horizontal bar chart: a bar per (label, value).
+fn bar_panel(
+    area: &Area<'_>,
+    caption: &str,
+    rows: &[(String, f64)],
+    color: plotters::style::RGBColor,
+    format: &dyn Fn(f64) -> String,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let n = rows.len().max(1);
+    let max = rows
+        .iter()
+        .map(|(_, v)| *v)
+        .filter(|v| v.is_finite())
+        .fold(1e-9f64, f64::max);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(28)
+        .y_label_area_size(230)
+        .build_cartesian_2d(0.0..max * 1.12, (0..n - 1).into_segmented())?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => rows.get(*i).map(|r| r.0.clone()).unwrap_or_default(),
+            _ => String::new(),
+        })
+        .x_label_formatter(&|v| format(*v))
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    chart.draw_series(
+        rows.iter()
+            .enumerate()
+            .filter(|(_, (_, v))| v.is_finite())
+            .map(|(i, (_, v))| {
+                let mut bar = Rectangle::new(
+                    [
+                        (0.0, SegmentValue::Exact(i)),
+                        (*v, SegmentValue::Exact(i + 1)),
+                    ],
+                    color.mix(0.75).filled(),
+                );
+                bar.set_margin(4, 4, 0, 0);
+                bar
+            }),
+    )?;
+    Ok(())
+}
+
+/// Draws throughput (keep-alive, close) per system and supervisor memory.
 pub fn write_chart(path: &Path, title: &str, results: &Results) -> Result<()> {
     use plotters::prelude::*;
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| anyhow::anyhow!("cannot load the chart font"))?;
-    let rows = results.throughput.len().max(1);
-    let mem_rows = results.memory.len().max(1);
-    let height = 120 + 44 * rows as u32 + 40 * mem_rows as u32 + 120;
-    let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
+    let t = results.throughput.len().max(1) as u32;
+    let m = results.memory.len().max(1) as u32;
+    let panel = |rows: u32| 70 + 26 * rows;
+    let height = 40 + 2 * panel(t) + panel(m);
+    let root = BitMapBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE)?;
-    let root = root.titled(title, ("sans-serif", 22))?;
-    let split = (44 * rows as u32 + 90) as i32;
-    let (top, bottom) = root.split_vertically(split);
-
-    let max_rps = results
+    let root = root.titled(title, ("sans-serif", 20))?;
+    let (ka_area, rest) = root.split_vertically(panel(t));
+    let (close_area, mem_area) = rest.split_vertically(panel(t));
+    let kilo = |v: f64| format!("{:.0}k", v / 1000.0);
+    let ka: Vec<(String, f64)> = results
         .throughput
         .iter()
-        .flat_map(|(_, a, b)| [*a, *b])
-        .filter(|v| v.is_finite())
-        .fold(1.0f64, f64::max);
-    let labels: Vec<String> = results
-        .throughput
-        .iter()
-        .map(|(l, _, _)| l.clone())
+        .map(|(l, v, _)| (l.clone(), *v))
         .collect();
-    let mut chart = ChartBuilder::on(&top)
-        .caption("throughput, req/s (median)", ("sans-serif", 16))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(230)
-        .build_cartesian_2d(0.0..max_rps * 1.15, (0..rows).into_segmented())?;
-    chart
-        .configure_mesh()
-        .disable_y_mesh()
-        .y_labels(rows)
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .x_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
-        .label_style(("sans-serif", 13))
-        .draw()?;
-    for (i, (_, ka, close)) in results.throughput.iter().enumerate() {
-        // Keep-alive in the upper half of the row, close in the lower half.
-        let bars = [
-            (
-                *ka,
-                BLUE.mix(0.7),
-                SegmentValue::Exact(i),
-                SegmentValue::CenterOf(i),
-            ),
-            (
-                *close,
-                RED.mix(0.7),
-                SegmentValue::CenterOf(i),
-                SegmentValue::Exact(i + 1),
-            ),
-        ];
-        for (v, color, from, to) in bars {
-            if v.is_finite() {
-                chart.draw_series(std::iter::once(Rectangle::new(
-                    [(0.0, from), (v, to)],
-                    color.filled(),
-                )))?;
-            }
-        }
-    }
-    // Legend, drawn by hand for a stable look.
-    top.draw(&Rectangle::new(
-        [(900, 40), (915, 52)],
-        BLUE.mix(0.7).filled(),
-    ))?;
-    top.draw(&Text::new("keep-alive", (920, 38), ("sans-serif", 13)))?;
-    top.draw(&Rectangle::new(
-        [(900, 58), (915, 70)],
-        RED.mix(0.7).filled(),
-    ))?;
-    top.draw(&Text::new(
-        "Connection: close",
-        (920, 56),
-        ("sans-serif", 13),
-    ))?;
-
-    let mem_labels: Vec<String> = results.memory.iter().map(|(l, _)| l.clone()).collect();
-    let max_mem = results
+    let close: Vec<(String, f64)> = results
+        .throughput
+        .iter()
+        .map(|(l, _, v)| (l.clone(), *v))
+        .collect();
+    bar_panel(&ka_area, "keep-alive, req/s (median)", &ka, BLUE, &kilo)?;
+    bar_panel(
+        &close_area,
+        "Connection: close, req/s (median)",
+        &close,
+        RED,
+        &kilo,
+    )?;
+    let mem: Vec<(String, f64)> = results
         .memory
         .iter()
-        .map(|(_, v)| *v / 1024.0)
-        .filter(|v| v.is_finite())
-        .fold(1.0f64, f64::max);
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("supervisor RSS, idle, MiB", ("sans-serif", 16))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(230)
-        .build_cartesian_2d(0.0..max_mem * 1.15, (0..mem_rows).into_segmented())?;
-    chart
-        .configure_mesh()
-        .disable_y_mesh()
-        .y_labels(mem_rows)
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => mem_labels.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .label_style(("sans-serif", 13))
-        .draw()?;
-    chart.draw_series(
-        results
-            .memory
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, v))| v.is_finite())
-            .map(|(i, (_, v))| {
-                Rectangle::new(
-                    [
-                        (0.0, SegmentValue::Exact(i)),
-                        (*v / 1024.0, SegmentValue::CenterOf(i)),
-                    ],
-                    GREEN.mix(0.7).filled(),
-                )
-            }),
-    )?;
+        .map(|(l, v)| (l.clone(), v / 1024.0))
+        .collect();
+    bar_panel(&mem_area, "supervisor RSS, idle, MiB", &mem, GREEN, &|v| {
+        format!("{v:.0}")
+    })?;
     root.present()?;
     Ok(())
 }
