@@ -94,6 +94,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub stop_timeout: Duration,
 
+    /// Open Node's IPC channel to each worker (NODE_CHANNEL_FD), so process.send('ready')
+    /// marks it ready: auto = when the command is node.
+    #[arg(long, value_enum, default_value_t = NodeIpc::Auto)]
+    pub node_ipc: NodeIpc,
+
     /// Log format for herd's events and worker output.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     pub log_format: LogFormatArg,
@@ -101,6 +106,17 @@ pub struct RunArgs {
     /// The worker command; herd's built-in hello-world server when omitted.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// `--node-ipc` values.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum NodeIpc {
+    /// When the command is node.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
 }
 
 /// `--log-format` values.
@@ -146,6 +162,11 @@ impl RunArgs {
         config.on_crash_loop = self.on_crash_loop;
         config.stop_signal = self.stop_signal;
         config.stop_timeout = self.stop_timeout;
+        config.node_ipc = match self.node_ipc {
+            NodeIpc::On => true,
+            NodeIpc::Off => false,
+            NodeIpc::Auto => config.command.is_node(),
+        };
         config.log_format = match self.log_format {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,

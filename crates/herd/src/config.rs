@@ -125,6 +125,14 @@ impl WorkerCommand {
         Ok(WorkerCommand { program, argv })
     }
 
+    /// Whether the program is Node.js (`node`, `nodejs`, `node20`, …).
+    pub fn is_node(&self) -> bool {
+        self.program
+            .file_name()
+            .map(|n| n.to_string_lossy().starts_with("node"))
+            .unwrap_or(false)
+    }
+
     /// The command line as the user would type it, for logs.
     pub fn display(&self) -> String {
         let parts: Vec<_> = self.argv.iter().map(|a| a.to_string_lossy()).collect();
@@ -168,6 +176,9 @@ pub struct ClusterConfig {
     pub stop_timeout: Duration,
     /// How worker output is written.
     pub log_format: LogFormat,
+    /// Open Node's IPC channel to each worker (`NODE_CHANNEL_FD`), so
+    /// `process.send('ready')` marks it ready.
+    pub node_ipc: bool,
 }
 
 impl ClusterConfig {
@@ -186,6 +197,7 @@ impl ClusterConfig {
             stop_signal: Signal::TERM,
             stop_timeout: Duration::from_secs(10),
             log_format: LogFormat::default(),
+            node_ipc: false,
         }
     }
 }

@@ -30,6 +30,9 @@
 //!   kills every worker process group and every process carrying the
 //!   cluster's `HERD_PRIMARY_PID` in its environment.
 //! * [`output`] forwards worker stdout/stderr line by line with a prefix.
+//! * [`ipc`] holds the wire formats for talking to workers; with
+//!   `node_ipc` the supervisor opens Node's IPC channel (`NODE_CHANNEL_FD`) to
+//!   each worker, so `process.send('ready')` marks it ready.
 //! * [`activation`] is the worker side: adopt the sockets in `LISTEN_FDS`.
 //!
 //! ## Example
@@ -54,6 +57,7 @@
 pub mod activation;
 pub mod backoff;
 pub mod config;
+pub mod ipc;
 pub mod listen;
 pub mod output;
 pub mod socket;

@@ -11,20 +11,25 @@
 
 use std::collections::HashSet;
 use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{Backoff, Intensity, Jitter};
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
+use crate::ipc::node::NodeDecoder;
 use crate::output::{OutputSink, Stream};
 use crate::socket::Listeners;
 use crate::sys::{self, ExecPlan};
@@ -75,8 +80,14 @@ impl Cluster {
 
 #[derive(Debug)]
 enum SlotState {
-    /// A worker is alive.
-    Running { pid: u32, started: Instant },
+    /// A worker is alive. `ready` once it said so (Node: `process.send('ready')`);
+    /// `channel` is the primary's end of its Node IPC channel, if it has one.
+    Running {
+        pid: u32,
+        started: Instant,
+        ready: bool,
+        channel: Option<OwnedWriteHalf>,
+    },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
     /// Not running and not coming back (restart policy, or stopping).
@@ -101,6 +112,15 @@ struct Exit {
     status: std::io::Result<ExitStatus>,
 }
 
+/// What a worker's IPC reader task reports.
+#[derive(Debug)]
+enum ChannelEvent {
+    /// A message (Node IPC: one JSON value).
+    Message(serde_json::Value),
+    /// The worker broke the protocol; its channel is closed.
+    Malformed(String),
+}
+
 struct Guardian {
     child: tokio::process::Child,
     pipe: OwnedFd,
@@ -118,6 +138,8 @@ struct Supervisor {
     jitter: Jitter,
     base_env: Vec<CString>,
     argv: Vec<CString>,
+    channel_tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
+    channel_rx: mpsc::UnboundedReceiver<(usize, u32, ChannelEvent)>,
 }
 
 impl Supervisor {
@@ -151,6 +173,7 @@ impl Supervisor {
                 failed: false,
             })
             .collect();
+        let (channel_tx, channel_rx) = mpsc::unbounded_channel();
         Ok(Supervisor {
             config,
             listeners,
@@ -163,6 +186,8 @@ impl Supervisor {
             jitter: Jitter::from_entropy(),
             base_env,
             argv,
+            channel_tx,
+            channel_rx,
         })
     }
 
@@ -198,6 +223,7 @@ impl Supervisor {
                 _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
                 _ = sighup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
                 _ = sigchld.recv() => self.reap_strays(),
+                Some((slot, pid, event)) = self.channel_rx.recv() => self.on_channel_event(slot, pid, event),
                 Some(joined) = self.exits.join_next() => match joined {
                     Ok(exit) => self.on_exit(exit),
                     Err(e) => error!("worker watcher failed: {e}"),
@@ -325,11 +351,13 @@ impl Supervisor {
 
     fn spawn(&mut self, slot: usize) {
         match self.try_spawn(slot) {
-            Ok((pid, child)) => {
+            Ok((pid, child, channel)) => {
                 info!(slot, pid, "worker {pid} spawned in slot {slot}");
                 self.slots[slot].state = SlotState::Running {
                     pid,
                     started: Instant::now(),
+                    ready: false,
+                    channel,
                 };
                 self.tell_guardian(pid as i32);
                 self.exits.spawn(async move {
@@ -346,8 +374,12 @@ impl Supervisor {
         }
     }
 
-    fn try_spawn(&mut self, slot: usize) -> std::io::Result<(u32, tokio::process::Child)> {
-        let fds = self.listeners.fds_for_slot(slot);
+    #[allow(clippy::type_complexity)]
+    fn try_spawn(
+        &mut self,
+        slot: usize,
+    ) -> std::io::Result<(u32, tokio::process::Child, Option<OwnedWriteHalf>)> {
+        let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
         let mut add = |k: &str, v: &str| env.extend(env_entry(k.as_ref(), v.as_ref()));
         add("HERD_WORKER_ID", &slot.to_string());
@@ -357,6 +389,19 @@ impl Supervisor {
             add("LISTEN_FDS", &fds.len().to_string());
             add("LISTEN_FDNAMES", &self.listeners.fd_names());
         }
+        // Node's IPC channel goes right after the sockets.
+        let node_channel = if self.config.node_ipc {
+            let (ours, theirs) = UnixStream::pair()?;
+            add(
+                "NODE_CHANNEL_FD",
+                &(sys::LISTEN_FDS_START as usize + fds.len()).to_string(),
+            );
+            add("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+            fds.push(theirs.as_raw_fd());
+            Some((ours, theirs))
+        } else {
+            None
+        };
         let plan = ExecPlan::new(&self.config.command.program, self.argv.clone(), env, fds)?;
         let mut cmd = tokio::process::Command::new(&self.config.command.program);
         cmd.stdin(Stdio::null())
@@ -374,7 +419,49 @@ impl Supervisor {
             let sink = self.output.clone();
             tokio::spawn(sink.forward(err, Stream::Stderr, slot, pid));
         }
-        Ok((pid, child))
+        let channel = match node_channel {
+            Some((ours, theirs)) => {
+                drop(theirs); // the worker has its copy now
+                ours.set_nonblocking(true)?;
+                let (read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
+                tokio::spawn(read_node_channel(read, slot, pid, self.channel_tx.clone()));
+                Some(write)
+            }
+            None => None,
+        };
+        Ok((pid, child, channel))
+    }
+
+    fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
+        let SlotState::Running {
+            pid,
+            ready,
+            channel,
+            ..
+        } = &mut self.slots[slot].state
+        else {
+            return;
+        };
+        if *pid != from {
+            return; // from a worker that has since been replaced
+        }
+        match event {
+            ChannelEvent::Message(serde_json::Value::String(s)) if s == "ready" => {
+                if !*ready {
+                    *ready = true;
+                    info!(slot, pid = from, "worker {from} ready");
+                }
+            }
+            ChannelEvent::Message(m) => debug!(slot, pid = from, "message from worker {from}: {m}"),
+            ChannelEvent::Malformed(why) => {
+                warn!(
+                    slot,
+                    pid = from,
+                    "worker {from} broke the IPC protocol ({why}); channel closed"
+                );
+                *channel = None;
+            }
+        }
     }
 
     fn on_exit(&mut self, exit: Exit) {
@@ -382,7 +469,9 @@ impl Supervisor {
         self.tell_guardian(-(pid as i32));
         let now = Instant::now();
         let uptime = match self.slots[slot].state {
-            SlotState::Running { pid: p, started } if p == pid => now - started,
+            SlotState::Running {
+                pid: p, started, ..
+            } if p == pid => now - started,
             _ => {
                 debug!(slot, pid, "exit of a worker no longer tracked");
                 return;
@@ -518,6 +607,43 @@ impl Supervisor {
         if let Some(mut g) = self.guardian.take() {
             drop(g.pipe);
             let _ = tokio::time::timeout(Duration::from_secs(2), g.child.wait()).await;
+        }
+    }
+}
+
+/// Reads a worker's Node IPC channel until EOF or a protocol error.
+async fn read_node_channel(
+    mut read: OwnedReadHalf,
+    slot: usize,
+    pid: u32,
+    tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
+) {
+    let mut decoder = NodeDecoder::default();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match read.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                if let Err(e) = decoder.finish() {
+                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e.to_string())));
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            match decoder.next_message() {
+                Ok(Some(m)) => {
+                    if tx.send((slot, pid, ChannelEvent::Message(m))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e.to_string())));
+                    return;
+                }
+            }
         }
     }
 }

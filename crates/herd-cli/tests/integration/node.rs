@@ -9,13 +9,24 @@ use crate::util::*;
 const APP: &str = r#"
 const http = require('http');
 http.createServer((req, res) => res.end('node ' + process.pid + '\n'))
-    .listen({ fd: 3 }, () => console.log('listening'));
+    .listen({ fd: 3 }, () => {
+        console.log('listening');
+        // herd opens Node's IPC channel for node commands: PM2-style readiness.
+        if (process.send) process.send('ready');
+    });
 "#;
+
+fn node_missing() -> bool {
+    if Command::new("node").arg("--version").output().is_err() {
+        eprintln!("skipped: node is not installed");
+        return true;
+    }
+    false
+}
 
 #[test]
 fn node_app_serves_on_fd_3_from_both_workers() {
-    if Command::new("node").arg("--version").output().is_err() {
-        eprintln!("skipped: node is not installed");
+    if node_missing() {
         return;
     }
     let dir = TempDir::new("node");
@@ -52,4 +63,99 @@ fn node_app_serves_on_fd_3_from_both_workers() {
     });
     assert!(ok, "answers from both workers, saw {seen:?}");
     assert_eq!(seen, pids);
+}
+
+#[test]
+fn process_send_ready_marks_a_node_worker_ready() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-ready");
+    let app = dir.path().join("app.js");
+    std::fs::write(&app, APP).unwrap();
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--",
+        "node",
+        app.to_str().unwrap(),
+    ]);
+    let mut pids = [herd.nth_spawned(1), herd.nth_spawned(2)];
+    pids.sort();
+    let mut ready: Vec<u32> = (1..=2)
+        .map(|n| {
+            let line = herd
+                .stderr
+                .wait_for_nth("ready workers", STARTUP, n, |l| l.contains(" ready"));
+            pid_after(&line, "worker ")
+        })
+        .collect();
+    ready.sort();
+    assert_eq!(ready, pids);
+}
+
+#[test]
+fn without_the_channel_process_send_is_absent() {
+    if node_missing() {
+        return;
+    }
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--node-ipc",
+        "off",
+        "--",
+        "node",
+        "-e",
+        "console.log(typeof process.send); setInterval(() => {}, 1000)",
+    ]);
+    let pid = herd.nth_spawned(1);
+    let expect = format!("[0 {pid}] undefined");
+    herd.stdout
+        .wait_for("typeof process.send", STARTUP, |l| l == expect);
+}
+
+#[test]
+fn a_worker_breaking_the_ipc_protocol_loses_only_its_channel() {
+    // Slot 0 writes garbage, slot 1 an endless line (over the 16 MiB cap);
+    // slot 2 behaves. herd must stay up and slot 2 must still be heard.
+    let script = format!(
+        "case $HERD_WORKER_ID in \
+           0) printf '{{bad json\\n' >&$NODE_CHANNEL_FD ;; \
+           1) head -c 17000000 /dev/zero | tr '\\0' a >&$NODE_CHANNEL_FD ;; \
+           2) sleep 0.3; printf '\"ready\"\\n' >&$NODE_CHANNEL_FD ;; \
+         esac; exec {}",
+        fixture_bin().display()
+    );
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "3",
+        "--no-listen",
+        "--node-ipc",
+        "on",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let pids: Vec<u32> = (1..=3).map(|n| herd.nth_spawned(n)).collect();
+    herd.stderr.wait_for("malformed JSON", STARTUP, |l| {
+        l.contains("broke the IPC protocol (malformed JSON")
+    });
+    herd.stderr.wait_for("oversized message", STARTUP, |l| {
+        l.contains("broke the IPC protocol (message longer than 16777216 bytes)")
+    });
+    herd.stderr
+        .wait_for("the good worker's ready", STARTUP, |l| l.contains(" ready"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for pid in &pids {
+        assert!(alive(*pid), "worker {pid} should still run");
+    }
+    assert!(herd.stderr.count(|l| l.contains(" died")) == 0);
 }

@@ -1,0 +1,257 @@
+//! herd's frame format: `len: u32 BE | flags: u8 | payload[len]`.
+//!
+//! `flags` bit 0: a file descriptor travels with this frame (SCM_RIGHTS on
+//! the frame's first byte); bits 1-2: the payload codec (0 = JSON,
+//! 1 = postcard). Other bits must be zero.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::MAX_MESSAGE;
+
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 5;
+/// Flag: a descriptor accompanies the frame.
+pub const FLAG_FD: u8 = 1;
+const CODEC_SHIFT: u8 = 1;
+const CODEC_MASK: u8 = 0b110;
+const KNOWN_FLAGS: u8 = FLAG_FD | CODEC_MASK;
+
+/// How a payload is serialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    /// serde_json: inspectable, cross-language. The default.
+    #[default]
+    Json,
+    /// postcard: compact and fast, Rust on both ends.
+    Postcard,
+}
+
+impl Codec {
+    fn bits(self) -> u8 {
+        match self {
+            Codec::Json => 0,
+            Codec::Postcard => 1 << CODEC_SHIFT,
+        }
+    }
+}
+
+/// Why a frame stream or payload was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The header announced more than the limit.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLong {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Unknown flag bits or codec.
+    #[error("unknown frame flags {0:#04x}")]
+    BadFlags(u8),
+    /// The payload did not decode as the expected type.
+    #[error("malformed payload: {0}")]
+    Malformed(String),
+    /// The stream ended inside a frame.
+    #[error("channel closed in the middle of a frame ({0} bytes)")]
+    Truncated(usize),
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Whether a descriptor accompanies it.
+    pub has_fd: bool,
+    /// The payload codec.
+    pub codec: Codec,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Deserializes the payload.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, FrameError> {
+        match self.codec {
+            Codec::Json => serde_json::from_slice(&self.payload)
+                .map_err(|e| FrameError::Malformed(e.to_string())),
+            Codec::Postcard => postcard::from_bytes(&self.payload)
+                .map_err(|e| FrameError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// Serializes `message` as one frame.
+pub fn encode<T: Serialize>(
+    message: &T,
+    codec: Codec,
+    has_fd: bool,
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; HEADER_LEN];
+    match codec {
+        Codec::Json => serde_json::to_writer(&mut out, message)
+            .map_err(|e| FrameError::Malformed(e.to_string()))?,
+        Codec::Postcard => {
+            out = postcard::to_extend(message, out)
+                .map_err(|e| FrameError::Malformed(e.to_string()))?
+        }
+    }
+    let len = out.len() - HEADER_LEN;
+    if len > MAX_MESSAGE {
+        return Err(FrameError::TooLong {
+            len,
+            max: MAX_MESSAGE,
+        });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    out[4] = codec.bits() | if has_fd { FLAG_FD } else { 0 };
+    Ok(out)
+}
+
+/// An incremental frame decoder.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::new(MAX_MESSAGE)
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder that rejects frames longer than `max` bytes.
+    pub fn new(max: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// Appends bytes read from the channel.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, `None` if more bytes are needed. After an
+    /// error the stream is unusable: disconnect the peer.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let flags = self.buf[4];
+        if len > self.max {
+            return Err(FrameError::TooLong { len, max: self.max });
+        }
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(FrameError::BadFlags(flags));
+        }
+        let codec = match (flags & CODEC_MASK) >> CODEC_SHIFT {
+            0 => Codec::Json,
+            1 => Codec::Postcard,
+            _ => return Err(FrameError::BadFlags(flags)),
+        };
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some(Frame {
+            has_fd: flags & FLAG_FD != 0,
+            codec,
+            payload,
+        }))
+    }
+
+    /// Call at end of stream: an unfinished frame is an error.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated(self.buf.len()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Msg {
+        id: u64,
+        text: String,
+        tags: Vec<String>,
+    }
+
+    fn msg() -> impl Strategy<Value = Msg> {
+        (any::<u64>(), ".*", proptest::collection::vec(".*", 0..4))
+            .prop_map(|(id, text, tags)| Msg { id, text, tags })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_in_any_chunking(
+            msgs in proptest::collection::vec((msg(), any::<bool>(), any::<bool>()), 0..16),
+            cut in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for (m, postcard, fd) in &msgs {
+                let codec = if *postcard { Codec::Postcard } else { Codec::Json };
+                wire.extend(encode(m, codec, *fd).unwrap());
+            }
+            let mut d = FrameDecoder::default();
+            let mut got = Vec::new();
+            for chunk in wire.chunks(cut) {
+                d.push(chunk);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push((f.decode::<Msg>().unwrap(), f.codec == Codec::Postcard, f.has_fd));
+                }
+            }
+            prop_assert!(d.finish().is_ok());
+            prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut d = FrameDecoder::new(256);
+            d.push(&bytes);
+            while let Ok(Some(f)) = d.next_frame() {
+                let _ = f.decode::<Msg>();
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_oversized_and_unknown_flags_before_buffering() {
+        let mut d = FrameDecoder::new(16);
+        d.push(&[0, 0, 1, 0, 0]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::TooLong { len: 256, max: 16 })
+        ));
+        let mut d = FrameDecoder::default();
+        d.push(&[0, 0, 0, 1, 0x80, b'x']);
+        assert!(matches!(d.next_frame(), Err(FrameError::BadFlags(0x80))));
+        let mut d = FrameDecoder::default();
+        d.push(&[0, 0, 0, 1, 0b110, b'x']);
+        assert!(matches!(d.next_frame(), Err(FrameError::BadFlags(_))));
+    }
+
+    #[test]
+    fn postcard_is_smaller_than_json() {
+        let m = Msg {
+            id: 7,
+            text: "hello".into(),
+            tags: vec!["a".into()],
+        };
+        assert!(
+            encode(&m, Codec::Postcard, false).unwrap().len()
+                < encode(&m, Codec::Json, false).unwrap().len()
+        );
+    }
+}

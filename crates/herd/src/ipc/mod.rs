@@ -1,0 +1,23 @@
+//! Talking to workers: wire formats and channels.
+//!
+//! Two wire formats, each a pure, incremental decoder (bytes in, messages out)
+//! so the I/O around them stays trivial and the decoders can be fuzzed:
+//!
+//! * [`frame`] — herd's own: length-delimited frames carrying a serde message
+//!   in JSON (default: inspectable, any language can speak it) or postcard
+//!   (compact, opt-in).
+//! * [`node`] — Node.js's IPC channel (`NODE_CHANNEL_FD`,
+//!   `NODE_CHANNEL_SERIALIZATION_MODE=json`): one JSON value per line. This is
+//!   what `process.send()` writes, so `process.send('ready')` from a Node worker
+//!   reaches herd unchanged.
+//!
+//! Workers are less trusted than the primary: every decoder caps what it
+//! buffers ([`MAX_MESSAGE`]) and reports malformed input as an error value,
+//! never a panic. The supervisor disconnects a worker whose channel errs; other
+//! workers never notice.
+
+pub mod frame;
+pub mod node;
+
+/// The largest message accepted from a worker, in bytes (16 MiB).
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;

@@ -1,0 +1,18 @@
+//! herd's frame decoder on arbitrary bytes, fed in two chunks: it must never
+//! panic, never buffer past its limit, and decode payloads without panicking.
+#![no_main]
+
+use herd::ipc::frame::FrameDecoder;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let cut = data.first().map_or(0, |b| *b as usize).min(data.len());
+    let mut d = FrameDecoder::new(1 << 16);
+    for chunk in [&data[..cut], &data[cut..]] {
+        d.push(chunk);
+        while let Ok(Some(frame)) = d.next_frame() {
+            let _ = frame.decode::<serde_json::Value>();
+        }
+    }
+    let _ = d.finish();
+});
