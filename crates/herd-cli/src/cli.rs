@@ -162,11 +162,14 @@ impl RunArgs {
         config.on_crash_loop = self.on_crash_loop;
         config.stop_signal = self.stop_signal;
         config.stop_timeout = self.stop_timeout;
-        config.node_ipc = match self.node_ipc {
+        let node_ipc = match self.node_ipc {
             NodeIpc::On => true,
             NodeIpc::Off => false,
             NodeIpc::Auto => config.command.is_node(),
         };
+        if node_ipc {
+            config.ipc = herd::Ipc::Node;
+        }
         config.log_format = match self.log_format {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,

@@ -133,6 +133,18 @@ impl WorkerCommand {
             .unwrap_or(false)
     }
 
+    /// This very program, re-executed with the same arguments: the library's
+    /// default worker command (the worker learns its role from [`crate::role`]).
+    pub fn current_exe() -> Result<Self, CommandError> {
+        let program = std::env::current_exe()
+            .map_err(|e| CommandError::NotFound(format!("the current executable ({e})")))?;
+        let mut argv: Vec<OsString> = std::env::args_os().collect();
+        if argv.is_empty() {
+            argv.push(program.clone().into_os_string());
+        }
+        Ok(WorkerCommand { program, argv })
+    }
+
     /// The command line as the user would type it, for logs.
     pub fn display(&self) -> String {
         let parts: Vec<_> = self.argv.iter().map(|a| a.to_string_lossy()).collect();
@@ -176,9 +188,24 @@ pub struct ClusterConfig {
     pub stop_timeout: Duration,
     /// How worker output is written.
     pub log_format: LogFormat,
-    /// Open Node's IPC channel to each worker (`NODE_CHANNEL_FD`), so
-    /// `process.send('ready')` marks it ready.
-    pub node_ipc: bool,
+    /// The channel between the primary and each worker.
+    pub ipc: Ipc,
+    /// How the primary encodes messages on herd's channel.
+    pub codec: crate::ipc::frame::Codec,
+}
+
+/// The IPC channel between the primary and each worker, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ipc {
+    /// No channel.
+    #[default]
+    None,
+    /// Node's channel (`NODE_CHANNEL_FD`, newline-delimited JSON): Node's
+    /// `process.send` and `process.on('message')` work unchanged.
+    Node,
+    /// herd's channel (`HERD_IPC_FD`, length-delimited frames): what
+    /// [`crate::worker::Channel`] speaks.
+    Herd,
 }
 
 impl ClusterConfig {
@@ -197,7 +224,8 @@ impl ClusterConfig {
             stop_signal: Signal::TERM,
             stop_timeout: Duration::from_secs(10),
             log_format: LogFormat::default(),
-            node_ipc: false,
+            ipc: Ipc::None,
+            codec: crate::ipc::frame::Codec::Json,
         }
     }
 }

@@ -56,6 +56,7 @@
 
 pub mod activation;
 pub mod backoff;
+mod cluster;
 pub mod config;
 pub mod ipc;
 pub mod listen;
@@ -64,11 +65,14 @@ pub mod socket;
 pub mod spawn;
 mod supervisor;
 mod sys;
+pub mod worker;
 
+pub use cluster::{Cluster, ClusterHandle, Event, HandleError, Message, Outcome};
+pub use config::Ipc;
 pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};
 pub use socket::{Balance, BindError, Listeners};
-pub use supervisor::{Cluster, Outcome};
+pub use worker::{role, Role};
 
 /// Everything that can stop a cluster from starting or running.
 #[derive(Debug, thiserror::Error)]

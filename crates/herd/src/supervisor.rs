@@ -4,10 +4,11 @@
 //! earliest backoff restart or stop deadline), so an idle cluster makes no
 //! wakeups. Nothing else touches cluster state.
 //!
-//! Workers are spawned from this task, which runs on the runtime's main
-//! thread (the caller must use a current-thread runtime on the thread that
-//! lives as long as the process): `PR_SET_PDEATHSIG` fires when the *thread*
-//! that forked a child exits, not the process.
+//! Workers are spawned from this task. `PR_SET_PDEATHSIG` fires when the
+//! *thread* that forked a child exits, not the process, so the task must run
+//! on a thread that lives as long as the cluster: a current-thread runtime on
+//! the main thread (what the `herd` binary uses), or a multi-thread runtime's
+//! worker threads; never a `spawn_blocking` thread, which retires when idle.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -28,65 +29,27 @@ use tokio::time::sleep_until;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{Backoff, Intensity, Jitter};
+use crate::cluster::{Cluster, Command, Event, Message, Outcome};
+use crate::config::Ipc;
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
+use crate::ipc::frame::{Codec, FrameDecoder};
 use crate::ipc::node::NodeDecoder;
+use crate::ipc::Control;
 use crate::output::{OutputSink, Stream};
 use crate::socket::Listeners;
 use crate::sys::{self, ExecPlan};
 use crate::Error;
 
-/// How a cluster ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Stopped on request (SIGINT/SIGTERM); every worker is gone.
-    Stopped,
-    /// Every worker exited and the restart policy replaced none.
-    /// `all_succeeded` is whether each last worker exited with status 0.
-    Finished {
-        /// Whether every slot's last worker exited 0.
-        all_succeeded: bool,
-    },
-    /// A slot hit the crash-loop limit under [`CrashLoopAction::Exit`].
-    CrashLoop {
-        /// The slot that looped.
-        slot: usize,
-    },
-}
-
-/// A running cluster: its sockets and configuration. [`Cluster::run`] drives it.
-pub struct Cluster {
-    config: ClusterConfig,
-    listeners: Listeners,
-}
-
-impl Cluster {
-    /// Binds the sockets. Nothing is spawned yet.
-    pub fn bind(config: ClusterConfig) -> Result<Self, Error> {
-        let listeners = Listeners::bind(&config.listen, config.balance, config.workers)?;
-        Ok(Cluster { config, listeners })
-    }
-
-    /// The sockets as bound (with kernel-chosen ports filled in).
-    pub fn listeners(&self) -> &Listeners {
-        &self.listeners
-    }
-
-    /// Runs the cluster until it stops. Must be called on a current-thread
-    /// runtime driven by the process's main thread (see module docs).
-    pub async fn run(self) -> Result<Outcome, Error> {
-        Supervisor::new(self)?.run().await
-    }
-}
-
 #[derive(Debug)]
 enum SlotState {
-    /// A worker is alive. `ready` once it said so (Node: `process.send('ready')`);
-    /// `channel` is the primary's end of its Node IPC channel, if it has one.
+    /// A worker is alive. `ready` once it said so (Node: `process.send('ready')`,
+    /// herd's channel: a Ready control frame); `channel` feeds the writer task
+    /// of its IPC channel, if it has one (dropping it closes the channel).
     Running {
         pid: u32,
         started: Instant,
         ready: bool,
-        channel: Option<OwnedWriteHalf>,
+        channel: Option<mpsc::UnboundedSender<Vec<u8>>>,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -115,8 +78,10 @@ struct Exit {
 /// What a worker's IPC reader task reports.
 #[derive(Debug)]
 enum ChannelEvent {
-    /// A message (Node IPC: one JSON value).
-    Message(serde_json::Value),
+    /// The worker said it is ready.
+    Ready,
+    /// An application message.
+    Message(Message),
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
 }
@@ -126,7 +91,7 @@ struct Guardian {
     pipe: OwnedFd,
 }
 
-struct Supervisor {
+pub(crate) struct Supervisor {
     config: ClusterConfig,
     listeners: Listeners,
     slots: Vec<Slot>,
@@ -140,11 +105,19 @@ struct Supervisor {
     argv: Vec<CString>,
     channel_tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
     channel_rx: mpsc::UnboundedReceiver<(usize, u32, ChannelEvent)>,
+    /// Requests from the ClusterHandle.
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// What the library user sees; sends never block, a dropped receiver is fine.
+    events: mpsc::UnboundedSender<Event>,
 }
 
 impl Supervisor {
-    fn new(cluster: Cluster) -> Result<Self, Error> {
-        let Cluster { config, listeners } = cluster;
+    pub(crate) fn new(
+        cluster: Cluster,
+        commands: mpsc::UnboundedReceiver<Command>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Self, Error> {
+        let (config, listeners) = cluster.into_parts();
         // Orphaned grandchildren are reparented to us, so we can reap them.
         if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
             warn!("cannot become child subreaper: {e}");
@@ -188,10 +161,12 @@ impl Supervisor {
             argv,
             channel_tx,
             channel_rx,
+            commands,
+            events,
         })
     }
 
-    async fn run(mut self) -> Result<Outcome, Error> {
+    pub(crate) async fn run(mut self) -> Result<Outcome, Error> {
         let sig = |kind| signal(kind).map_err(Error::Signals);
         let mut sigint = sig(SignalKind::interrupt())?;
         let mut sigterm = sig(SignalKind::terminate())?;
@@ -224,6 +199,7 @@ impl Supervisor {
                 _ = sighup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
                 _ = sigchld.recv() => self.reap_strays(),
                 Some((slot, pid, event)) = self.channel_rx.recv() => self.on_channel_event(slot, pid, event),
+                Some(command) = self.commands.recv() => self.on_command(command),
                 Some(joined) = self.exits.join_next() => match joined {
                     Ok(exit) => self.on_exit(exit),
                     Err(e) => error!("worker watcher failed: {e}"),
@@ -353,6 +329,7 @@ impl Supervisor {
         match self.try_spawn(slot) {
             Ok((pid, child, channel)) => {
                 info!(slot, pid, "worker {pid} spawned in slot {slot}");
+                let _ = self.events.send(Event::Spawned { slot, pid });
                 self.slots[slot].state = SlotState::Running {
                     pid,
                     started: Instant::now(),
@@ -378,7 +355,11 @@ impl Supervisor {
     fn try_spawn(
         &mut self,
         slot: usize,
-    ) -> std::io::Result<(u32, tokio::process::Child, Option<OwnedWriteHalf>)> {
+    ) -> std::io::Result<(
+        u32,
+        tokio::process::Child,
+        Option<mpsc::UnboundedSender<Vec<u8>>>,
+    )> {
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
         let mut add = |k: &str, v: &str| env.extend(env_entry(k.as_ref(), v.as_ref()));
@@ -389,19 +370,23 @@ impl Supervisor {
             add("LISTEN_FDS", &fds.len().to_string());
             add("LISTEN_FDNAMES", &self.listeners.fd_names());
         }
-        // Node's IPC channel goes right after the sockets.
-        let node_channel = if self.config.node_ipc {
-            let (ours, theirs) = UnixStream::pair()?;
-            add(
-                "NODE_CHANNEL_FD",
-                &(sys::LISTEN_FDS_START as usize + fds.len()).to_string(),
-            );
-            add("NODE_CHANNEL_SERIALIZATION_MODE", "json");
-            fds.push(theirs.as_raw_fd());
-            Some((ours, theirs))
-        } else {
-            None
+        // The IPC channel goes right after the sockets.
+        let channel_fd = (sys::LISTEN_FDS_START as usize + fds.len()).to_string();
+        let ipc = match self.config.ipc {
+            Ipc::None => None,
+            Ipc::Node => {
+                add("NODE_CHANNEL_FD", &channel_fd);
+                add("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+                Some(UnixStream::pair()?)
+            }
+            Ipc::Herd => {
+                add("HERD_IPC_FD", &channel_fd);
+                Some(UnixStream::pair()?)
+            }
         };
+        if let Some((_, theirs)) = &ipc {
+            fds.push(theirs.as_raw_fd());
+        }
         let plan = ExecPlan::new(&self.config.command.program, self.argv.clone(), env, fds)?;
         let mut cmd = tokio::process::Command::new(&self.config.command.program);
         cmd.stdin(Stdio::null())
@@ -419,13 +404,20 @@ impl Supervisor {
             let sink = self.output.clone();
             tokio::spawn(sink.forward(err, Stream::Stderr, slot, pid));
         }
-        let channel = match node_channel {
+        let channel = match ipc {
             Some((ours, theirs)) => {
                 drop(theirs); // the worker has its copy now
                 ours.set_nonblocking(true)?;
                 let (read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
-                tokio::spawn(read_node_channel(read, slot, pid, self.channel_tx.clone()));
-                Some(write)
+                let tx = self.channel_tx.clone();
+                if self.config.ipc == Ipc::Node {
+                    tokio::spawn(read_node_channel(read, slot, pid, tx));
+                } else {
+                    tokio::spawn(read_herd_channel(read, slot, pid, tx));
+                }
+                let (frames, queue) = mpsc::unbounded_channel();
+                tokio::spawn(write_channel(write, queue));
+                Some(frames)
             }
             None => None,
         };
@@ -446,13 +438,22 @@ impl Supervisor {
             return; // from a worker that has since been replaced
         }
         match event {
-            ChannelEvent::Message(serde_json::Value::String(s)) if s == "ready" => {
+            ChannelEvent::Ready => {
                 if !*ready {
                     *ready = true;
                     info!(slot, pid = from, "worker {from} ready");
+                    let _ = self.events.send(Event::Ready { slot, pid: from });
                 }
             }
-            ChannelEvent::Message(m) => debug!(slot, pid = from, "message from worker {from}: {m}"),
+            ChannelEvent::Message(message) => {
+                let bytes = message.bytes().len();
+                debug!(slot, pid = from, bytes, "message from worker {from}");
+                let _ = self.events.send(Event::Message {
+                    slot,
+                    pid: from,
+                    message,
+                });
+            }
             ChannelEvent::Malformed(why) => {
                 warn!(
                     slot,
@@ -460,6 +461,26 @@ impl Supervisor {
                     "worker {from} broke the IPC protocol ({why}); channel closed"
                 );
                 *channel = None;
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Stop => self.on_stop_request("stop request"),
+            Command::Send { slot, frame } => {
+                if let Some(SlotState::Running {
+                    channel: Some(tx), ..
+                }) = self.slots.get(slot).map(|s| &s.state)
+                {
+                    let _ = tx.send(frame);
+                }
+            }
+            Command::Signal { slot, signal } => {
+                if let Some(SlotState::Running { pid, .. }) = self.slots.get(slot).map(|s| &s.state)
+                {
+                    signal_group(*pid, signal);
+                }
             }
         }
     }
@@ -479,6 +500,12 @@ impl Supervisor {
         };
         let how = describe(&status);
         let succeeded = matches!(&status, Ok(s) if s.success());
+        let _ = self.events.send(Event::Exited {
+            slot,
+            pid,
+            code: status.as_ref().ok().and_then(|s| s.code()),
+            signal: status.as_ref().ok().and_then(|s| s.signal()),
+        });
         if let Phase::Stopping { .. } = self.phase {
             info!(slot, pid, "worker {pid} stopped ({how})");
             self.slots[slot].state = SlotState::Done { succeeded };
@@ -634,7 +661,14 @@ async fn read_node_channel(
         loop {
             match decoder.next_message() {
                 Ok(Some(m)) => {
-                    if tx.send((slot, pid, ChannelEvent::Message(m))).is_err() {
+                    let event = match &m {
+                        serde_json::Value::String(s) if s == "ready" => ChannelEvent::Ready,
+                        _ => ChannelEvent::Message(Message::new(
+                            Codec::Json,
+                            serde_json::to_vec(&m).unwrap_or_default(),
+                        )),
+                    };
+                    if tx.send((slot, pid, event)).is_err() {
                         return;
                     }
                 }
@@ -644,6 +678,56 @@ async fn read_node_channel(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Reads a worker's herd IPC channel (length-delimited frames) until EOF or a
+/// protocol error.
+async fn read_herd_channel(
+    mut read: OwnedReadHalf,
+    slot: usize,
+    pid: u32,
+    tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
+) {
+    let mut decoder = FrameDecoder::default();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match read.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                if let Err(e) = decoder.finish() {
+                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e.to_string())));
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            let event = match decoder.next_frame() {
+                Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
+                    Ok(Control::Ready) => ChannelEvent::Ready,
+                    Err(e) => ChannelEvent::Malformed(e.to_string()),
+                },
+                Ok(Some(frame)) => ChannelEvent::Message(Message::new(frame.codec, frame.payload)),
+                Ok(None) => break,
+                Err(e) => ChannelEvent::Malformed(e.to_string()),
+            };
+            let fatal = matches!(event, ChannelEvent::Malformed(_));
+            if tx.send((slot, pid, event)).is_err() || fatal {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes queued frames to a worker's channel; ends (closing the channel) when
+/// the supervisor drops the queue's sender or the worker stops reading.
+async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(frame) = queue.recv().await {
+        if write.write_all(&frame).await.is_err() {
+            return;
         }
     }
 }
@@ -706,4 +790,53 @@ fn env_entry(key: &std::ffi::OsStr, value: &std::ffi::OsStr) -> Option<CString> 
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::frame;
+    use tokio::io::AsyncWriteExt;
+
+    async fn events_for(bytes: &[u8]) -> Vec<ChannelEvent> {
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (read, _write) = ours.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_herd_channel(read, 0, 42, tx));
+        theirs.write_all(bytes).await.unwrap();
+        drop(theirs);
+        reader.await.unwrap();
+        let mut out = Vec::new();
+        while let Ok((0, 42, e)) = rx.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn herd_channel_reports_ready_messages_and_stops_at_garbage() {
+        let mut wire = frame::encode_control(&Control::Ready).unwrap();
+        wire.extend(frame::encode(&"hi", Codec::Postcard, false).unwrap());
+        wire.extend([0, 0, 0, 2, 0x80, b'x', b'y']); // unknown flag
+        wire.extend(frame::encode(&"never read", Codec::Json, false).unwrap());
+        let events = events_for(&wire).await;
+        assert!(matches!(events[0], ChannelEvent::Ready));
+        match &events[1] {
+            ChannelEvent::Message(m) => assert_eq!(m.decode::<String>().unwrap(), "hi"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&events[2], ChannelEvent::Malformed(why) if why.contains("flags")));
+        assert_eq!(events.len(), 3, "nothing is read after a protocol error");
+    }
+
+    #[tokio::test]
+    async fn herd_channel_reports_a_truncated_frame_and_bad_control() {
+        let events = events_for(&[0, 0, 0, 9, 0, b'{']).await;
+        assert!(
+            matches!(&events[..], [ChannelEvent::Malformed(why)] if why.contains("middle of a frame"))
+        );
+        let bad_control = frame::encode_control(&"launch").unwrap();
+        let events = events_for(&bad_control).await;
+        assert!(matches!(&events[..], [ChannelEvent::Malformed(_)]));
+    }
 }

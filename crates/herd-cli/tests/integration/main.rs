@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod demo;
+mod examples;
 mod logs;
 mod node;
 mod orphans;

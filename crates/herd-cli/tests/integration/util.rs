@@ -16,13 +16,19 @@ pub fn herd_bin() -> PathBuf {
 
 /// The test worker program (built by cargo as an example target).
 pub fn fixture_bin() -> PathBuf {
+    example_bin("herd-fixture")
+}
+
+/// An example program of the workspace (cargo builds examples for tests).
+pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/integration-<hash> -> target/<profile>/examples/herd-fixture
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/examples/<name>
     let path = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("examples/herd-fixture");
+        .join("examples")
+        .join(name);
     assert!(
         path.exists(),
         "{} is missing: build it with `cargo build --examples`",

@@ -2,7 +2,8 @@
 //!
 //! `flags` bit 0: a file descriptor travels with this frame (SCM_RIGHTS on
 //! the frame's first byte); bits 1-2: the payload codec (0 = JSON,
-//! 1 = postcard). Other bits must be zero.
+//! 1 = postcard); bit 3: a herd control message rather than an application
+//! message. Other bits must be zero.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -15,7 +16,9 @@ pub const HEADER_LEN: usize = 5;
 pub const FLAG_FD: u8 = 1;
 const CODEC_SHIFT: u8 = 1;
 const CODEC_MASK: u8 = 0b110;
-const KNOWN_FLAGS: u8 = FLAG_FD | CODEC_MASK;
+/// Flag: a herd control message (ready, …), not an application message.
+pub const FLAG_CONTROL: u8 = 1 << 3;
+const KNOWN_FLAGS: u8 = FLAG_FD | CODEC_MASK | FLAG_CONTROL;
 
 /// How a payload is serialized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,6 +66,8 @@ pub enum FrameError {
 pub struct Frame {
     /// Whether a descriptor accompanies it.
     pub has_fd: bool,
+    /// Whether it is a herd control message.
+    pub control: bool,
     /// The payload codec.
     pub codec: Codec,
     /// The payload bytes.
@@ -70,23 +75,44 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// Whether it is a herd control message.
+    pub fn is_control(&self) -> bool {
+        self.control
+    }
+
     /// Deserializes the payload.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, FrameError> {
-        match self.codec {
-            Codec::Json => serde_json::from_slice(&self.payload)
-                .map_err(|e| FrameError::Malformed(e.to_string())),
-            Codec::Postcard => postcard::from_bytes(&self.payload)
-                .map_err(|e| FrameError::Malformed(e.to_string())),
+        decode_payload(self.codec, &self.payload)
+    }
+}
+
+/// Deserializes a payload written with `codec`.
+pub fn decode_payload<T: DeserializeOwned>(codec: Codec, payload: &[u8]) -> Result<T, FrameError> {
+    match codec {
+        Codec::Json => {
+            serde_json::from_slice(payload).map_err(|e| FrameError::Malformed(e.to_string()))
+        }
+        Codec::Postcard => {
+            postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))
         }
     }
 }
 
-/// Serializes `message` as one frame.
+/// Serializes `message` as one application frame.
 pub fn encode<T: Serialize>(
     message: &T,
     codec: Codec,
     has_fd: bool,
 ) -> Result<Vec<u8>, FrameError> {
+    encode_with(message, codec, if has_fd { FLAG_FD } else { 0 })
+}
+
+/// Serializes a herd control message (JSON, control flag set).
+pub(crate) fn encode_control<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    encode_with(message, Codec::Json, FLAG_CONTROL)
+}
+
+fn encode_with<T: Serialize>(message: &T, codec: Codec, flags: u8) -> Result<Vec<u8>, FrameError> {
     let mut out = vec![0u8; HEADER_LEN];
     match codec {
         Codec::Json => serde_json::to_writer(&mut out, message)
@@ -104,7 +130,7 @@ pub fn encode<T: Serialize>(
         });
     }
     out[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    out[4] = codec.bits() | if has_fd { FLAG_FD } else { 0 };
+    out[4] = codec.bits() | flags;
     Ok(out)
 }
 
@@ -161,6 +187,7 @@ impl FrameDecoder {
         self.buf.drain(..HEADER_LEN + len);
         Ok(Some(Frame {
             has_fd: flags & FLAG_FD != 0,
+            control: flags & FLAG_CONTROL != 0,
             codec,
             payload,
         }))

@@ -21,3 +21,11 @@ pub mod node;
 
 /// The largest message accepted from a worker, in bytes (16 MiB).
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// herd's own control messages (frames with the control flag), always JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Control {
+    /// The worker is ready to serve.
+    Ready,
+}

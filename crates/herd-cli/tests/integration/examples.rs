@@ -1,0 +1,78 @@
+//! The library's examples, run as a user would: the same binary is primary and
+//! workers, talking over herd's IPC channel.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// Primes below `n`, by a sieve (independent of the example's trial division).
+fn primes_below(n: usize) -> usize {
+    let mut composite = vec![false; n];
+    let mut count = 0;
+    for i in 2..n {
+        if !composite[i] {
+            count += 1;
+            (i * i..n).step_by(i).for_each(|j| composite[j] = true);
+        }
+    }
+    count
+}
+
+#[test]
+fn jobs_example_spreads_work_over_ipc_and_gathers_every_result() {
+    let mut child = Command::new(example_bin("jobs"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("jobs example did not finish in 60 s");
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{out}");
+    assert!(out.contains("8 jobs done"), "{out}");
+    let mut workers = std::collections::HashSet::new();
+    for id in 0..8 {
+        let below = 20_000 + 10_000 * id;
+        let expect = format!(
+            "job {id}: {} primes below {below} (worker ",
+            primes_below(below)
+        );
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&expect))
+            .unwrap_or_else(|| panic!("no {expect:?} in\n{out}"));
+        workers.insert(pid_after(line, "(worker "));
+    }
+    assert_eq!(workers.len(), 2, "both workers took jobs: {out}");
+}
+
+#[test]
+fn hello_example_serves_and_reports_dead_workers() {
+    let mut cmd = Command::new(example_bin("hello"));
+    cmd.env("HELLO_ADDR", "127.0.0.1:0");
+    let mut hello = Herd::spawn(cmd);
+    let line = hello.stdout.wait_for("listening line", STARTUP, |l| {
+        l.starts_with("listening on ")
+    });
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    let first = hello
+        .stdout
+        .wait_for("a worker", STARTUP, |l| l.contains("started in slot"));
+    let victim = pid_after(&first, "worker ");
+    assert!(eventually(STARTUP, || http_get(port)
+        .map(|r| body(&r) == "hello world\n")
+        .unwrap_or(false)));
+    send_signal(victim, "KILL");
+    hello.stdout.wait_for("the death line", STARTUP, |l| {
+        l == format!("worker {victim} died (signal 9)")
+    });
+    hello.stdout.wait_for_nth("a replacement", STARTUP, 3, |l| {
+        l.contains("started in slot")
+    });
+    hello.signal("TERM");
+    assert_eq!(hello.wait(Duration::from_secs(10)).code(), Some(0));
+}

@@ -1,0 +1,219 @@
+//! The public face of a cluster: bind it, start it, talk to it, watch it.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{ClusterConfig, Ipc, Signal};
+use crate::ipc::frame::{self, Codec, FrameError};
+use crate::socket::Listeners;
+use crate::supervisor::Supervisor;
+use crate::Error;
+
+/// How a cluster ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped on request (SIGINT/SIGTERM or [`ClusterHandle::stop`]); every worker is gone.
+    Stopped,
+    /// Every worker exited and the restart policy replaced none.
+    Finished {
+        /// Whether every slot's last worker exited 0.
+        all_succeeded: bool,
+    },
+    /// A slot hit the crash-loop limit under [`crate::CrashLoopAction::Exit`].
+    CrashLoop {
+        /// The slot that looped.
+        slot: usize,
+    },
+}
+
+/// A cluster with its sockets bound. [`Cluster::run`] or [`Cluster::start`] drives it.
+pub struct Cluster {
+    config: ClusterConfig,
+    listeners: Listeners,
+}
+
+impl Cluster {
+    /// Binds the sockets. Nothing is spawned yet.
+    pub fn bind(config: ClusterConfig) -> Result<Self, Error> {
+        let listeners = Listeners::bind(&config.listen, config.balance, config.workers)?;
+        Ok(Cluster { config, listeners })
+    }
+
+    /// The sockets as bound (with kernel-chosen ports filled in).
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    /// Starts the supervisor task on the current tokio runtime; returns a
+    /// handle to it and the stream of [`Event`]s. The runtime's threads must
+    /// live as long as the cluster (see the supervisor's docs): a
+    /// current-thread runtime on the main thread is the simplest.
+    pub fn start(self) -> Result<(ClusterHandle, mpsc::UnboundedReceiver<Event>), Error> {
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let ipc = self.config.ipc;
+        let codec = self.config.codec;
+        let supervisor = Supervisor::new(self, commands_rx, events_tx)?;
+        let task = tokio::spawn(supervisor.run());
+        let handle = ClusterHandle {
+            commands: commands_tx,
+            task,
+            ipc,
+            codec,
+        };
+        Ok((handle, events_rx))
+    }
+
+    /// Runs the cluster until it stops (SIGINT/SIGTERM, or every worker
+    /// finished under the restart policy).
+    pub async fn run(self) -> Result<Outcome, Error> {
+        let (handle, _events) = self.start()?;
+        handle.wait().await
+    }
+
+    pub(crate) fn into_parts(self) -> (ClusterConfig, Listeners) {
+        (self.config, self.listeners)
+    }
+}
+
+/// Something that happened to a worker.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A worker process started in a slot.
+    Spawned {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+    },
+    /// The worker said it is ready (`Channel::ready()`, or Node's `process.send('ready')`).
+    Ready {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+    },
+    /// The worker sent a message.
+    Message {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+        /// The message; decode it with [`Message::decode`].
+        message: Message,
+    },
+    /// The worker exited (the slot may get a replacement).
+    Exited {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+        /// Its exit code, if it exited.
+        code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
+}
+
+/// A message from a worker, still serialized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    codec: Codec,
+    bytes: Vec<u8>,
+}
+
+impl Message {
+    pub(crate) fn new(codec: Codec, bytes: Vec<u8>) -> Self {
+        Message { codec, bytes }
+    }
+
+    /// Deserializes it as `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, FrameError> {
+        frame::decode_payload(self.codec, &self.bytes)
+    }
+
+    /// The serialized bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// How the bytes are encoded.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+}
+
+/// Requests to the supervisor.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Stop,
+    Send { slot: usize, frame: Vec<u8> },
+    Signal { slot: usize, signal: Signal },
+}
+
+/// Why a request could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The cluster has no IPC channel to its workers.
+    #[error("the cluster has no IPC channel (set ClusterConfig::ipc)")]
+    NoChannel,
+    /// The message could not be serialized.
+    #[error(transparent)]
+    Encode(#[from] FrameError),
+    /// The supervisor has finished.
+    #[error("the cluster has stopped")]
+    Stopped,
+}
+
+/// Talks to a started cluster. Requests are queued; the supervisor acts on
+/// them in order.
+#[derive(Debug)]
+pub struct ClusterHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<Result<Outcome, Error>>,
+    ipc: Ipc,
+    codec: Codec,
+}
+
+impl ClusterHandle {
+    /// Stops the cluster gracefully, as SIGTERM would.
+    pub fn stop(&self) -> Result<(), HandleError> {
+        self.commands
+            .send(Command::Stop)
+            .map_err(|_| HandleError::Stopped)
+    }
+
+    /// Sends `message` to the worker in `slot`. It is dropped if the slot has
+    /// no live worker with an open channel at that moment.
+    pub fn send<T: Serialize>(&self, slot: usize, message: &T) -> Result<(), HandleError> {
+        let frame = match self.ipc {
+            Ipc::None => return Err(HandleError::NoChannel),
+            Ipc::Herd => frame::encode(message, self.codec, false)?,
+            Ipc::Node => {
+                let value = serde_json::to_value(message)
+                    .map_err(|e| FrameError::Malformed(e.to_string()))?;
+                crate::ipc::node::encode(&value)
+            }
+        };
+        self.commands
+            .send(Command::Send { slot, frame })
+            .map_err(|_| HandleError::Stopped)
+    }
+
+    /// Sends `signal` to the process group of the worker in `slot`.
+    pub fn signal(&self, slot: usize, signal: Signal) -> Result<(), HandleError> {
+        self.commands
+            .send(Command::Signal { slot, signal })
+            .map_err(|_| HandleError::Stopped)
+    }
+
+    /// Waits for the cluster to finish.
+    pub async fn wait(self) -> Result<Outcome, Error> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(Error::Spawn(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
