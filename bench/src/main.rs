@@ -5,6 +5,7 @@
 //! herd in release mode first. `herd-bench raw` is the supervisor-less
 //! launcher used for the ceiling measurements.
 
+mod ipc_probe;
 mod load;
 mod procfs;
 mod report;
@@ -35,6 +36,18 @@ struct Cli {
 enum Cmd {
     /// Start N socket-activated copies of a command and wait: no supervisor.
     Raw(RawArgs),
+    /// Measure herd's IPC channel (primary and one worker; prints JSON).
+    IpcProbe {
+        /// json | postcard.
+        #[arg(long, default_value = "json")]
+        codec: String,
+        /// One-way messages per direction.
+        #[arg(long, default_value_t = 200_000)]
+        count: u64,
+        /// Round trips.
+        #[arg(long, default_value_t = 20_000)]
+        rtt: u64,
+    },
     /// Decompress an .xz file to stdout (for machines without xz: bench/device-run).
     Unxz {
         /// The .xz file.
@@ -65,7 +78,7 @@ struct SuiteArgs {
     /// Seconds an idle cluster is watched for CPU use.
     #[arg(long, default_value_t = 10)]
     idle: u64,
-    /// Scenarios to run (comma-separated): throughput, memory, recovery, coldstart.
+    /// Scenarios to run (comma-separated): throughput, memory, recovery, coldstart, ipc.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// CPUs for wrk, as for `taskset -c`.
@@ -120,6 +133,14 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::Raw(args)) => raw(args),
+        Some(Cmd::IpcProbe { codec, count, rtt }) => {
+            let codec = match codec.as_str() {
+                "json" => herd::ipc::frame::Codec::Json,
+                "postcard" => herd::ipc::frame::Codec::Postcard,
+                other => bail!("unknown codec {other}"),
+            };
+            ipc_probe::main(codec, count, rtt)
+        }
         Some(Cmd::Unxz { file }) => {
             let mut input = std::io::BufReader::new(std::fs::File::open(&file)?);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

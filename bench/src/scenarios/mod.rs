@@ -8,6 +8,7 @@ use crate::report::Results;
 use crate::systems::Ctx;
 
 pub mod coldstart;
+pub mod ipc;
 pub mod memory;
 pub mod recovery;
 pub mod throughput;
@@ -21,4 +22,5 @@ pub const ALL: &[Scenario] = &[
     ("memory", memory::run),
     ("recovery", recovery::run),
     ("coldstart", coldstart::run),
+    ("ipc", ipc::run),
 ];

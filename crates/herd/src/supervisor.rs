@@ -725,8 +725,16 @@ async fn read_herd_channel(
 /// the supervisor drops the queue's sender or the worker stops reading.
 async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Vec<u8>>) {
     use tokio::io::AsyncWriteExt;
-    while let Some(frame) = queue.recv().await {
-        if write.write_all(&frame).await.is_err() {
+    // Coalesce whatever is queued into one write: one syscall for a burst.
+    const BATCH: usize = 256 * 1024;
+    while let Some(mut batch) = queue.recv().await {
+        while batch.len() < BATCH {
+            match queue.try_recv() {
+                Ok(frame) => batch.extend_from_slice(&frame),
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&batch).await.is_err() {
             return;
         }
     }

@@ -76,6 +76,8 @@ pub struct Channel {
     decoder: FrameDecoder,
     codec: Codec,
     buf: Vec<u8>,
+    /// Frames fed but not yet written.
+    out: Vec<u8>,
 }
 
 impl Channel {
@@ -97,6 +99,7 @@ impl Channel {
             decoder: FrameDecoder::default(),
             codec: Codec::Json,
             buf: vec![0; 8192],
+            out: Vec::new(),
         }))
     }
 
@@ -109,21 +112,39 @@ impl Channel {
 
     /// Tells the primary this worker is ready (an [`crate::Event::Ready`]).
     pub async fn ready(&mut self) -> Result<(), ChannelError> {
-        let bytes = frame::encode_control(&Control::Ready)?;
-        self.stream.write_all(&bytes).await?;
+        self.out.extend(frame::encode_control(&Control::Ready)?);
+        self.flush().await
+    }
+
+    /// Sends a message now (an [`crate::Event::Message`] in the primary).
+    pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), ChannelError> {
+        self.feed(message)?;
+        self.flush().await
+    }
+
+    /// Queues a message without writing it: many `feed`s then one [`flush`]
+    /// cost one syscall. [`recv`] flushes first, so a request is never stuck.
+    ///
+    /// [`flush`]: Channel::flush
+    /// [`recv`]: Channel::recv
+    pub fn feed<T: Serialize>(&mut self, message: &T) -> Result<(), ChannelError> {
+        self.out.extend(frame::encode(message, self.codec, false)?);
         Ok(())
     }
 
-    /// Sends a message (an [`crate::Event::Message`] in the primary).
-    pub async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), ChannelError> {
-        let bytes = frame::encode(message, self.codec, false)?;
-        self.stream.write_all(&bytes).await?;
+    /// Writes every fed message.
+    pub async fn flush(&mut self) -> Result<(), ChannelError> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
         Ok(())
     }
 
     /// The next message from the primary, or `None` once the primary has
     /// closed the channel (it stopped, or it is gone).
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ChannelError> {
+        self.flush().await?;
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
                 return Ok(Some(frame.decode()?));
