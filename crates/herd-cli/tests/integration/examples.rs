@@ -76,3 +76,25 @@ fn hello_example_serves_and_reports_dead_workers() {
     hello.signal("TERM");
     assert_eq!(hello.wait(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[test]
+fn chat_example_relays_every_message_to_every_worker() {
+    let mut chat = Herd::spawn(Command::new(example_bin("chat")));
+    let status = chat.wait(Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(50));
+    let out = chat.stdout.all();
+    assert!(status.success(), "{out:?}");
+    assert!(
+        out.iter().any(|l| l == "all 3 workers heard each other"),
+        "{out:?}"
+    );
+    for listener in 0..3 {
+        for speaker in 0..3 {
+            let expect = format!("] worker {listener} heard: hello from worker {speaker}");
+            assert!(
+                out.iter().any(|l| l.ends_with(&expect)),
+                "missing {expect:?} in {out:?}"
+            );
+        }
+    }
+}
