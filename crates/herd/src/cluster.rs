@@ -95,6 +95,15 @@ pub enum Event {
         /// The worker's pid.
         pid: u32,
     },
+    /// The worker got a listening socket it asked for (`Channel::listen`).
+    Listening {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+        /// The address as bound (a kernel-chosen port filled in).
+        address: String,
+    },
     /// The worker sent a message.
     Message {
         /// The slot.

@@ -10,7 +10,7 @@
 //! the main thread (what the `herd` binary uses), or a multi-thread runtime's
 //! worker threads; never a `spawn_blocking` thread, which retires when idle.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -35,6 +35,7 @@ use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
 use crate::ipc::frame::{Codec, FrameDecoder};
 use crate::ipc::node::NodeDecoder;
 use crate::ipc::Control;
+use crate::listen::{ListenSpec, ListenSpecError};
 use crate::output::{OutputSink, Stream};
 use crate::socket::Listeners;
 use crate::sys::{self, ExecPlan};
@@ -49,7 +50,7 @@ enum SlotState {
         pid: u32,
         started: Instant,
         ready: bool,
-        channel: Option<mpsc::UnboundedSender<Vec<u8>>>,
+        channel: Option<mpsc::UnboundedSender<Outgoing>>,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -82,8 +83,17 @@ enum ChannelEvent {
     Ready,
     /// An application message.
     Message(Message),
+    /// The worker asks for a listening socket.
+    Listen { seq: u64, spec: String },
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
+}
+
+/// A frame for a worker, with a descriptor to pass along it, if any.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    bytes: Vec<u8>,
+    fd: Option<OwnedFd>,
 }
 
 struct Guardian {
@@ -109,6 +119,8 @@ pub(crate) struct Supervisor {
     commands: mpsc::UnboundedReceiver<Command>,
     /// What the library user sees; sends never block, a dropped receiver is fine.
     events: mpsc::UnboundedSender<Event>,
+    /// Sockets bound on a worker's request, by the spec text it sent.
+    on_demand: HashMap<String, Listeners>,
 }
 
 impl Supervisor {
@@ -163,6 +175,7 @@ impl Supervisor {
             channel_rx,
             commands,
             events,
+            on_demand: HashMap::new(),
         })
     }
 
@@ -358,7 +371,7 @@ impl Supervisor {
     ) -> std::io::Result<(
         u32,
         tokio::process::Child,
-        Option<mpsc::UnboundedSender<Vec<u8>>>,
+        Option<mpsc::UnboundedSender<Outgoing>>,
     )> {
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
@@ -425,6 +438,10 @@ impl Supervisor {
     }
 
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
+        if let ChannelEvent::Listen { seq, spec } = event {
+            self.on_listen(slot, from, seq, &spec);
+            return;
+        }
         let SlotState::Running {
             pid,
             ready,
@@ -454,6 +471,7 @@ impl Supervisor {
                     message,
                 });
             }
+            ChannelEvent::Listen { .. } => {} // handled before the borrow above
             ChannelEvent::Malformed(why) => {
                 warn!(
                     slot,
@@ -465,6 +483,65 @@ impl Supervisor {
         }
     }
 
+    /// A worker asks for a listening socket (Node's queryServer): a spec the
+    /// cluster was configured with gets that slot's socket; any other is bound
+    /// once, on first request, with the cluster's balance mode, and shared by
+    /// every worker that asks for the same spec.
+    fn on_listen(&mut self, slot: usize, from: u32, seq: u64, spec: &str) {
+        let tx = match &self.slots[slot].state {
+            SlotState::Running {
+                pid,
+                channel: Some(tx),
+                ..
+            } if *pid == from => tx.clone(),
+            _ => return,
+        };
+        let reply = match self.socket_for(slot, spec) {
+            Ok((fd, address)) => {
+                info!(slot, pid = from, "worker {from} listening on {address}");
+                let _ = self.events.send(Event::Listening {
+                    slot,
+                    pid: from,
+                    address: address.clone(),
+                });
+                Outgoing {
+                    bytes: encode_control(&Control::Listening { seq, address }, true),
+                    fd: Some(fd),
+                }
+            }
+            Err(error) => {
+                warn!(
+                    slot,
+                    pid = from,
+                    "worker {from} cannot listen on {spec}: {error}"
+                );
+                Outgoing {
+                    bytes: encode_control(&Control::ListenFailed { seq, error }, false),
+                    fd: None,
+                }
+            }
+        };
+        let _ = tx.send(reply);
+    }
+
+    fn socket_for(&mut self, slot: usize, text: &str) -> Result<(OwnedFd, String), String> {
+        let spec: ListenSpec = text.parse().map_err(|e: ListenSpecError| e.to_string())?;
+        let (listeners, index) = match self.config.listen.iter().position(|s| *s == spec) {
+            Some(i) => (&self.listeners, i),
+            None => {
+                if !self.on_demand.contains_key(text) {
+                    let bound = Listeners::bind(&[spec], self.config.balance, self.config.workers)
+                        .map_err(|e| e.to_string())?;
+                    self.on_demand.insert(text.to_string(), bound);
+                }
+                (&self.on_demand[text], 0)
+            }
+        };
+        let (_, fd) = listeners.sockets_for_slot(slot)[index];
+        let dup = rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| e.to_string())?;
+        Ok((dup, listeners.specs()[index].to_string()))
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Stop => self.on_stop_request("stop request"),
@@ -473,7 +550,10 @@ impl Supervisor {
                     channel: Some(tx), ..
                 }) = self.slots.get(slot).map(|s| &s.state)
                 {
-                    let _ = tx.send(frame);
+                    let _ = tx.send(Outgoing {
+                        bytes: frame,
+                        fd: None,
+                    });
                 }
             }
             Command::Signal { slot, signal } => {
@@ -707,6 +787,8 @@ async fn read_herd_channel(
             let event = match decoder.next_frame() {
                 Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
                     Ok(Control::Ready) => ChannelEvent::Ready,
+                    Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
+                    Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
                     Err(e) => ChannelEvent::Malformed(e.to_string()),
                 },
                 Ok(Some(frame)) => ChannelEvent::Message(Message::new(frame.codec, frame.payload)),
@@ -723,21 +805,80 @@ async fn read_herd_channel(
 
 /// Writes queued frames to a worker's channel; ends (closing the channel) when
 /// the supervisor drops the queue's sender or the worker stops reading.
-async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
     use tokio::io::AsyncWriteExt;
-    // Coalesce whatever is queued into one write: one syscall for a burst.
+    // Coalesce whatever is queued into one write (one syscall for a burst);
+    // a frame with a descriptor goes alone, the descriptor on its first byte.
     const BATCH: usize = 256 * 1024;
-    while let Some(mut batch) = queue.recv().await {
-        while batch.len() < BATCH {
-            match queue.try_recv() {
-                Ok(frame) => batch.extend_from_slice(&frame),
-                Err(_) => break,
+    let mut held: Option<Outgoing> = None;
+    loop {
+        let first = match held.take() {
+            Some(o) => o,
+            None => match queue.recv().await {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        let result = match first.fd {
+            Some(fd) => send_with_fd(&mut write, &first.bytes, fd).await,
+            None => {
+                let mut batch = first.bytes;
+                while batch.len() < BATCH {
+                    match queue.try_recv() {
+                        Ok(o) if o.fd.is_none() => batch.extend_from_slice(&o.bytes),
+                        Ok(o) => {
+                            held = Some(o);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                write.write_all(&batch).await
             }
-        }
-        if write.write_all(&batch).await.is_err() {
+        };
+        if result.is_err() {
             return;
         }
     }
+}
+
+/// Writes `bytes` with `fd` attached (SCM_RIGHTS) to the first chunk.
+async fn send_with_fd(
+    write: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    fd: OwnedFd,
+) -> std::io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::mem::MaybeUninit;
+    use tokio::io::{AsyncWriteExt, Interest};
+    let sent = {
+        let stream: &tokio::net::UnixStream = write.as_ref();
+        loop {
+            stream.writable().await?;
+            let fds = [fd.as_fd()];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            match stream.try_io(Interest::WRITABLE, || {
+                sendmsg(
+                    stream,
+                    &[std::io::IoSlice::new(bytes)],
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )
+                .map_err(std::io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    write.write_all(&bytes[sent..]).await
+}
+
+fn encode_control(control: &Control, has_fd: bool) -> Vec<u8> {
+    crate::ipc::frame::encode_control(control, has_fd).expect("control messages always serialize")
 }
 
 async fn wait_guardian(guardian: &mut Option<Guardian>) -> std::io::Result<ExitStatus> {
@@ -823,7 +964,7 @@ mod tests {
 
     #[tokio::test]
     async fn herd_channel_reports_ready_messages_and_stops_at_garbage() {
-        let mut wire = frame::encode_control(&Control::Ready).unwrap();
+        let mut wire = frame::encode_control(&Control::Ready, false).unwrap();
         wire.extend(frame::encode(&"hi", Codec::Postcard, false).unwrap());
         wire.extend([0, 0, 0, 2, 0x80, b'x', b'y']); // unknown flag
         wire.extend(frame::encode(&"never read", Codec::Json, false).unwrap());
@@ -843,7 +984,7 @@ mod tests {
         assert!(
             matches!(&events[..], [ChannelEvent::Malformed(why)] if why.contains("middle of a frame"))
         );
-        let bad_control = frame::encode_control(&"launch").unwrap();
+        let bad_control = frame::encode_control(&"launch", false).unwrap();
         let events = events_for(&bad_control).await;
         assert!(matches!(&events[..], [ChannelEvent::Malformed(_)]));
     }

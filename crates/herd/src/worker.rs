@@ -20,14 +20,15 @@
 //! # }
 //! ```
 
-use std::os::fd::RawFd;
+use std::collections::VecDeque;
+use std::os::fd::{OwnedFd, RawFd};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-use crate::ipc::frame::{self, Codec, FrameDecoder, FrameError};
+use crate::ipc::frame::{self, Codec, Frame, FrameDecoder, FrameError};
 use crate::ipc::Control;
 use crate::sys;
 
@@ -66,6 +67,12 @@ pub enum ChannelError {
     /// Reading or writing failed.
     #[error("IPC channel: {0}")]
     Io(#[from] std::io::Error),
+    /// The primary could not open the socket asked for.
+    #[error("the primary cannot listen: {0}")]
+    Listen(String),
+    /// The primary closed the channel while a reply was awaited.
+    #[error("the primary closed the IPC channel")]
+    Closed,
 }
 
 /// A worker's channel to its primary: length-delimited frames over the Unix
@@ -78,6 +85,11 @@ pub struct Channel {
     buf: Vec<u8>,
     /// Frames fed but not yet written.
     out: Vec<u8>,
+    /// Application frames read while waiting for a control reply.
+    pending: VecDeque<Frame>,
+    /// Descriptors received (SCM_RIGHTS), in order, for frames flagged with one.
+    fds: VecDeque<OwnedFd>,
+    seq: u64,
 }
 
 impl Channel {
@@ -100,6 +112,9 @@ impl Channel {
             codec: Codec::Json,
             buf: vec![0; 8192],
             out: Vec::new(),
+            pending: VecDeque::new(),
+            fds: VecDeque::new(),
+            seq: 0,
         }))
     }
 
@@ -112,7 +127,8 @@ impl Channel {
 
     /// Tells the primary this worker is ready (an [`crate::Event::Ready`]).
     pub async fn ready(&mut self) -> Result<(), ChannelError> {
-        self.out.extend(frame::encode_control(&Control::Ready)?);
+        self.out
+            .extend(frame::encode_control(&Control::Ready, false)?);
         self.flush().await
     }
 
@@ -145,16 +161,131 @@ impl Channel {
     /// closed the channel (it stopped, or it is gone).
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ChannelError> {
         self.flush().await?;
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(Some(frame.decode()?));
+        }
+        loop {
+            match self.next_frame().await? {
+                Some(frame) if frame.is_control() => continue, // nothing awaits it
+                Some(frame) => return Ok(Some(frame.decode()?)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Asks the primary for a listening socket for `spec` (a listen spec as
+    /// for `herd run -l`: `127.0.0.1:8000`, `unix:/run/app.sock`, …). The
+    /// primary binds it once and hands every worker that asks the same socket
+    /// (or, in reuseport mode, its slot's own). Node's `queryServer`.
+    pub async fn listen(&mut self, spec: &str) -> Result<(OwnedFd, String), ChannelError> {
+        self.seq += 1;
+        let seq = self.seq;
+        self.out.extend(frame::encode_control(
+            &Control::Listen {
+                seq,
+                spec: spec.to_string(),
+            },
+            false,
+        )?);
+        self.flush().await?;
+        loop {
+            let Some(frame) = self.next_frame().await? else {
+                return Err(ChannelError::Closed);
+            };
+            if !frame.is_control() {
+                self.pending.push_back(frame);
+                continue;
+            }
+            let fd = if frame.has_fd {
+                Some(
+                    self.fds
+                        .pop_front()
+                        .ok_or(ChannelError::Frame(FrameError::Malformed(
+                            "a frame announced a descriptor that did not arrive".into(),
+                        )))?,
+                )
+            } else {
+                None
+            };
+            match frame.decode::<Control>()? {
+                Control::Listening { seq: s, address } if s == seq => {
+                    let fd = fd.ok_or(ChannelError::Frame(FrameError::Malformed(
+                        "listening reply without a socket".into(),
+                    )))?;
+                    return Ok((fd, address));
+                }
+                Control::ListenFailed { seq: s, error } if s == seq => {
+                    return Err(ChannelError::Listen(error))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The next frame off the socket, collecting passed descriptors.
+    async fn next_frame(&mut self) -> Result<Option<Frame>, ChannelError> {
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
-                return Ok(Some(frame.decode()?));
+                return Ok(Some(frame));
             }
-            let n = self.stream.read(&mut self.buf).await?;
+            let n = self.read_some().await?;
             if n == 0 {
                 self.decoder.finish()?;
                 return Ok(None);
             }
-            self.decoder.push(&self.buf[..n]);
         }
     }
+
+    /// One recvmsg: bytes into the decoder, descriptors into `fds`.
+    async fn read_some(&mut self) -> Result<usize, ChannelError> {
+        use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        use std::mem::MaybeUninit;
+        use tokio::io::Interest;
+        loop {
+            self.stream.readable().await?;
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let stream = &self.stream;
+            let buf = &mut self.buf;
+            let got = stream.try_io(Interest::READABLE, || {
+                recvmsg(
+                    stream,
+                    &mut [std::io::IoSliceMut::new(buf)],
+                    &mut control,
+                    RecvFlags::CMSG_CLOEXEC,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match got {
+                Ok(msg) => {
+                    for message in control.drain() {
+                        if let RecvAncillaryMessage::ScmRights(fds) = message {
+                            self.fds.extend(fds);
+                        }
+                    }
+                    let n = msg.bytes;
+                    self.decoder.push(&self.buf[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A TCP listener for `addr`: from the primary when this process is a herd
+/// worker with a channel, bound by this process otherwise, so the same
+/// server code runs standalone or in a cluster.
+pub async fn listen_tcp(
+    channel: Option<&mut Channel>,
+    addr: &str,
+) -> Result<tokio::net::TcpListener, ChannelError> {
+    let Some(channel) = channel else {
+        return Ok(tokio::net::TcpListener::bind(addr).await?);
+    };
+    let (fd, _) = channel.listen(addr).await?;
+    let std = std::net::TcpListener::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(std)?)
 }

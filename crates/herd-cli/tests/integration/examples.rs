@@ -98,3 +98,52 @@ fn chat_example_relays_every_message_to_every_worker() {
         }
     }
 }
+
+#[test]
+fn listen_example_workers_get_their_socket_from_the_primary() {
+    let mut cmd = Command::new(example_bin("listen"));
+    cmd.env("LISTEN_ADDR", "127.0.0.1:0");
+    let herd = Herd::spawn(cmd);
+    let lines: Vec<String> = (1..=2)
+        .map(|n| {
+            herd.stdout
+                .wait_for_nth("listening workers", STARTUP, n, |l| {
+                    l.contains(" listening on ")
+                })
+        })
+        .collect();
+    let addrs: std::collections::HashSet<&str> = lines
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(addrs.len(), 1, "one socket, bound once, shared: {lines:?}");
+    let port: u16 = addrs
+        .iter()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0);
+    let pids: std::collections::HashSet<String> = lines
+        .iter()
+        .map(|l| pid_after(l, "worker ").to_string())
+        .collect();
+    herd.stdout
+        .wait_for_nth("ready workers", STARTUP, 2, |l| l.ends_with(" ready"));
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            if let Ok(resp) = http_get(port) {
+                if let Some(pid) = body(&resp).trim().strip_prefix("hello from ") {
+                    seen.insert(pid.to_string());
+                }
+            }
+            seen.len() == 2
+        }),
+        "answers from both workers: {seen:?}"
+    );
+    assert_eq!(seen, pids);
+}

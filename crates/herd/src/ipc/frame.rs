@@ -107,9 +107,17 @@ pub fn encode<T: Serialize>(
     encode_with(message, codec, if has_fd { FLAG_FD } else { 0 })
 }
 
-/// Serializes a herd control message (JSON, control flag set).
-pub(crate) fn encode_control<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    encode_with(message, Codec::Json, FLAG_CONTROL)
+/// Serializes a herd control message (JSON, control flag set), announcing a
+/// descriptor when `has_fd`.
+pub(crate) fn encode_control<T: Serialize>(
+    message: &T,
+    has_fd: bool,
+) -> Result<Vec<u8>, FrameError> {
+    encode_with(
+        message,
+        Codec::Json,
+        FLAG_CONTROL | if has_fd { FLAG_FD } else { 0 },
+    )
 }
 
 fn encode_with<T: Serialize>(message: &T, codec: Codec, flags: u8) -> Result<Vec<u8>, FrameError> {

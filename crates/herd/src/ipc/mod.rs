@@ -26,6 +26,13 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Control {
-    /// The worker is ready to serve.
+    /// Worker → primary: ready to serve.
     Ready,
+    /// Worker → primary: give me a listening socket for `spec` (a listen
+    /// spec as for `herd run -l`); Node's `queryServer`.
+    Listen { seq: u64, spec: String },
+    /// Primary → worker: here it is (the socket travels with this frame).
+    Listening { seq: u64, address: String },
+    /// Primary → worker: it could not be opened.
+    ListenFailed { seq: u64, error: String },
 }
