@@ -123,6 +123,10 @@ pub enum Event {
         code: Option<i32>,
         /// The signal that killed it, if one did.
         signal: Option<i32>,
+        /// Whether it exited after [`ClusterHandle::disconnect`] (Node's
+        /// `exitedAfterDisconnect`): such a worker is replaced at once and not
+        /// counted as a failure.
+        exited_after_disconnect: bool,
     },
 }
 
@@ -160,6 +164,7 @@ pub(crate) enum Command {
     Stop,
     Send { slot: usize, frame: Vec<u8> },
     Signal { slot: usize, signal: Signal },
+    Disconnect { slot: usize },
 }
 
 /// Why a request could not be made.
@@ -211,6 +216,15 @@ impl ClusterHandle {
             .map_err(|_| HandleError::Stopped)
     }
 
+    /// Retires the worker in `slot` gracefully (Node's `worker.disconnect()`):
+    /// its IPC channel is closed, it gets the stop signal to drain, SIGKILL
+    /// after the stop timeout, and a fresh worker takes the slot when it exits.
+    pub fn disconnect(&self, slot: usize) -> Result<(), HandleError> {
+        self.commands
+            .send(Command::Disconnect { slot })
+            .map_err(|_| HandleError::Stopped)
+    }
+
     /// Sends `signal` to the process group of the worker in `slot`.
     pub fn signal(&self, slot: usize, signal: Signal) -> Result<(), HandleError> {
         self.commands
@@ -224,5 +238,83 @@ impl ClusterHandle {
             Ok(result) => result,
             Err(e) => Err(Error::Spawn(std::io::Error::other(e.to_string()))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::WorkerCommand;
+    use std::time::Duration;
+
+    fn sh(script: &str) -> ClusterConfig {
+        let cmd = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), script.into()]).unwrap();
+        let mut config = ClusterConfig::new(cmd);
+        config.workers = 1;
+        config.ipc = Ipc::Herd;
+        config.stop_timeout = Duration::from_millis(300);
+        config
+    }
+
+    async fn next(
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let e = events.recv().await.expect("cluster ended early");
+                if pred(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("event within 10 s")
+    }
+
+    async fn disconnect_once(script: &str) -> (Option<i32>, Option<i32>) {
+        let (handle, mut events) = Cluster::bind(sh(script)).unwrap().start().unwrap();
+        let Event::Spawned { pid: first, .. } =
+            next(&mut events, |e| matches!(e, Event::Spawned { .. })).await
+        else {
+            unreachable!()
+        };
+        tokio::time::sleep(Duration::from_millis(150)).await; // let sh install its trap
+        handle.disconnect(0).unwrap();
+        let exited = next(&mut events, |e| matches!(e, Event::Exited { .. })).await;
+        let Event::Exited {
+            pid,
+            code,
+            signal,
+            exited_after_disconnect,
+            ..
+        } = exited
+        else {
+            unreachable!()
+        };
+        assert_eq!(pid, first);
+        assert!(exited_after_disconnect);
+        let Event::Spawned { slot, pid: second } =
+            next(&mut events, |e| matches!(e, Event::Spawned { .. })).await
+        else {
+            unreachable!()
+        };
+        assert_eq!(slot, 0);
+        assert_ne!(second, first, "the slot gets a fresh worker");
+        handle.stop().unwrap();
+        assert_eq!(handle.wait().await.unwrap(), Outcome::Stopped);
+        (code, signal)
+    }
+
+    #[tokio::test]
+    async fn disconnect_drains_a_worker_and_refills_its_slot() {
+        let (code, _) = disconnect_once("trap 'exit 0' TERM; while :; do sleep 0.05; done").await;
+        assert_eq!(code, Some(0), "it exited on the stop signal, gracefully");
+    }
+
+    #[tokio::test]
+    async fn disconnect_kills_a_worker_that_ignores_the_stop_signal() {
+        let (_, signal) = disconnect_once("trap '' TERM; while :; do sleep 0.05; done").await;
+        assert_eq!(signal, Some(libc::SIGKILL), "killed after the stop timeout");
     }
 }

@@ -51,6 +51,8 @@ enum SlotState {
         started: Instant,
         ready: bool,
         channel: Option<mpsc::UnboundedSender<Outgoing>>,
+        /// Set by a disconnect: when the worker gets SIGKILL if still alive.
+        disconnecting: Option<Instant>,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -257,6 +259,10 @@ impl Supervisor {
                 .iter()
                 .filter_map(|s| match s.state {
                     SlotState::Waiting { until } => Some(until),
+                    SlotState::Running {
+                        disconnecting: Some(kill_at),
+                        ..
+                    } => Some(kill_at),
                     _ => None,
                 })
                 .min(),
@@ -287,6 +293,23 @@ impl Supervisor {
                     .collect();
                 for slot in due {
                     self.spawn(slot);
+                }
+                for s in &mut self.slots {
+                    if let SlotState::Running {
+                        pid,
+                        disconnecting: disconnecting @ Some(_),
+                        ..
+                    } = &mut s.state
+                    {
+                        if disconnecting.is_some_and(|at| at <= now) {
+                            warn!(
+                                pid = *pid,
+                                "worker {pid} did not exit after disconnect; killing it"
+                            );
+                            signal_group(*pid, Signal::KILL);
+                            *disconnecting = Some(far_future());
+                        }
+                    }
                 }
             }
         }
@@ -348,6 +371,7 @@ impl Supervisor {
                     started: Instant::now(),
                     ready: false,
                     channel,
+                    disconnecting: None,
                 };
                 self.tell_guardian(pid as i32);
                 self.exits.spawn(async move {
@@ -556,6 +580,26 @@ impl Supervisor {
                     });
                 }
             }
+            Command::Disconnect { slot } => {
+                let stop_signal = self.config.stop_signal;
+                let kill_at = Instant::now() + self.config.stop_timeout;
+                if let Some(Slot {
+                    state:
+                        SlotState::Running {
+                            pid,
+                            channel,
+                            disconnecting: disconnecting @ None,
+                            ..
+                        },
+                    ..
+                }) = self.slots.get_mut(slot)
+                {
+                    info!(slot, pid = *pid, "disconnecting worker {pid}");
+                    *channel = None; // EOF on its channel
+                    *disconnecting = Some(kill_at);
+                    signal_group(*pid, stop_signal);
+                }
+            }
             Command::Signal { slot, signal } => {
                 if let Some(SlotState::Running { pid, .. }) = self.slots.get(slot).map(|s| &s.state)
                 {
@@ -569,10 +613,13 @@ impl Supervisor {
         let Exit { slot, pid, status } = exit;
         self.tell_guardian(-(pid as i32));
         let now = Instant::now();
-        let uptime = match self.slots[slot].state {
+        let (uptime, exited_after_disconnect) = match self.slots[slot].state {
             SlotState::Running {
-                pid: p, started, ..
-            } if p == pid => now - started,
+                pid: p,
+                started,
+                disconnecting,
+                ..
+            } if p == pid => (now - started, disconnecting.is_some()),
             _ => {
                 debug!(slot, pid, "exit of a worker no longer tracked");
                 return;
@@ -585,10 +632,17 @@ impl Supervisor {
             pid,
             code: status.as_ref().ok().and_then(|s| s.code()),
             signal: status.as_ref().ok().and_then(|s| s.signal()),
+            exited_after_disconnect,
         });
         if let Phase::Stopping { .. } = self.phase {
             info!(slot, pid, "worker {pid} stopped ({how})");
             self.slots[slot].state = SlotState::Done { succeeded };
+            return;
+        }
+        if exited_after_disconnect {
+            // Asked to go: a replacement at once, and no mark against the slot.
+            info!(slot, pid, "worker {pid} exited after disconnect ({how})");
+            self.spawn(slot);
             return;
         }
         warn!(
