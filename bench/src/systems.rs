@@ -140,50 +140,18 @@ impl System {
         };
         let mut env = vec![("PORT".to_string(), port.to_string())];
         let mut argv: Vec<String> = match self.sys {
-            Sys::HerdShared | Sys::HerdReuseport => {
-                let mode = if self.sys == Sys::HerdShared {
-                    "shared"
-                } else {
-                    "reuseport"
+            // herd and the supervisor-less launcher take the same flags.
+            Sys::HerdShared | Sys::HerdReuseport | Sys::RawShared | Sys::RawReuseport => {
+                let (program, sub) = match self.sys {
+                    Sys::HerdShared | Sys::HerdReuseport => (herd.clone(), "run"),
+                    _ => (ctx.bench.display().to_string(), "raw"),
                 };
-                let mut v: Vec<String> = [
-                    herd.as_str(),
-                    "run",
-                    "-w",
-                    &n,
-                    "--balance",
-                    mode,
-                    "-l",
-                    &listen,
-                    "--",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                v.extend(app_cmd);
-                v
-            }
-            Sys::RawShared | Sys::RawReuseport => {
-                let mode = if self.sys == Sys::RawShared {
-                    "shared"
-                } else {
-                    "reuseport"
+                let mode = match self.sys {
+                    Sys::HerdShared | Sys::RawShared => "shared",
+                    _ => "reuseport",
                 };
-                let bench = ctx.bench.display().to_string();
-                let mut v: Vec<String> = [
-                    bench.as_str(),
-                    "raw",
-                    "-w",
-                    &n,
-                    "--balance",
-                    mode,
-                    "-l",
-                    &listen,
-                    "--",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+                let mut v = vec![program];
+                v.extend([sub, "-w", &n, "--balance", mode, "-l", &listen, "--"].map(String::from));
                 v.extend(app_cmd);
                 v
             }

@@ -448,9 +448,9 @@ impl Supervisor {
                 let (read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
                 let tx = self.channel_tx.clone();
                 if self.config.ipc == Ipc::Node {
-                    tokio::spawn(read_node_channel(read, slot, pid, tx));
+                    tokio::spawn(read_channel::<NodeDecoder>(read, slot, pid, tx));
                 } else {
-                    tokio::spawn(read_herd_channel(read, slot, pid, tx));
+                    tokio::spawn(read_channel::<FrameDecoder>(read, slot, pid, tx));
                 }
                 let (frames, queue) = mpsc::unbounded_channel();
                 tokio::spawn(write_channel(write, queue));
@@ -772,83 +772,79 @@ impl Supervisor {
     }
 }
 
-/// Reads a worker's Node IPC channel until EOF or a protocol error.
-async fn read_node_channel(
-    mut read: OwnedReadHalf,
-    slot: usize,
-    pid: u32,
-    tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
-) {
-    let mut decoder = NodeDecoder::default();
-    let mut buf = vec![0u8; 8192];
-    loop {
-        let n = match read.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                if let Err(e) = decoder.finish() {
-                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e.to_string())));
-                }
-                return;
-            }
-            Ok(n) => n,
-        };
-        decoder.push(&buf[..n]);
-        loop {
-            match decoder.next_message() {
-                Ok(Some(m)) => {
-                    let event = match &m {
-                        serde_json::Value::String(s) if s == "ready" => ChannelEvent::Ready,
-                        _ => ChannelEvent::Message(Message::new(
-                            Codec::Json,
-                            serde_json::to_vec(&m).unwrap_or_default(),
-                        )),
-                    };
-                    if tx.send((slot, pid, event)).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e.to_string())));
-                    return;
-                }
-            }
-        }
+/// A wire format as the supervisor reads it: bytes in, channel events out.
+trait WireDecoder: Default {
+    fn push(&mut self, bytes: &[u8]);
+    /// The next event, `None` when more bytes are needed; `Malformed` ends the channel.
+    fn next_event(&mut self) -> Option<ChannelEvent>;
+    /// At EOF: an error if a message was cut off.
+    fn finish(&self) -> Result<(), String>;
+}
+
+impl WireDecoder for NodeDecoder {
+    fn push(&mut self, bytes: &[u8]) {
+        NodeDecoder::push(self, bytes)
+    }
+    fn next_event(&mut self) -> Option<ChannelEvent> {
+        Some(match self.next_message() {
+            Ok(Some(serde_json::Value::String(s))) if s == "ready" => ChannelEvent::Ready,
+            Ok(Some(m)) => ChannelEvent::Message(Message::new(
+                Codec::Json,
+                serde_json::to_vec(&m).unwrap_or_default(),
+            )),
+            Ok(None) => return None,
+            Err(e) => ChannelEvent::Malformed(e.to_string()),
+        })
+    }
+    fn finish(&self) -> Result<(), String> {
+        NodeDecoder::finish(self).map_err(|e| e.to_string())
     }
 }
 
-/// Reads a worker's herd IPC channel (length-delimited frames) until EOF or a
-/// protocol error.
-async fn read_herd_channel(
+impl WireDecoder for FrameDecoder {
+    fn push(&mut self, bytes: &[u8]) {
+        FrameDecoder::push(self, bytes)
+    }
+    fn next_event(&mut self) -> Option<ChannelEvent> {
+        Some(match self.next_frame() {
+            Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
+                Ok(Control::Ready) => ChannelEvent::Ready,
+                Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
+                Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
+                Err(e) => ChannelEvent::Malformed(e.to_string()),
+            },
+            Ok(Some(frame)) => ChannelEvent::Message(Message::new(frame.codec, frame.payload)),
+            Ok(None) => return None,
+            Err(e) => ChannelEvent::Malformed(e.to_string()),
+        })
+    }
+    fn finish(&self) -> Result<(), String> {
+        FrameDecoder::finish(self).map_err(|e| e.to_string())
+    }
+}
+
+/// Reads a worker's IPC channel in wire format `D` until EOF or a protocol
+/// error, sending what it decodes to the supervisor.
+async fn read_channel<D: WireDecoder>(
     mut read: OwnedReadHalf,
     slot: usize,
     pid: u32,
     tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
 ) {
-    let mut decoder = FrameDecoder::default();
+    let mut decoder = D::default();
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match read.read(&mut buf).await {
             Ok(0) | Err(_) => {
                 if let Err(e) = decoder.finish() {
-                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e.to_string())));
+                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e)));
                 }
                 return;
             }
             Ok(n) => n,
         };
         decoder.push(&buf[..n]);
-        loop {
-            let event = match decoder.next_frame() {
-                Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
-                    Ok(Control::Ready) => ChannelEvent::Ready,
-                    Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
-                    Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
-                    Err(e) => ChannelEvent::Malformed(e.to_string()),
-                },
-                Ok(Some(frame)) => ChannelEvent::Message(Message::new(frame.codec, frame.payload)),
-                Ok(None) => break,
-                Err(e) => ChannelEvent::Malformed(e.to_string()),
-            };
+        while let Some(event) = decoder.next_event() {
             let fatal = matches!(event, ChannelEvent::Malformed(_));
             if tx.send((slot, pid, event)).is_err() || fatal {
                 return;
@@ -1005,7 +1001,7 @@ mod tests {
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let (read, _write) = ours.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_herd_channel(read, 0, 42, tx));
+        let reader = tokio::spawn(read_channel::<FrameDecoder>(read, 0, 42, tx));
         theirs.write_all(bytes).await.unwrap();
         drop(theirs);
         reader.await.unwrap();
