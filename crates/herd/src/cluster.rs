@@ -165,6 +165,23 @@ pub(crate) enum Command {
     Send { slot: usize, frame: Vec<u8> },
     Signal { slot: usize, signal: Signal },
     Disconnect { slot: usize },
+    Workers(tokio::sync::oneshot::Sender<Vec<WorkerInfo>>),
+}
+
+/// A live worker, as [`ClusterHandle::workers`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Its slot.
+    pub slot: usize,
+    /// Its pid.
+    pub pid: u32,
+    /// Whether it said it is ready.
+    pub ready: bool,
+    /// Whether its IPC channel is open (false without one, or after a
+    /// disconnect or a protocol error).
+    pub connected: bool,
+    /// Whether it is being disconnected.
+    pub disconnecting: bool,
 }
 
 /// Why a request could not be made.
@@ -225,6 +242,15 @@ impl ClusterHandle {
             .map_err(|_| HandleError::Stopped)
     }
 
+    /// The live workers, by slot (a slot in backoff or done has none).
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, HandleError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::Workers(tx))
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
+    }
+
     /// Sends `signal` to the process group of the worker in `slot`.
     pub fn signal(&self, slot: usize, signal: Signal) -> Result<(), HandleError> {
         self.commands
@@ -280,7 +306,15 @@ mod tests {
             unreachable!()
         };
         tokio::time::sleep(Duration::from_millis(150)).await; // let sh install its trap
+        let before = handle.workers().await.unwrap();
+        assert_eq!(before.len(), 1);
+        assert_eq!((before[0].slot, before[0].pid), (0, first));
+        assert!(before[0].connected && !before[0].disconnecting && !before[0].ready);
         handle.disconnect(0).unwrap();
+        let during = handle.workers().await.unwrap();
+        if let Some(w) = during.iter().find(|w| w.pid == first) {
+            assert!(!w.connected && w.disconnecting, "{w:?}");
+        }
         let exited = next(&mut events, |e| matches!(e, Event::Exited { .. })).await;
         let Event::Exited {
             pid,

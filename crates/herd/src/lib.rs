@@ -67,7 +67,7 @@ mod supervisor;
 mod sys;
 pub mod worker;
 
-pub use cluster::{Cluster, ClusterHandle, Event, HandleError, Message, Outcome};
+pub use cluster::{Cluster, ClusterHandle, Event, HandleError, Message, Outcome, WorkerInfo};
 pub use config::Ipc;
 pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};

@@ -29,7 +29,7 @@ use tokio::time::sleep_until;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{Backoff, Intensity, Jitter};
-use crate::cluster::{Cluster, Command, Event, Message, Outcome};
+use crate::cluster::{Cluster, Command, Event, Message, Outcome, WorkerInfo};
 use crate::config::Ipc;
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
 use crate::ipc::frame::{Codec, FrameDecoder};
@@ -579,6 +579,30 @@ impl Supervisor {
                         fd: None,
                     });
                 }
+            }
+            Command::Workers(reply) => {
+                let workers = self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(slot, s)| match &s.state {
+                        SlotState::Running {
+                            pid,
+                            ready,
+                            channel,
+                            disconnecting,
+                            ..
+                        } => Some(WorkerInfo {
+                            slot,
+                            pid: *pid,
+                            ready: *ready,
+                            connected: channel.is_some(),
+                            disconnecting: disconnecting.is_some(),
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                let _ = reply.send(workers);
             }
             Command::Disconnect { slot } => {
                 let stop_signal = self.config.stop_signal;
