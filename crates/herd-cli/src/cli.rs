@@ -54,7 +54,8 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "listen")]
     pub no_listen: bool,
 
-    /// How connections are spread: one shared socket, or one SO_REUSEPORT socket per worker.
+    /// How connections are spread: one shared socket, or one SO_REUSEPORT socket per worker
+    /// (round-robin, where herd accepts and hands connections out, needs library workers).
     #[arg(long, default_value_t = Balance::default(), value_name = "shared|reuseport")]
     pub balance: Balance,
 

@@ -83,6 +83,7 @@ fn run(args: RunArgs) -> ExitCode {
             &format!("slot {slot} is in a crash loop; exiting (--on-crash-loop exit)"),
         ),
         Err(herd::Error::Bind(e)) => fail(EXIT_USAGE, &e.to_string()),
+        Err(e @ herd::Error::Config(_)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e) => fail(1, &e.to_string()),
     }
 }

@@ -37,6 +37,13 @@ pub struct Cluster {
 impl Cluster {
     /// Binds the sockets. Nothing is spawned yet.
     pub fn bind(config: ClusterConfig) -> Result<Self, Error> {
+        if config.balance == crate::Balance::RoundRobin && config.ipc != Ipc::Herd {
+            return Err(Error::Config(
+                "round-robin balancing needs herd's IPC channel: library workers that take \
+                 connections with Channel::accept (ClusterConfig::ipc = Ipc::Herd)"
+                    .into(),
+            ));
+        }
         let listeners = Listeners::bind(&config.listen, config.balance, config.workers)?;
         Ok(Cluster { config, listeners })
     }

@@ -89,4 +89,7 @@ pub enum Error {
     /// A process or thread could not be started.
     #[error("cannot start: {0}")]
     Spawn(std::io::Error),
+    /// The configuration asks for something impossible.
+    #[error("{0}")]
+    Config(String),
 }

@@ -29,6 +29,11 @@ pub enum Balance {
     /// One `SO_REUSEPORT` socket per slot per address; the kernel spreads
     /// connections by flow hash. Unix sockets have no reuseport and stay shared.
     Reuseport,
+    /// The primary accepts TCP connections and hands each to a ready worker
+    /// over herd's IPC channel (library workers: `Channel::accept`), with a
+    /// bounded number in flight per worker; a connection a worker never took
+    /// goes to another one. Unix and UDP sockets stay shared.
+    RoundRobin,
 }
 
 impl FromStr for Balance {
@@ -37,8 +42,9 @@ impl FromStr for Balance {
         match s {
             "shared" => Ok(Balance::Shared),
             "reuseport" => Ok(Balance::Reuseport),
+            "round-robin" => Ok(Balance::RoundRobin),
             other => Err(format!(
-                "unknown balance mode {other:?} (expected shared or reuseport)"
+                "unknown balance mode {other:?} (expected shared, reuseport or round-robin)"
             )),
         }
     }
@@ -49,6 +55,7 @@ impl fmt::Display for Balance {
         f.write_str(match self {
             Balance::Shared => "shared",
             Balance::Reuseport => "reuseport",
+            Balance::RoundRobin => "round-robin",
         })
     }
 }
@@ -99,6 +106,9 @@ pub struct Listeners {
     specs: Vec<ListenSpec>,
     sockets: Vec<SpecSockets>,
     unix_paths: Vec<PathBuf>,
+    /// Per spec: whether the primary accepts on it (round-robin TCP) rather
+    /// than handing it to the workers.
+    primary_accepts: Vec<bool>,
 }
 
 impl Listeners {
@@ -109,6 +119,7 @@ impl Listeners {
             specs: Vec::new(),
             sockets: Vec::new(),
             unix_paths: Vec::new(),
+            primary_accepts: Vec::new(),
         };
         for spec in specs {
             let (resolved, sockets) = match &spec.address {
@@ -120,7 +131,7 @@ impl Listeners {
                 ListenAddress::Tcp(addr) | ListenAddress::Udp(addr) => {
                     let stream = matches!(spec.address, ListenAddress::Tcp(_));
                     match balance {
-                        Balance::Shared => {
+                        Balance::Shared | Balance::RoundRobin => {
                             let sock = bind_ip(addr, stream, false, spec)?;
                             let resolved = with_port(spec, local_port(&sock));
                             (resolved, SpecSockets::Shared(sock.into()))
@@ -142,6 +153,9 @@ impl Listeners {
                     }
                 }
             };
+            out.primary_accepts.push(
+                balance == Balance::RoundRobin && matches!(spec.address, ListenAddress::Tcp(_)),
+            );
             out.specs.push(resolved);
             out.sockets.push(sockets);
         }
@@ -155,21 +169,21 @@ impl Listeners {
 
     /// The descriptors slot `slot` hands its worker, in spec order.
     pub fn fds_for_slot(&self, slot: usize) -> Vec<RawFd> {
-        self.sockets
-            .iter()
-            .map(|s| match s {
-                SpecSockets::Shared(fd) => fd.as_raw_fd(),
-                SpecSockets::PerSlot(fds) => fds[slot % fds.len()].as_raw_fd(),
-            })
+        self.sockets_for_slot(slot)
+            .into_iter()
+            .map(|(_, fd)| fd.as_raw_fd())
             .collect()
     }
 
-    /// The sockets slot `slot` hands its worker, with their names, in spec order.
+    /// The sockets slot `slot` hands its worker, with their names, in spec
+    /// order (sockets the primary accepts on itself are not handed out).
     pub fn sockets_for_slot(&self, slot: usize) -> Vec<(&str, BorrowedFd<'_>)> {
         self.specs
             .iter()
             .zip(&self.sockets)
-            .map(|(spec, s)| {
+            .zip(&self.primary_accepts)
+            .filter(|(_, primary)| !**primary)
+            .map(|((spec, s), _)| {
                 let fd = match s {
                     SpecSockets::Shared(fd) => fd.as_fd(),
                     SpecSockets::PerSlot(fds) => fds[slot % fds.len()].as_fd(),
@@ -179,10 +193,27 @@ impl Listeners {
             .collect()
     }
 
-    /// `LISTEN_FDNAMES`: the spec names joined by `:`.
+    /// The sockets the primary accepts on itself (round-robin), with their specs.
+    pub fn primary_sockets(&self) -> Vec<(&ListenSpec, BorrowedFd<'_>)> {
+        self.specs
+            .iter()
+            .zip(&self.sockets)
+            .zip(&self.primary_accepts)
+            .filter(|(_, primary)| **primary)
+            .filter_map(|((spec, s), _)| match s {
+                SpecSockets::Shared(fd) => Some((spec, fd.as_fd())),
+                SpecSockets::PerSlot(_) => None,
+            })
+            .collect()
+    }
+
+    /// `LISTEN_FDNAMES`: the names of the sockets handed to workers, joined by `:`.
     pub fn fd_names(&self) -> String {
-        let names: Vec<&str> = self.specs.iter().map(|s| s.name.as_str()).collect();
-        names.join(":")
+        self.sockets_for_slot(0)
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(":")
     }
 }
 

@@ -87,6 +87,8 @@ enum ChannelEvent {
     Message(Message),
     /// The worker asks for a listening socket.
     Listen { seq: u64, spec: String },
+    /// The worker took a round-robin connection.
+    Taken { id: u64 },
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
 }
@@ -123,6 +125,24 @@ pub(crate) struct Supervisor {
     events: mpsc::UnboundedSender<Event>,
     /// Sockets bound on a worker's request, by the spec text it sent.
     on_demand: HashMap<String, Listeners>,
+    /// Round-robin: connections accepted by the primary.
+    rr: RoundRobin,
+}
+
+/// The most connections handed to one worker and not yet taken by it.
+const RR_MAX_IN_FLIGHT: usize = 32;
+
+/// Round-robin state: connections accepted by the primary's acceptor tasks,
+/// waiting for a worker or handed to one that has not taken them yet. The
+/// primary keeps its own descriptor of each until the worker says `Taken`, so
+/// a connection handed to a worker that dies first goes to another worker.
+struct RoundRobin {
+    accepted_tx: mpsc::UnboundedSender<OwnedFd>,
+    accepted_rx: mpsc::UnboundedReceiver<OwnedFd>,
+    waiting: std::collections::VecDeque<(u64, OwnedFd)>,
+    handed: HashMap<u64, (usize, u32, OwnedFd)>,
+    next_id: u64,
+    next_slot: usize,
 }
 
 impl Supervisor {
@@ -178,6 +198,17 @@ impl Supervisor {
             commands,
             events,
             on_demand: HashMap::new(),
+            rr: {
+                let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+                RoundRobin {
+                    accepted_tx,
+                    accepted_rx,
+                    waiting: Default::default(),
+                    handed: HashMap::new(),
+                    next_id: 0,
+                    next_slot: 0,
+                }
+            },
         })
     }
 
@@ -189,6 +220,7 @@ impl Supervisor {
         let mut sighup = sig(SignalKind::hangup())?;
 
         self.start_guardian();
+        self.start_acceptors()?;
         info!(
             command = %self.config.command.display(),
             workers = self.config.workers,
@@ -215,6 +247,7 @@ impl Supervisor {
                 _ = sigchld.recv() => self.reap_strays(),
                 Some((slot, pid, event)) = self.channel_rx.recv() => self.on_channel_event(slot, pid, event),
                 Some(command) = self.commands.recv() => self.on_command(command),
+                Some(conn) = self.rr.accepted_rx.recv() => self.on_accepted(conn),
                 Some(joined) = self.exits.join_next() => match joined {
                     Ok(exit) => self.on_exit(exit),
                     Err(e) => error!("worker watcher failed: {e}"),
@@ -462,10 +495,11 @@ impl Supervisor {
     }
 
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
-        if let ChannelEvent::Listen { seq, spec } = event {
-            self.on_listen(slot, from, seq, &spec);
-            return;
-        }
+        let event = match event {
+            ChannelEvent::Listen { seq, spec } => return self.on_listen(slot, from, seq, &spec),
+            ChannelEvent::Taken { id } => return self.on_taken(slot, from, id),
+            other => other,
+        };
         let SlotState::Running {
             pid,
             ready,
@@ -485,6 +519,7 @@ impl Supervisor {
                     info!(slot, pid = from, "worker {from} ready");
                     let _ = self.events.send(Event::Ready { slot, pid: from });
                 }
+                self.dispatch();
             }
             ChannelEvent::Message(message) => {
                 let bytes = message.bytes().len();
@@ -495,7 +530,7 @@ impl Supervisor {
                     message,
                 });
             }
-            ChannelEvent::Listen { .. } => {} // handled before the borrow above
+            ChannelEvent::Listen { .. } | ChannelEvent::Taken { .. } => {} // handled above
             ChannelEvent::Malformed(why) => {
                 warn!(
                     slot,
@@ -503,6 +538,7 @@ impl Supervisor {
                     "worker {from} broke the IPC protocol ({why}); channel closed"
                 );
                 *channel = None;
+                self.requeue(from);
             }
         }
     }
@@ -566,6 +602,126 @@ impl Supervisor {
         Ok((dup, listeners.specs()[index].to_string()))
     }
 
+    /// Starts one acceptor task per round-robin socket. They only accept and
+    /// forward; which worker gets a connection is the supervisor's decision.
+    fn start_acceptors(&mut self) -> Result<(), Error> {
+        for (spec, fd) in self.listeners.primary_sockets() {
+            let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::Spawn(e.into()))?;
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true).map_err(Error::Spawn)?;
+            let listener = tokio::net::TcpListener::from_std(std).map_err(Error::Spawn)?;
+            let tx = self.rr.accepted_tx.clone();
+            info!("round-robin: the primary accepts on {spec}");
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => match stream.into_std() {
+                            Ok(std) => {
+                                if tx.send(OwnedFd::from(std)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(_) => continue,
+                        },
+                        // EMFILE and friends: back off instead of spinning.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn on_accepted(&mut self, conn: OwnedFd) {
+        let id = self.rr.next_id;
+        self.rr.next_id += 1;
+        self.rr.waiting.push_back((id, conn));
+        self.dispatch();
+    }
+
+    /// Hands waiting connections to ready workers in turn, at most
+    /// `RR_MAX_IN_FLIGHT` untaken per worker.
+    fn dispatch(&mut self) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let n = self.slots.len();
+        while !self.rr.waiting.is_empty() {
+            let pick = (0..n).map(|k| (self.rr.next_slot + k) % n).find(|&slot| {
+                match &self.slots[slot].state {
+                    SlotState::Running {
+                        pid,
+                        ready: true,
+                        channel: Some(_),
+                        disconnecting: None,
+                        ..
+                    } => {
+                        let pid = *pid;
+                        self.rr
+                            .handed
+                            .values()
+                            .filter(|(_, p, _)| *p == pid)
+                            .count()
+                            < RR_MAX_IN_FLIGHT
+                    }
+                    _ => false,
+                }
+            });
+            let Some(slot) = pick else { return };
+            let SlotState::Running {
+                pid,
+                channel: Some(tx),
+                ..
+            } = &self.slots[slot].state
+            else {
+                return;
+            };
+            let (id, conn) = self.rr.waiting.pop_front().expect("not empty");
+            let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&conn, 0) else {
+                continue; // out of descriptors: drop this connection
+            };
+            let _ = tx.send(Outgoing {
+                bytes: encode_control(&Control::Conn { id }, true),
+                fd: Some(copy),
+            });
+            self.rr.handed.insert(id, (slot, *pid, conn));
+            self.rr.next_slot = slot + 1;
+        }
+    }
+
+    fn on_taken(&mut self, slot: usize, from: u32, id: u64) {
+        if matches!(self.rr.handed.get(&id), Some((s, p, _)) if *s == slot && *p == from) {
+            self.rr.handed.remove(&id); // the worker owns it now
+            self.dispatch();
+        }
+    }
+
+    /// Connections handed to `pid` and not taken go back to the front of the queue.
+    fn requeue(&mut self, pid: u32) {
+        let mut back: Vec<u64> = self
+            .rr
+            .handed
+            .iter()
+            .filter(|(_, (_, p, _))| *p == pid)
+            .map(|(id, _)| *id)
+            .collect();
+        if back.is_empty() {
+            return;
+        }
+        back.sort_unstable_by(|a, b| b.cmp(a));
+        info!(
+            pid,
+            "{} connection(s) worker {pid} never took go to other workers",
+            back.len()
+        );
+        for id in back {
+            if let Some((_, _, conn)) = self.rr.handed.remove(&id) {
+                self.rr.waiting.push_front((id, conn));
+            }
+        }
+        self.dispatch();
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Stop => self.on_stop_request("stop request"),
@@ -622,6 +778,8 @@ impl Supervisor {
                     *channel = None; // EOF on its channel
                     *disconnecting = Some(kill_at);
                     signal_group(*pid, stop_signal);
+                    let pid = *pid;
+                    self.requeue(pid);
                 }
             }
             Command::Signal { slot, signal } => {
@@ -636,6 +794,15 @@ impl Supervisor {
     fn on_exit(&mut self, exit: Exit) {
         let Exit { slot, pid, status } = exit;
         self.tell_guardian(-(pid as i32));
+        if let SlotState::Running {
+            pid: p, channel, ..
+        } = &mut self.slots[slot].state
+        {
+            if *p == pid {
+                *channel = None; // so that nothing more is handed to it
+            }
+        }
+        self.requeue(pid);
         let now = Instant::now();
         let (uptime, exited_after_disconnect) = match self.slots[slot].state {
             SlotState::Running {
@@ -834,6 +1001,7 @@ impl WireDecoder for FrameDecoder {
             Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
                 Ok(Control::Ready) => ChannelEvent::Ready,
                 Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
+                Ok(Control::Taken { id }) => ChannelEvent::Taken { id },
                 Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
                 Err(e) => ChannelEvent::Malformed(e.to_string()),
             },

@@ -89,6 +89,8 @@ pub struct Channel {
     pending: VecDeque<Frame>,
     /// Descriptors received (SCM_RIGHTS), in order, for frames flagged with one.
     fds: VecDeque<OwnedFd>,
+    /// Connections handed over (round-robin) and not yet accepted.
+    conns: VecDeque<(u64, OwnedFd)>,
     seq: u64,
 }
 
@@ -114,6 +116,7 @@ impl Channel {
             out: Vec::new(),
             pending: VecDeque::new(),
             fds: VecDeque::new(),
+            conns: VecDeque::new(),
             seq: 0,
         }))
     }
@@ -166,11 +169,48 @@ impl Channel {
         }
         loop {
             match self.next_frame().await? {
-                Some(frame) if frame.is_control() => continue, // nothing awaits it
+                Some(frame) if frame.is_control() => self.stash_control(frame)?,
                 Some(frame) => return Ok(Some(frame.decode()?)),
                 None => return Ok(None),
             }
         }
+    }
+
+    /// The next connection the primary hands this worker (round-robin
+    /// balancing), or `None` once the channel is closed. Messages that arrive
+    /// meanwhile wait for [`Channel::recv`].
+    pub async fn accept(&mut self) -> Result<Option<tokio::net::TcpStream>, ChannelError> {
+        loop {
+            if let Some((id, fd)) = self.conns.pop_front() {
+                // Tell the primary at once, before serving: until then it keeps
+                // its own copy and would give the connection to another worker.
+                self.out
+                    .extend(frame::encode_control(&Control::Taken { id }, false)?);
+                self.flush().await?;
+                let std = std::net::TcpStream::from(fd);
+                std.set_nonblocking(true)?;
+                return Ok(Some(tokio::net::TcpStream::from_std(std)?));
+            }
+            match self.next_frame().await? {
+                Some(frame) if frame.is_control() => self.stash_control(frame)?,
+                Some(frame) => self.pending.push_back(frame),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Keeps a control frame nobody is waiting for: a connection is queued for
+    /// [`Channel::accept`]; anything else is dropped (with its descriptor).
+    fn stash_control(&mut self, frame: Frame) -> Result<(), ChannelError> {
+        let fd = if frame.has_fd {
+            self.fds.pop_front()
+        } else {
+            None
+        };
+        if let (Control::Conn { id }, Some(fd)) = (frame.decode::<Control>()?, fd) {
+            self.conns.push_back((id, fd));
+        }
+        Ok(())
     }
 
     /// Asks the primary for a listening socket for `spec` (a listen spec as
@@ -194,6 +234,10 @@ impl Channel {
             };
             if !frame.is_control() {
                 self.pending.push_back(frame);
+                continue;
+            }
+            if matches!(frame.decode::<Control>(), Ok(Control::Conn { .. })) {
+                self.stash_control(frame)?;
                 continue;
             }
             let fd = if frame.has_fd {

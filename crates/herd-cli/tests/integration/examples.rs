@@ -147,3 +147,52 @@ fn listen_example_workers_get_their_socket_from_the_primary() {
     );
     assert_eq!(seen, pids);
 }
+
+#[test]
+fn round_robin_hands_connections_a_dead_worker_never_took_to_another() {
+    let dir = TempDir::new("rr");
+    let mut cmd = Command::new(example_bin("round_robin"));
+    cmd.env("RR_ADDR", "127.0.0.1:0")
+        .env("RR_STALL_ONCE", dir.path().join("stalled"));
+    let herd = Herd::spawn(cmd);
+    let line = herd.stdout.wait_for("listening line", STARTUP, |l| {
+        l.starts_with("listening on ")
+    });
+    let port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    // Both workers ready; slot 1's first worker stalls and never accepts.
+    let ready: Vec<String> = (1..=2)
+        .map(|n| {
+            herd.stdout.wait_for_nth("ready workers", STARTUP, n, |l| {
+                l.contains(" ready in slot ")
+            })
+        })
+        .collect();
+    let stalled = ready
+        .iter()
+        .find(|l| l.ends_with("slot 1"))
+        .map(|l| pid_after(l, "worker "))
+        .expect("slot 1 ready");
+    herd.stdout
+        .wait_for("the stall", STARTUP, |l| l.ends_with("] stalling"));
+    // Connections alternate between the slots: half go to the stalled worker.
+    let clients: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || http_get(port)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let done_before_kill = clients.iter().filter(|c| c.is_finished()).count();
+    assert!(
+        done_before_kill < 6,
+        "some connections must be waiting at the stalled worker"
+    );
+    send_signal(stalled, "KILL");
+    let mut answered_by = std::collections::HashSet::new();
+    for c in clients {
+        let resp = c
+            .join()
+            .unwrap()
+            .expect("every connection is answered, none leaked");
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+        answered_by.insert(body(&resp).trim().to_string());
+    }
+    assert!(!answered_by.contains(&format!("hello from {stalled}")));
+}

@@ -35,4 +35,8 @@ pub(crate) enum Control {
     Listening { seq: u64, address: String },
     /// Primary → worker: it could not be opened.
     ListenFailed { seq: u64, error: String },
+    /// Primary → worker (round-robin): an accepted connection (attached).
+    Conn { id: u64 },
+    /// Worker → primary: connection `id` received; the primary lets go of it.
+    Taken { id: u64 },
 }
