@@ -140,9 +140,63 @@ struct RoundRobin {
     accepted_tx: mpsc::UnboundedSender<OwnedFd>,
     accepted_rx: mpsc::UnboundedReceiver<OwnedFd>,
     waiting: std::collections::VecDeque<(u64, OwnedFd)>,
-    handed: HashMap<u64, (usize, u32, OwnedFd)>,
+    /// Handed and not yet taken: connection id → (worker pid, primary's copy).
+    handed: HashMap<u64, (u32, OwnedFd)>,
+    /// How many of `handed` each worker holds (kept with `handed`, so the
+    /// per-connection dispatch needs no scan).
+    untaken: HashMap<u32, usize>,
     next_id: u64,
     next_slot: usize,
+}
+
+impl RoundRobin {
+    /// Whether worker `pid` may be handed another connection.
+    fn has_room(&self, pid: u32) -> bool {
+        self.untaken.get(&pid).copied().unwrap_or(0) < RR_MAX_IN_FLIGHT
+    }
+
+    fn hand(&mut self, id: u64, pid: u32, conn: OwnedFd) {
+        self.handed.insert(id, (pid, conn));
+        *self.untaken.entry(pid).or_default() += 1;
+    }
+
+    /// Worker `pid` took connection `id`: let go of the primary's copy.
+    fn take(&mut self, id: u64, pid: u32) -> bool {
+        if !matches!(self.handed.get(&id), Some((p, _)) if *p == pid) {
+            return false;
+        }
+        self.handed.remove(&id);
+        self.forget(pid, 1);
+        true
+    }
+
+    /// Puts every connection `pid` never took back at the front of the
+    /// queue, in their original order; returns how many.
+    fn reclaim(&mut self, pid: u32) -> usize {
+        let mut back: Vec<u64> = self
+            .handed
+            .iter()
+            .filter(|(_, (p, _))| *p == pid)
+            .map(|(id, _)| *id)
+            .collect();
+        back.sort_unstable_by(|a, b| b.cmp(a));
+        for id in &back {
+            if let Some((_, conn)) = self.handed.remove(id) {
+                self.waiting.push_front((*id, conn));
+            }
+        }
+        self.forget(pid, back.len());
+        back.len()
+    }
+
+    fn forget(&mut self, pid: u32, n: usize) {
+        if let Some(count) = self.untaken.get_mut(&pid) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                self.untaken.remove(&pid);
+            }
+        }
+    }
 }
 
 impl Supervisor {
@@ -205,6 +259,7 @@ impl Supervisor {
                     accepted_rx,
                     waiting: Default::default(),
                     handed: HashMap::new(),
+                    untaken: HashMap::new(),
                     next_id: 0,
                     next_slot: 0,
                 }
@@ -497,7 +552,7 @@ impl Supervisor {
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
         let event = match event {
             ChannelEvent::Listen { seq, spec } => return self.on_listen(slot, from, seq, &spec),
-            ChannelEvent::Taken { id } => return self.on_taken(slot, from, id),
+            ChannelEvent::Taken { id } => return self.on_taken(from, id),
             other => other,
         };
         let SlotState::Running {
@@ -655,15 +710,7 @@ impl Supervisor {
                         channel: Some(_),
                         disconnecting: None,
                         ..
-                    } => {
-                        let pid = *pid;
-                        self.rr
-                            .handed
-                            .values()
-                            .filter(|(_, p, _)| *p == pid)
-                            .count()
-                            < RR_MAX_IN_FLIGHT
-                    }
+                    } => self.rr.has_room(*pid),
                     _ => false,
                 }
             });
@@ -684,42 +731,28 @@ impl Supervisor {
                 bytes: encode_control(&Control::Conn { id }, true),
                 fd: Some(copy),
             });
-            self.rr.handed.insert(id, (slot, *pid, conn));
+            let pid = *pid;
+            self.rr.hand(id, pid, conn);
             self.rr.next_slot = slot + 1;
         }
     }
 
-    fn on_taken(&mut self, slot: usize, from: u32, id: u64) {
-        if matches!(self.rr.handed.get(&id), Some((s, p, _)) if *s == slot && *p == from) {
-            self.rr.handed.remove(&id); // the worker owns it now
+    fn on_taken(&mut self, from: u32, id: u64) {
+        if self.rr.take(id, from) {
             self.dispatch();
         }
     }
 
     /// Connections handed to `pid` and not taken go back to the front of the queue.
     fn requeue(&mut self, pid: u32) {
-        let mut back: Vec<u64> = self
-            .rr
-            .handed
-            .iter()
-            .filter(|(_, (_, p, _))| *p == pid)
-            .map(|(id, _)| *id)
-            .collect();
-        if back.is_empty() {
-            return;
+        let n = self.rr.reclaim(pid);
+        if n > 0 {
+            info!(
+                pid,
+                "{n} connection(s) worker {pid} never took go to other workers"
+            );
+            self.dispatch();
         }
-        back.sort_unstable_by(|a, b| b.cmp(a));
-        info!(
-            pid,
-            "{} connection(s) worker {pid} never took go to other workers",
-            back.len()
-        );
-        for id in back {
-            if let Some((_, _, conn)) = self.rr.handed.remove(&id) {
-                self.rr.waiting.push_front((id, conn));
-            }
-        }
-        self.dispatch();
     }
 
     fn on_command(&mut self, command: Command) {
@@ -1202,6 +1235,45 @@ mod tests {
             out.push(e);
         }
         out
+    }
+
+    fn round_robin() -> RoundRobin {
+        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+        RoundRobin {
+            accepted_tx,
+            accepted_rx,
+            waiting: Default::default(),
+            handed: HashMap::new(),
+            untaken: HashMap::new(),
+            next_id: 0,
+            next_slot: 0,
+        }
+    }
+
+    fn conn() -> OwnedFd {
+        rustix::pipe::pipe().unwrap().0
+    }
+
+    #[test]
+    fn round_robin_counts_untaken_and_reclaims_in_order() {
+        let mut rr = round_robin();
+        for id in 0..RR_MAX_IN_FLIGHT as u64 {
+            assert!(rr.has_room(7));
+            rr.hand(id, 7, conn());
+        }
+        assert!(!rr.has_room(7), "at most RR_MAX_IN_FLIGHT untaken");
+        assert!(rr.has_room(8));
+        assert!(!rr.take(3, 8), "only the worker it was handed to takes it");
+        assert!(rr.take(3, 7));
+        assert!(!rr.take(3, 7), "taken once");
+        assert!(rr.has_room(7));
+        rr.waiting.push_back((99, conn()));
+        assert_eq!(rr.reclaim(7), RR_MAX_IN_FLIGHT - 1);
+        let order: Vec<u64> = rr.waiting.iter().map(|(id, _)| *id).collect();
+        let mut expect: Vec<u64> = (0..RR_MAX_IN_FLIGHT as u64).filter(|id| *id != 3).collect();
+        expect.push(99);
+        assert_eq!(order, expect, "reclaimed first, in their original order");
+        assert!(rr.handed.is_empty() && rr.untaken.is_empty());
     }
 
     #[tokio::test]
