@@ -25,12 +25,7 @@ pub fn socket_activated(
     env: &[(OsString, OsString)],
     sockets: &[(&str, BorrowedFd<'_>)],
 ) -> io::Result<std::process::Command> {
-    let entry = |k: &OsStr, v: &OsStr| {
-        let mut bytes = k.as_bytes().to_vec();
-        bytes.push(b'=');
-        bytes.extend_from_slice(v.as_bytes());
-        CString::new(bytes).ok()
-    };
+    let entry = env_entry;
     let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
     let mut vars: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| !k.as_bytes().starts_with(b"LISTEN_"))
@@ -44,15 +39,30 @@ pub fn socket_activated(
         ));
         vars.extend(entry("LISTEN_FDNAMES".as_ref(), names.join(":").as_ref()));
     }
-    let argv = command
-        .argv
-        .iter()
-        .filter_map(|a| CString::new(a.as_bytes()).ok())
-        .collect();
+    let argv = argv_cstrings(command);
     let fds = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     let plan = ExecPlan::new(&command.program, argv, vars, fds)?;
     let mut cmd = std::process::Command::new(&command.program);
     cmd.process_group(0);
     plan.install(&mut cmd);
     Ok(cmd)
+}
+
+/// `KEY=VALUE` as exec wants it; `None` if either holds a NUL byte.
+pub(crate) fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
+    let mut bytes = Vec::with_capacity(key.len() + value.len() + 1);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.push(b'=');
+    bytes.extend_from_slice(value.as_bytes());
+    CString::new(bytes).ok()
+}
+
+/// The command's argv as exec wants it (arguments holding a NUL byte, which
+/// no exec can pass, are dropped).
+pub(crate) fn argv_cstrings(command: &WorkerCommand) -> Vec<CString> {
+    command
+        .argv
+        .iter()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect()
 }

@@ -38,6 +38,7 @@ use crate::ipc::Control;
 use crate::listen::{ListenSpec, ListenSpecError};
 use crate::output::{OutputSink, Stream};
 use crate::socket::Listeners;
+use crate::spawn::{argv_cstrings, env_entry};
 use crate::sys::{self, ExecPlan};
 use crate::Error;
 
@@ -220,12 +221,7 @@ impl Supervisor {
             })
             .filter_map(|(k, v)| env_entry(&k, &v))
             .collect();
-        let argv = config
-            .command
-            .argv
-            .iter()
-            .filter_map(|a| CString::new(a.as_bytes()).ok())
-            .collect();
+        let argv = argv_cstrings(&config.command);
         let slots = (0..config.workers)
             .map(|_| Slot {
                 state: SlotState::Done { succeeded: true },
@@ -1202,14 +1198,6 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
         },
         Err(e) => format!("wait failed: {e}"),
     }
-}
-
-fn env_entry(key: &std::ffi::OsStr, value: &std::ffi::OsStr) -> Option<CString> {
-    let mut bytes = Vec::with_capacity(key.len() + value.len() + 1);
-    bytes.extend_from_slice(key.as_bytes());
-    bytes.push(b'=');
-    bytes.extend_from_slice(value.as_bytes());
-    CString::new(bytes).ok()
 }
 
 fn far_future() -> Instant {
