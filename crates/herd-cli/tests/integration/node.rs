@@ -16,19 +16,8 @@ http.createServer((req, res) => res.end('node ' + process.pid + '\n'))
     });
 "#;
 
-fn node_missing() -> bool {
-    if Command::new("node").arg("--version").output().is_err() {
-        eprintln!("skipped: node is not installed");
-        return true;
-    }
-    false
-}
-
-#[test]
-fn node_app_serves_on_fd_3_from_both_workers() {
-    if node_missing() {
-        return;
-    }
+/// `herd run -w 2` of the test app, on a kernel-chosen port.
+fn two_node_workers() -> (TempDir, Herd) {
     let dir = TempDir::new("node");
     let app = dir.path().join("app.js");
     std::fs::write(&app, APP).unwrap();
@@ -42,6 +31,23 @@ fn node_app_serves_on_fd_3_from_both_workers() {
         "node",
         app.to_str().unwrap(),
     ]);
+    (dir, herd)
+}
+
+fn node_missing() -> bool {
+    if Command::new("node").arg("--version").output().is_err() {
+        eprintln!("skipped: node is not installed");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn node_app_serves_on_fd_3_from_both_workers() {
+    if node_missing() {
+        return;
+    }
+    let (_dir, herd) = two_node_workers();
     let port = herd.port();
     let pids: HashSet<String> = [herd.nth_spawned(1), herd.nth_spawned(2)]
         .iter()
@@ -70,19 +76,7 @@ fn process_send_ready_marks_a_node_worker_ready() {
     if node_missing() {
         return;
     }
-    let dir = TempDir::new("node-ready");
-    let app = dir.path().join("app.js");
-    std::fs::write(&app, APP).unwrap();
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--",
-        "node",
-        app.to_str().unwrap(),
-    ]);
+    let (_dir, herd) = two_node_workers();
     let mut pids = [herd.nth_spawned(1), herd.nth_spawned(2)];
     pids.sort();
     let mut ready: Vec<u32> = (1..=2)

@@ -27,6 +27,27 @@ fn daemonizing_worker(dir: &std::path::Path) -> String {
     )
 }
 
+/// `herd run -w N` of daemonizing workers, listening; the daemons write
+/// their pids into the returned directory.
+fn daemonizing_cluster(tag: &str, workers: usize) -> (TempDir, Herd) {
+    let dir = TempDir::new(tag);
+    let script = daemonizing_worker(dir.path());
+    let w = workers.to_string();
+    let herd = Herd::start([
+        "run",
+        "-w",
+        &w,
+        "-l",
+        "127.0.0.1:0",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    herd.port();
+    (dir, herd)
+}
+
 fn daemon_pids(dir: &std::path::Path, n: usize) -> Vec<u32> {
     assert!(eventually(STARTUP, || std::fs::read_dir(dir)
         .unwrap()
@@ -41,20 +62,7 @@ fn daemon_pids(dir: &std::path::Path, n: usize) -> Vec<u32> {
 
 #[test]
 fn sigkill_of_herd_leaves_no_worker_and_no_descendant() {
-    let dir = TempDir::new("orphans");
-    let script = daemonizing_worker(dir.path());
-    let mut herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    herd.port();
+    let (dir, mut herd) = daemonizing_cluster("orphans", 2);
     let workers = [herd.nth_spawned(1), herd.nth_spawned(2)];
     let daemons = daemon_pids(dir.path(), 2);
     for pid in workers.iter().chain(&daemons) {
@@ -72,20 +80,7 @@ fn sigkill_of_herd_leaves_no_worker_and_no_descendant() {
 
 #[test]
 fn graceful_stop_also_sweeps_descendants() {
-    let dir = TempDir::new("sweep");
-    let script = daemonizing_worker(dir.path());
-    let mut herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "-l",
-        "127.0.0.1:0",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    herd.port();
+    let (dir, mut herd) = daemonizing_cluster("sweep", 1);
     let daemons = daemon_pids(dir.path(), 1);
     herd.signal("TERM");
     assert_eq!(herd.wait(Duration::from_secs(10)).code(), Some(0));
