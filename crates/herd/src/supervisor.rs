@@ -151,6 +151,19 @@ struct RoundRobin {
 }
 
 impl RoundRobin {
+    fn new() -> Self {
+        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+        RoundRobin {
+            accepted_tx,
+            accepted_rx,
+            waiting: Default::default(),
+            handed: HashMap::new(),
+            untaken: HashMap::new(),
+            next_id: 0,
+            next_slot: 0,
+        }
+    }
+
     /// Whether worker `pid` may be handed another connection.
     fn has_room(&self, pid: u32) -> bool {
         self.untaken.get(&pid).copied().unwrap_or(0) < RR_MAX_IN_FLIGHT
@@ -248,18 +261,7 @@ impl Supervisor {
             commands,
             events,
             on_demand: HashMap::new(),
-            rr: {
-                let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
-                RoundRobin {
-                    accepted_tx,
-                    accepted_rx,
-                    waiting: Default::default(),
-                    handed: HashMap::new(),
-                    untaken: HashMap::new(),
-                    next_id: 0,
-                    next_slot: 0,
-                }
-            },
+            rr: RoundRobin::new(),
         })
     }
 
@@ -1225,26 +1227,13 @@ mod tests {
         out
     }
 
-    fn round_robin() -> RoundRobin {
-        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
-        RoundRobin {
-            accepted_tx,
-            accepted_rx,
-            waiting: Default::default(),
-            handed: HashMap::new(),
-            untaken: HashMap::new(),
-            next_id: 0,
-            next_slot: 0,
-        }
-    }
-
     fn conn() -> OwnedFd {
         rustix::pipe::pipe().unwrap().0
     }
 
     #[test]
     fn round_robin_counts_untaken_and_reclaims_in_order() {
-        let mut rr = round_robin();
+        let mut rr = RoundRobin::new();
         for id in 0..RR_MAX_IN_FLIGHT as u64 {
             assert!(rr.has_room(7));
             rr.hand(id, 7, conn());
