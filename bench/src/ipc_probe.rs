@@ -85,11 +85,13 @@ async fn primary(codec: Codec, count: u64, rtt: u64) -> Result<()> {
             None => bail!("cluster ended"),
         }
     }
+    // The worker's own handle queues straight to its channel (no supervisor hop).
+    let worker = cluster.worker(0).await?.context("no worker in slot 0")?;
     // Round trips.
     let mut rtts = Vec::with_capacity(rtt as usize);
     for i in 0..rtt {
         let t = Instant::now();
-        cluster.send(0, &Msg::Ping(i))?;
+        worker.send(&Msg::Ping(i))?;
         let m = next_message(&mut events).await?;
         rtts.push(t.elapsed());
         if !matches!(m, Msg::Pong(n) if n == i) {
@@ -100,15 +102,18 @@ async fn primary(codec: Codec, count: u64, rtt: u64) -> Result<()> {
     // Primary → worker.
     let t = Instant::now();
     for seq in 0..count {
-        cluster.send(
-            0,
-            &Msg::Data {
-                seq,
-                body: BODY.into(),
-            },
-        )?;
+        worker.send(&Msg::Data {
+            seq,
+            body: BODY.into(),
+        })?;
+        // Let the writer task run now and then, as a program producing in
+        // bursts would, so the worker reads while we encode (the worker side
+        // flushes every 1024 too).
+        if seq % 1024 == 1023 {
+            tokio::task::yield_now().await;
+        }
     }
-    cluster.send(0, &Msg::Count(0))?;
+    worker.send(&Msg::Count(0))?;
     let m = next_message(&mut events).await?;
     let p2w = t.elapsed();
     if !matches!(m, Msg::Count(n) if n == count) {
@@ -116,7 +121,7 @@ async fn primary(codec: Codec, count: u64, rtt: u64) -> Result<()> {
     }
     // Worker → primary.
     let t = Instant::now();
-    cluster.send(0, &Msg::SendMe(count))?;
+    worker.send(&Msg::SendMe(count))?;
     let mut seen = 0;
     while seen < count {
         next_message(&mut events).await?;

@@ -89,9 +89,12 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     let _ = writeln!(
         md,
         "One worker, ~100-byte messages: {count} one-way messages each direction, {rtt} round trips; \
-         median (min–max) of {} runs. Primary → worker goes through the library's `ClusterHandle::send` \
-         (queued to the supervisor, then the worker's writer task); worker → primary through \
-         `Channel::feed`/`flush` and arrives as `Event::Message`.\n",
+         median (min–max) of {} runs. Primary → worker goes through the library's `WorkerHandle::send` \
+         (queued straight to the worker's writer task; the sender yields every 1024 messages, as the \
+         worker side flushes every 1024); worker → primary through `Channel::feed`/`flush` and arrives \
+         as `Event::Message` via the supervisor task. The floor row is a bare blocking socketpair \
+         ping-pong between two threads: what one round trip costs on this machine before any \
+         runtime or serialization.\n",
         ctx.reps
     );
     md.push_str("| channel | primary → worker msgs/s | worker → primary msgs/s | round trip p50 | p99 |\n|---|---|---|---|---|\n");

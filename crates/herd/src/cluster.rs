@@ -1,14 +1,16 @@
 //! The public face of a cluster: bind it, start it, talk to it, watch it.
 
+use std::os::fd::OwnedFd;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClusterConfig, Ipc, Signal};
 use crate::ipc::frame::{self, Codec, FrameError};
 use crate::socket::Listeners;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Outgoing, Supervisor};
 use crate::Error;
 
 /// How a cluster ended.
@@ -88,8 +90,17 @@ impl Cluster {
 /// Something that happened to a worker.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A worker process started in a slot.
+    /// A worker process started in a slot (Node's `fork`).
     Spawned {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+    },
+    /// The worker's program is up and talking (Node's `online`): it opened
+    /// herd's channel ([`crate::worker::Channel::from_env`]), or a Node worker
+    /// sent its first message. Workers without an IPC channel never report it.
+    Online {
         /// The slot.
         slot: usize,
         /// The worker's pid.
@@ -119,6 +130,15 @@ pub enum Event {
         pid: u32,
         /// The message; decode it with [`Message::decode`].
         message: Message,
+    },
+    /// The worker's IPC channel closed (Node's `disconnect`): the primary
+    /// disconnected it, it broke the protocol, it closed its end, or it exited.
+    /// Comes once per worker that had a channel, before its `Exited`.
+    Disconnected {
+        /// The slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
     },
     /// The worker exited (the slot may get a replacement).
     Exited {
@@ -165,14 +185,59 @@ impl Message {
     }
 }
 
-/// Requests to the supervisor.
+/// Requests to the supervisor. `pid: Some(p)` targets that worker only,
+/// not whichever runs in the slot by the time the request is handled.
 #[derive(Debug)]
 pub(crate) enum Command {
     Stop,
-    Send { slot: usize, frame: Vec<u8> },
-    Signal { slot: usize, signal: Signal },
-    Disconnect { slot: usize },
-    Workers(tokio::sync::oneshot::Sender<Vec<WorkerInfo>>),
+    Send {
+        slot: usize,
+        frame: Vec<u8>,
+    },
+    Signal {
+        slot: usize,
+        pid: Option<u32>,
+        signal: Signal,
+    },
+    Disconnect {
+        slot: usize,
+        pid: Option<u32>,
+    },
+    Workers(oneshot::Sender<Vec<WorkerInfo>>),
+    Worker {
+        slot: usize,
+        reply: oneshot::Sender<Option<WorkerLink>>,
+    },
+    Fork {
+        env: Vec<(String, String)>,
+        reply: oneshot::Sender<Result<WorkerLink, String>>,
+    },
+}
+
+/// What the supervisor hands out for one worker: its channel's queue and its
+/// status, both owned by the supervisor (the handle only sends and watches).
+#[derive(Debug)]
+pub(crate) struct WorkerLink {
+    pub(crate) slot: usize,
+    pub(crate) pid: u32,
+    pub(crate) outbox: Option<mpsc::UnboundedSender<Outgoing>>,
+    pub(crate) status: watch::Receiver<WorkerStatus>,
+}
+
+/// Where a worker stands, as its [`WorkerHandle`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerStatus {
+    /// Alive, with its IPC channel open.
+    Connected,
+    /// Alive, without a channel (none configured, or it was closed).
+    Disconnected,
+    /// Exited.
+    Dead {
+        /// Its exit code, if it exited.
+        code: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+    },
 }
 
 /// A live worker, as [`ClusterHandle::workers`] reports it.
@@ -197,6 +262,15 @@ pub enum HandleError {
     /// The cluster has no IPC channel to its workers.
     #[error("the cluster has no IPC channel (set ClusterConfig::ipc)")]
     NoChannel,
+    /// The worker's channel is closed (disconnected, or it exited).
+    #[error("worker {0} is not connected")]
+    NotConnected(u32),
+    /// Descriptors travel only on herd's own channel.
+    #[error("descriptors can only be sent over herd's channel (Ipc::Herd)")]
+    NoFdPassing,
+    /// A worker could not be started.
+    #[error("cannot fork a worker: {0}")]
+    Fork(String),
     /// The message could not be serialized.
     #[error(transparent)]
     Encode(#[from] FrameError),
@@ -225,19 +299,52 @@ impl ClusterHandle {
 
     /// Sends `message` to the worker in `slot`. It is dropped if the slot has
     /// no live worker with an open channel at that moment.
+    ///
+    /// This goes through the supervisor task. A program that sends a lot to
+    /// one worker should hold its [`WorkerHandle`], which queues straight to
+    /// the worker's channel.
     pub fn send<T: Serialize>(&self, slot: usize, message: &T) -> Result<(), HandleError> {
-        let frame = match self.ipc {
-            Ipc::None => return Err(HandleError::NoChannel),
-            Ipc::Herd => frame::encode(message, self.codec, false)?,
-            Ipc::Node => {
-                let value = serde_json::to_value(message)
-                    .map_err(|e| FrameError::Malformed(e.to_string()))?;
-                crate::ipc::node::encode(&value)
-            }
-        };
+        let frame = encode_for(self.ipc, self.codec, message, false)?;
         self.commands
             .send(Command::Send { slot, frame })
             .map_err(|_| HandleError::Stopped)
+    }
+
+    /// The worker now in `slot`, if one is alive.
+    pub async fn worker(&self, slot: usize) -> Result<Option<WorkerHandle>, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Worker { slot, reply })
+            .map_err(|_| HandleError::Stopped)?;
+        let link = rx.await.map_err(|_| HandleError::Stopped)?;
+        Ok(link.map(|l| self.handle_for(l)))
+    }
+
+    /// Adds a worker in a new slot, with `env` added to its environment
+    /// (Node's `cluster.fork(env)`). The slot is supervised like the others:
+    /// restarted by the policy, with the same environment. In reuseport mode
+    /// slot `n` shares the socket of slot `n % workers`.
+    pub async fn fork(&self, env: Vec<(String, String)>) -> Result<WorkerHandle, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Fork { env, reply })
+            .map_err(|_| HandleError::Stopped)?;
+        match rx.await.map_err(|_| HandleError::Stopped)? {
+            Ok(link) => Ok(self.handle_for(link)),
+            Err(why) => Err(HandleError::Fork(why)),
+        }
+    }
+
+    fn handle_for(&self, link: WorkerLink) -> WorkerHandle {
+        WorkerHandle {
+            slot: link.slot,
+            pid: link.pid,
+            outbox: link.outbox,
+            status: link.status,
+            commands: self.commands.clone(),
+            ipc: self.ipc,
+            codec: self.codec,
+        }
     }
 
     /// Retires the worker in `slot` gracefully (Node's `worker.disconnect()`):
@@ -245,7 +352,7 @@ impl ClusterHandle {
     /// after the stop timeout, and a fresh worker takes the slot when it exits.
     pub fn disconnect(&self, slot: usize) -> Result<(), HandleError> {
         self.commands
-            .send(Command::Disconnect { slot })
+            .send(Command::Disconnect { slot, pid: None })
             .map_err(|_| HandleError::Stopped)
     }
 
@@ -261,7 +368,11 @@ impl ClusterHandle {
     /// Sends `signal` to the process group of the worker in `slot`.
     pub fn signal(&self, slot: usize, signal: Signal) -> Result<(), HandleError> {
         self.commands
-            .send(Command::Signal { slot, signal })
+            .send(Command::Signal {
+                slot,
+                pid: None,
+                signal,
+            })
             .map_err(|_| HandleError::Stopped)
     }
 
@@ -271,6 +382,132 @@ impl ClusterHandle {
             Ok(result) => result,
             Err(e) => Err(Error::Spawn(std::io::Error::other(e.to_string()))),
         }
+    }
+}
+
+/// Serializes `message` for the cluster's wire format.
+fn encode_for<T: Serialize>(
+    ipc: Ipc,
+    codec: Codec,
+    message: &T,
+    has_fd: bool,
+) -> Result<Vec<u8>, HandleError> {
+    Ok(match ipc {
+        Ipc::None => return Err(HandleError::NoChannel),
+        Ipc::Herd => frame::encode(message, codec, has_fd)?,
+        Ipc::Node if has_fd => return Err(HandleError::NoFdPassing),
+        Ipc::Node => {
+            let value =
+                serde_json::to_value(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+            crate::ipc::node::encode(&value)
+        }
+    })
+}
+
+/// One worker process (Node's `Worker`): talk to it, signal it, retire it,
+/// watch it. It stays tied to that process: once it exits, sends fail and
+/// [`WorkerHandle::is_dead`] is true, while a replacement in the same slot
+/// has a handle of its own ([`ClusterHandle::worker`]).
+///
+/// Messages go straight to the worker's channel queue, not through the
+/// supervisor task: this is the fast path.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    slot: usize,
+    pid: u32,
+    outbox: Option<mpsc::UnboundedSender<Outgoing>>,
+    status: watch::Receiver<WorkerStatus>,
+    commands: mpsc::UnboundedSender<Command>,
+    ipc: Ipc,
+    codec: Codec,
+}
+
+impl WorkerHandle {
+    /// The worker's id as it sees it in [`crate::role`]: its slot.
+    pub fn id(&self) -> usize {
+        self.slot
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its status now.
+    pub fn status(&self) -> WorkerStatus {
+        *self.status.borrow()
+    }
+
+    /// Whether its IPC channel is open.
+    pub fn is_connected(&self) -> bool {
+        self.status() == WorkerStatus::Connected
+    }
+
+    /// Whether it has exited.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.status(), WorkerStatus::Dead { .. })
+    }
+
+    /// Waits until it has exited; returns how.
+    pub async fn exited(&self) -> WorkerStatus {
+        let mut status = self.status.clone();
+        let dead = status
+            .wait_for(|s| matches!(s, WorkerStatus::Dead { .. }))
+            .await
+            .map(|s| *s);
+        // Err: the supervisor is gone, and every worker with it.
+        dead.unwrap_or(WorkerStatus::Dead {
+            code: None,
+            signal: None,
+        })
+    }
+
+    /// Sends `message` to this worker.
+    pub fn send<T: Serialize>(&self, message: &T) -> Result<(), HandleError> {
+        let bytes = encode_for(self.ipc, self.codec, message, false)?;
+        self.push(Outgoing::Frame { bytes, fd: None })
+    }
+
+    /// Sends `message` with a descriptor attached (a socket, a file, a pipe);
+    /// the worker gets both from [`crate::worker::Channel::recv_with_fd`].
+    /// Only over herd's channel.
+    pub fn send_with_fd<T: Serialize>(&self, message: &T, fd: OwnedFd) -> Result<(), HandleError> {
+        if self.ipc != Ipc::Herd {
+            return Err(HandleError::NoFdPassing);
+        }
+        let bytes = encode_for(self.ipc, self.codec, message, true)?;
+        self.push(Outgoing::Frame { bytes, fd: Some(fd) })
+    }
+
+    fn push(&self, outgoing: Outgoing) -> Result<(), HandleError> {
+        let outbox = self.outbox.as_ref().ok_or(HandleError::NoChannel)?;
+        if !self.is_connected() {
+            return Err(HandleError::NotConnected(self.pid));
+        }
+        outbox
+            .send(outgoing)
+            .map_err(|_| HandleError::NotConnected(self.pid))
+    }
+
+    /// Sends `signal` to this worker's process group (if it is still alive).
+    pub fn kill(&self, signal: Signal) -> Result<(), HandleError> {
+        self.commands
+            .send(Command::Signal {
+                slot: self.slot,
+                pid: Some(self.pid),
+                signal,
+            })
+            .map_err(|_| HandleError::Stopped)
+    }
+
+    /// Retires this worker gracefully, as [`ClusterHandle::disconnect`] does.
+    pub fn disconnect(&self) -> Result<(), HandleError> {
+        self.commands
+            .send(Command::Disconnect {
+                slot: self.slot,
+                pid: Some(self.pid),
+            })
+            .map_err(|_| HandleError::Stopped)
     }
 }
 

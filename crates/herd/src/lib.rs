@@ -67,7 +67,10 @@ mod supervisor;
 mod sys;
 pub mod worker;
 
-pub use cluster::{Cluster, ClusterHandle, Event, HandleError, Message, Outcome, WorkerInfo};
+pub use cluster::{
+    Cluster, ClusterHandle, Event, HandleError, Message, Outcome, WorkerHandle, WorkerInfo,
+    WorkerStatus,
+};
 pub use config::Ipc;
 pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};

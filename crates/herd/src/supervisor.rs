@@ -23,13 +23,13 @@ use rustix::process::{Pid, Signal};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{Backoff, Intensity, Jitter};
-use crate::cluster::{Cluster, Command, Event, Message, Outcome, WorkerInfo};
+use crate::cluster::{Cluster, Command, Event, Message, Outcome, WorkerInfo, WorkerLink, WorkerStatus};
 use crate::config::Ipc;
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
 use crate::ipc::frame::{Codec, FrameDecoder};
@@ -52,6 +52,10 @@ enum SlotState {
         started: Instant,
         ready: bool,
         channel: Option<mpsc::UnboundedSender<Outgoing>>,
+        /// What this worker's handles see; the supervisor is its only writer.
+        status: watch::Sender<WorkerStatus>,
+        /// Whether it reported `Online`.
+        online: bool,
         /// Set by a disconnect: when the worker gets SIGKILL if still alive.
         disconnecting: Option<Instant>,
     },
@@ -63,6 +67,8 @@ enum SlotState {
 
 struct Slot {
     state: SlotState,
+    /// Environment added for this slot's workers (`ClusterHandle::fork`).
+    env: Vec<CString>,
     backoff: Backoff,
     intensity: Intensity,
     failed: bool,
@@ -79,9 +85,24 @@ struct Exit {
     status: std::io::Result<ExitStatus>,
 }
 
+/// A worker just spawned, before it is installed in its slot.
+struct NewWorker {
+    pid: u32,
+    child: tokio::process::Child,
+    /// Its channel's outgoing queue, if it has a channel.
+    channel: Option<mpsc::UnboundedSender<Outgoing>>,
+    /// Completes when its channel reader has passed on everything.
+    reader: Option<oneshot::Receiver<()>>,
+}
+
+/// How long an exit waits for the channel reader to reach EOF.
+const READER_GRACE: Duration = Duration::from_millis(500);
+
 /// What a worker's IPC reader task reports.
 #[derive(Debug)]
 enum ChannelEvent {
+    /// The worker's program opened its channel.
+    Online,
     /// The worker said it is ready.
     Ready,
     /// An application message.
@@ -92,13 +113,22 @@ enum ChannelEvent {
     Taken { id: u64 },
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
+    /// The worker closed its end (or exited).
+    Closed,
 }
 
-/// A frame for a worker, with a descriptor to pass along it, if any.
+/// What a worker's writer task is given.
 #[derive(Debug)]
-pub(crate) struct Outgoing {
-    bytes: Vec<u8>,
-    fd: Option<OwnedFd>,
+pub(crate) enum Outgoing {
+    /// A frame, with a descriptor to pass along it, if any.
+    Frame {
+        bytes: Vec<u8>,
+        fd: Option<OwnedFd>,
+    },
+    /// Close the channel once everything queued before is written. Sent by
+    /// the supervisor only: handles hold senders too, so dropping the
+    /// supervisor's would not end the writer.
+    Close,
 }
 
 struct Guardian {
@@ -129,6 +159,9 @@ pub(crate) struct Supervisor {
     /// Round-robin: connections accepted by the primary.
     rr: RoundRobin,
 }
+
+/// The most queued channel events or commands handled per select round.
+const BATCH: usize = 256;
 
 /// The most connections handed to one worker and not yet taken by it.
 const RR_MAX_IN_FLIGHT: usize = 32;
@@ -238,6 +271,7 @@ impl Supervisor {
         let slots = (0..config.workers)
             .map(|_| Slot {
                 state: SlotState::Done { succeeded: true },
+                env: Vec::new(),
                 backoff: Backoff::new(config.backoff),
                 intensity: Intensity::new(config.max_restarts, config.within),
                 failed: false,
@@ -298,11 +332,32 @@ impl Supervisor {
                 _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
                 _ = sighup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
                 _ = sigchld.recv() => self.reap_strays(),
-                Some((slot, pid, event)) = self.channel_rx.recv() => self.on_channel_event(slot, pid, event),
-                Some(command) = self.commands.recv() => self.on_command(command),
+                Some((slot, pid, event)) = self.channel_rx.recv() => {
+                    self.on_channel_event(slot, pid, event);
+                    // Take what else is queued before going round the select
+                    // again: a burst of messages costs one wakeup, not one each.
+                    for _ in 0..BATCH {
+                        let Ok((slot, pid, event)) = self.channel_rx.try_recv() else { break };
+                        self.on_channel_event(slot, pid, event);
+                    }
+                }
+                Some(command) = self.commands.recv() => {
+                    self.on_command(command);
+                    for _ in 0..BATCH {
+                        let Ok(command) = self.commands.try_recv() else { break };
+                        self.on_command(command);
+                    }
+                }
                 Some(conn) = self.rr.accepted_rx.recv() => self.on_accepted(conn),
                 Some(joined) = self.exits.join_next() => match joined {
-                    Ok(exit) => self.on_exit(exit),
+                    Ok(exit) => {
+                        // The reader queued the worker's last messages before
+                        // the exit was reported: handle them first.
+                        while let Ok((slot, pid, event)) = self.channel_rx.try_recv() {
+                            self.on_channel_event(slot, pid, event);
+                        }
+                        self.on_exit(exit)
+                    }
                     Err(e) => error!("worker watcher failed: {e}"),
                 },
                 status = wait_guardian(&mut self.guardian) => {
@@ -449,23 +504,7 @@ impl Supervisor {
 
     fn spawn(&mut self, slot: usize) {
         match self.try_spawn(slot) {
-            Ok((pid, child, channel)) => {
-                info!(slot, pid, "worker {pid} spawned in slot {slot}");
-                let _ = self.events.send(Event::Spawned { slot, pid });
-                self.slots[slot].state = SlotState::Running {
-                    pid,
-                    started: Instant::now(),
-                    ready: false,
-                    channel,
-                    disconnecting: None,
-                };
-                self.tell_guardian(pid as i32);
-                self.exits.spawn(async move {
-                    let mut child = child;
-                    let status = child.wait().await;
-                    Exit { slot, pid, status }
-                });
-            }
+            Ok(new) => self.install(slot, new),
             Err(e) => {
                 error!(slot, "cannot spawn a worker for slot {slot}: {e}");
                 let now = Instant::now();
@@ -474,21 +513,98 @@ impl Supervisor {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn try_spawn(
-        &mut self,
-        slot: usize,
-    ) -> std::io::Result<(
-        u32,
-        tokio::process::Child,
-        Option<mpsc::UnboundedSender<Outgoing>>,
-    )> {
+    /// Makes a freshly spawned worker the slot's own and watches for its exit.
+    fn install(&mut self, slot: usize, new: NewWorker) {
+        let NewWorker {
+            pid,
+            child,
+            channel,
+            reader,
+        } = new;
+        info!(slot, pid, "worker {pid} spawned in slot {slot}");
+        let _ = self.events.send(Event::Spawned { slot, pid });
+        let (status, _) = watch::channel(if channel.is_some() {
+            WorkerStatus::Connected
+        } else {
+            WorkerStatus::Disconnected
+        });
+        self.slots[slot].state = SlotState::Running {
+            pid,
+            started: Instant::now(),
+            ready: false,
+            channel,
+            status,
+            online: false,
+            disconnecting: None,
+        };
+        self.tell_guardian(pid as i32);
+        self.exits.spawn(async move {
+            let mut child = child;
+            let status = child.wait().await;
+            // Report the exit only once the channel reader has passed on
+            // everything the worker sent before it died (a result written
+            // just before exit must not be lost). The bound covers a
+            // descendant that kept the channel open.
+            if let Some(reader) = reader {
+                let _ = tokio::time::timeout(READER_GRACE, reader).await;
+            }
+            Exit { slot, pid, status }
+        });
+    }
+
+    /// A handle's view of the worker in `slot`, if one is alive.
+    fn link(&self, slot: usize) -> Option<WorkerLink> {
+        match &self.slots.get(slot)?.state {
+            SlotState::Running {
+                pid,
+                channel,
+                status,
+                ..
+            } => Some(WorkerLink {
+                slot,
+                pid: *pid,
+                outbox: channel.clone(),
+                status: status.subscribe(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Closes the channel of the worker in `slot` if it is `pid` and has one
+    /// open: everything queued is still written, then the worker reads EOF.
+    fn close_channel(&mut self, slot: usize, pid: u32) {
+        let SlotState::Running {
+            pid: p,
+            channel,
+            status,
+            ..
+        } = &mut self.slots[slot].state
+        else {
+            return;
+        };
+        if *p != pid {
+            return;
+        }
+        if let Some(tx) = channel.take() {
+            let _ = tx.send(Outgoing::Close);
+            status.send_replace(WorkerStatus::Disconnected);
+            let _ = self.events.send(Event::Disconnected { slot, pid });
+        }
+        self.requeue(pid);
+    }
+
+    fn try_spawn(&mut self, slot: usize) -> std::io::Result<NewWorker> {
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
+        env.extend(self.slots[slot].env.iter().cloned());
         let mut add = |k: &str, v: &str| env.extend(env_entry(k.as_ref(), v.as_ref()));
         add("HERD_WORKER_ID", &slot.to_string());
         add("HERD_WORKERS", &self.config.workers.to_string());
         add("HERD_PRIMARY_PID", &std::process::id().to_string());
+        add(
+            "HERD_STOP_SIGNAL",
+            &self.config.stop_signal.as_raw().to_string(),
+        );
         if !fds.is_empty() {
             add("LISTEN_FDS", &fds.len().to_string());
             add("LISTEN_FDNAMES", &self.listeners.fd_names());
@@ -527,16 +643,19 @@ impl Supervisor {
             let sink = self.output.clone();
             tokio::spawn(sink.forward(err, Stream::Stderr, slot, pid));
         }
+        let mut reader = None;
         let channel = match ipc {
             Some((ours, theirs)) => {
                 drop(theirs); // the worker has its copy now
                 ours.set_nonblocking(true)?;
                 let (read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
                 let tx = self.channel_tx.clone();
+                let (done, reader_done) = oneshot::channel();
+                reader = Some(reader_done);
                 if self.config.ipc == Ipc::Node {
-                    tokio::spawn(read_channel::<NodeDecoder>(read, slot, pid, tx));
+                    tokio::spawn(read_channel::<NodeDecoder>(read, slot, pid, tx, done));
                 } else {
-                    tokio::spawn(read_channel::<FrameDecoder>(read, slot, pid, tx));
+                    tokio::spawn(read_channel::<FrameDecoder>(read, slot, pid, tx, done));
                 }
                 let (frames, queue) = mpsc::unbounded_channel();
                 tokio::spawn(write_channel(write, queue));
@@ -544,28 +663,42 @@ impl Supervisor {
             }
             None => None,
         };
-        Ok((pid, child, channel))
+        Ok(NewWorker {
+            pid,
+            child,
+            channel,
+            reader,
+        })
     }
 
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
-        let event = match event {
-            ChannelEvent::Listen { seq, spec } => return self.on_listen(slot, from, seq, &spec),
-            ChannelEvent::Taken { id } => return self.on_taken(from, id),
-            other => other,
-        };
         let SlotState::Running {
             pid,
             ready,
             channel,
+            online,
             ..
         } = &mut self.slots[slot].state
         else {
             return;
         };
-        if *pid != from {
-            return; // from a worker that has since been replaced
+        if *pid != from || channel.is_none() {
+            return; // from a worker since replaced, or disconnected
+        }
+        // A Node worker's first message of any kind shows it is up.
+        if !*online && (matches!(event, ChannelEvent::Online) || self.config.ipc == Ipc::Node) {
+            *online = true;
+            debug!(slot, pid = from, "worker {from} online");
+            let _ = self.events.send(Event::Online { slot, pid: from });
         }
         match event {
+            ChannelEvent::Online => {}
+            ChannelEvent::Listen { seq, spec } => self.on_listen(slot, from, seq, &spec),
+            ChannelEvent::Taken { id } => self.on_taken(from, id),
+            ChannelEvent::Closed => {
+                debug!(slot, pid = from, "worker {from} closed its channel");
+                self.close_channel(slot, from);
+            }
             ChannelEvent::Ready => {
                 if !*ready {
                     *ready = true;
@@ -583,15 +716,13 @@ impl Supervisor {
                     message,
                 });
             }
-            ChannelEvent::Listen { .. } | ChannelEvent::Taken { .. } => {} // handled above
             ChannelEvent::Malformed(why) => {
                 warn!(
                     slot,
                     pid = from,
                     "worker {from} broke the IPC protocol ({why}); channel closed"
                 );
-                *channel = None;
-                self.requeue(from);
+                self.close_channel(slot, from);
             }
         }
     }
@@ -617,7 +748,7 @@ impl Supervisor {
                     pid: from,
                     address: address.clone(),
                 });
-                Outgoing {
+                Outgoing::Frame {
                     bytes: encode_control(&Control::Listening { seq, address }, true),
                     fd: Some(fd),
                 }
@@ -628,7 +759,7 @@ impl Supervisor {
                     pid = from,
                     "worker {from} cannot listen on {spec}: {error}"
                 );
-                Outgoing {
+                Outgoing::Frame {
                     bytes: encode_control(&Control::ListenFailed { seq, error }, false),
                     fd: None,
                 }
@@ -725,7 +856,7 @@ impl Supervisor {
             let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&conn, 0) else {
                 continue; // out of descriptors: drop this connection
             };
-            let _ = tx.send(Outgoing {
+            let _ = tx.send(Outgoing::Frame {
                 bytes: encode_control(&Control::Conn { id }, true),
                 fd: Some(copy),
             });
@@ -761,7 +892,7 @@ impl Supervisor {
                     channel: Some(tx), ..
                 }) = self.slots.get(slot).map(|s| &s.state)
                 {
-                    let _ = tx.send(Outgoing {
+                    let _ = tx.send(Outgoing::Frame {
                         bytes: frame,
                         fd: None,
                     });
@@ -791,33 +922,76 @@ impl Supervisor {
                     .collect();
                 let _ = reply.send(workers);
             }
-            Command::Disconnect { slot } => {
-                let stop_signal = self.config.stop_signal;
-                let kill_at = Instant::now() + self.config.stop_timeout;
-                if let Some(Slot {
-                    state:
-                        SlotState::Running {
-                            pid,
-                            channel,
-                            disconnecting: disconnecting @ None,
-                            ..
-                        },
-                    ..
-                }) = self.slots.get_mut(slot)
+            Command::Disconnect { slot, pid } => self.disconnect(slot, pid),
+            Command::Signal { slot, pid, signal } => {
+                if let Some(SlotState::Running { pid: p, .. }) =
+                    self.slots.get(slot).map(|s| &s.state)
                 {
-                    info!(slot, pid = *pid, "disconnecting worker {pid}");
-                    *channel = None; // EOF on its channel
-                    *disconnecting = Some(kill_at);
-                    signal_group(*pid, stop_signal);
-                    let pid = *pid;
-                    self.requeue(pid);
+                    if pid.is_none_or(|pid| pid == *p) {
+                        signal_group(*p, signal);
+                    }
                 }
             }
-            Command::Signal { slot, signal } => {
-                if let Some(SlotState::Running { pid, .. }) = self.slots.get(slot).map(|s| &s.state)
-                {
-                    signal_group(*pid, signal);
-                }
+            Command::Worker { slot, reply } => {
+                let _ = reply.send(self.link(slot));
+            }
+            Command::Fork { env, reply } => {
+                let _ = reply.send(self.fork(env));
+            }
+        }
+    }
+
+    /// Retires the worker in `slot` (if it is `pid`, when given): closes its
+    /// channel, sends the stop signal, and SIGKILL at the stop timeout.
+    fn disconnect(&mut self, slot: usize, only: Option<u32>) {
+        let stop_signal = self.config.stop_signal;
+        let kill_at = Instant::now() + self.config.stop_timeout;
+        let Some(Slot {
+            state:
+                SlotState::Running {
+                    pid,
+                    disconnecting: disconnecting @ None,
+                    ..
+                },
+            ..
+        }) = self.slots.get_mut(slot)
+        else {
+            return;
+        };
+        if only.is_some_and(|p| p != *pid) {
+            return;
+        }
+        let pid = *pid;
+        info!(slot, pid, "disconnecting worker {pid}");
+        *disconnecting = Some(kill_at);
+        self.close_channel(slot, pid);
+        signal_group(pid, stop_signal);
+    }
+
+    /// A new slot with `env` added to its workers' environment.
+    fn fork(&mut self, env: Vec<(String, String)>) -> Result<WorkerLink, String> {
+        if !matches!(self.phase, Phase::Running) {
+            return Err("the cluster is stopping".into());
+        }
+        let slot = self.slots.len();
+        self.slots.push(Slot {
+            state: SlotState::Done { succeeded: true },
+            env: env
+                .iter()
+                .filter_map(|(k, v)| env_entry(k.as_ref(), v.as_ref()))
+                .collect(),
+            backoff: Backoff::new(self.config.backoff),
+            intensity: Intensity::new(self.config.max_restarts, self.config.within),
+            failed: false,
+        });
+        match self.try_spawn(slot) {
+            Ok(new) => {
+                self.install(slot, new);
+                Ok(self.link(slot).expect("just installed"))
+            }
+            Err(e) => {
+                self.slots.pop();
+                Err(e.to_string())
             }
         }
     }
@@ -825,15 +999,20 @@ impl Supervisor {
     fn on_exit(&mut self, exit: Exit) {
         let Exit { slot, pid, status } = exit;
         self.tell_guardian(-(pid as i32));
+        // Nothing more is handed to it; what it never took goes elsewhere.
+        self.close_channel(slot, pid);
+        self.requeue(pid);
         if let SlotState::Running {
-            pid: p, channel, ..
-        } = &mut self.slots[slot].state
+            pid: p, status: s, ..
+        } = &self.slots[slot].state
         {
             if *p == pid {
-                *channel = None; // so that nothing more is handed to it
+                s.send_replace(WorkerStatus::Dead {
+                    code: status.as_ref().ok().and_then(|s| s.code()),
+                    signal: status.as_ref().ok().and_then(|s| s.signal()),
+                });
             }
         }
-        self.requeue(pid);
         let now = Instant::now();
         let (uptime, exited_after_disconnect) = match self.slots[slot].state {
             SlotState::Running {
@@ -1031,6 +1210,7 @@ impl WireDecoder for FrameDecoder {
         Some(match self.next_frame() {
             Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
                 Ok(Control::Ready) => ChannelEvent::Ready,
+                Ok(Control::Online) => ChannelEvent::Online,
                 Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
                 Ok(Control::Taken { id }) => ChannelEvent::Taken { id },
                 Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
@@ -1053,15 +1233,19 @@ async fn read_channel<D: WireDecoder>(
     slot: usize,
     pid: u32,
     tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
+    // Dropped on return: tells the exit watcher everything was passed on.
+    _done: oneshot::Sender<()>,
 ) {
     let mut decoder = D::default();
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match read.read(&mut buf).await {
             Ok(0) | Err(_) => {
-                if let Err(e) = decoder.finish() {
-                    let _ = tx.send((slot, pid, ChannelEvent::Malformed(e)));
-                }
+                let last = match decoder.finish() {
+                    Err(e) => ChannelEvent::Malformed(e),
+                    Ok(()) => ChannelEvent::Closed,
+                };
+                let _ = tx.send((slot, pid, last));
                 return;
             }
             Ok(n) => n,
@@ -1092,15 +1276,16 @@ async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedRece
                 None => return,
             },
         };
-        let result = match first.fd {
-            Some(fd) => send_with_fd(&mut write, &first.bytes, fd).await,
-            None => {
-                let mut batch = first.bytes;
+        let result = match first {
+            Outgoing::Close => return,
+            Outgoing::Frame { bytes, fd: Some(fd) } => send_with_fd(&mut write, &bytes, fd).await,
+            Outgoing::Frame { bytes, fd: None } => {
+                let mut batch = bytes;
                 while batch.len() < BATCH {
                     match queue.try_recv() {
-                        Ok(o) if o.fd.is_none() => batch.extend_from_slice(&o.bytes),
-                        Ok(o) => {
-                            held = Some(o);
+                        Ok(Outgoing::Frame { bytes, fd: None }) => batch.extend_from_slice(&bytes),
+                        Ok(other) => {
+                            held = Some(other);
                             break;
                         }
                         Err(_) => break,
@@ -1216,7 +1401,8 @@ mod tests {
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let (read, _write) = ours.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_channel::<FrameDecoder>(read, 0, 42, tx));
+        let (done, _) = oneshot::channel();
+        let reader = tokio::spawn(read_channel::<FrameDecoder>(read, 0, 42, tx, done));
         theirs.write_all(bytes).await.unwrap();
         drop(theirs);
         reader.await.unwrap();

@@ -85,8 +85,9 @@ pub struct Channel {
     buf: Vec<u8>,
     /// Frames fed but not yet written.
     out: Vec<u8>,
-    /// Application frames read while waiting for a control reply.
-    pending: VecDeque<Frame>,
+    /// Application frames read while waiting for a control reply, each with
+    /// its descriptor if it carried one.
+    pending: VecDeque<(Frame, Option<OwnedFd>)>,
     /// Descriptors received (SCM_RIGHTS), in order, for frames flagged with one.
     fds: VecDeque<OwnedFd>,
     /// Connections handed over (round-robin) and not yet accepted.
@@ -106,7 +107,10 @@ impl Channel {
             .parse()
             .map_err(|_| ChannelError::BadFd(text.clone()))?;
         let owned = sys::adopt_inherited_fd(fd).map_err(|_| ChannelError::BadFd(text.clone()))?;
-        let std = std::os::unix::net::UnixStream::from(owned);
+        let mut std = std::os::unix::net::UnixStream::from(owned);
+        // Online, written before the socket turns non-blocking: a few bytes
+        // into an empty socket buffer never wait.
+        std::io::Write::write_all(&mut std, &frame::encode_control(&Control::Online, false)?)?;
         std.set_nonblocking(true)?;
         Ok(Some(Channel {
             stream: UnixStream::from_std(std)?,
@@ -163,17 +167,35 @@ impl Channel {
     /// The next message from the primary, or `None` once the primary has
     /// closed the channel (it stopped, or it is gone).
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ChannelError> {
+        // A descriptor sent along with a message is closed here.
+        Ok(self.recv_with_fd().await?.map(|(message, _)| message))
+    }
+
+    /// The next message from the primary with the descriptor sent along
+    /// with it, if any ([`crate::WorkerHandle::send_with_fd`]).
+    pub async fn recv_with_fd<T: DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<(T, Option<OwnedFd>)>, ChannelError> {
         self.flush().await?;
-        if let Some(frame) = self.pending.pop_front() {
-            return Ok(Some(frame.decode()?));
+        if let Some((frame, fd)) = self.pending.pop_front() {
+            return Ok(Some((frame.decode()?, fd)));
         }
         loop {
             match self.next_frame().await? {
-                Some(frame) if frame.is_control() => self.stash_control(frame)?,
-                Some(frame) => return Ok(Some(frame.decode()?)),
+                Some((frame, fd)) if frame.is_control() => self.stash_control(frame, fd)?,
+                Some((frame, fd)) => return Ok(Some((frame.decode()?, fd))),
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Closes the channel (Node's `process.disconnect()` in a worker): the
+    /// primary reports [`crate::Event::Disconnected`] and sends nothing more.
+    /// The process goes on; herd replaces it when it exits.
+    pub async fn disconnect(mut self) -> Result<(), ChannelError> {
+        self.flush().await?;
+        self.stream.shutdown().await?;
+        Ok(())
     }
 
     /// The next connection the primary hands this worker (round-robin
@@ -192,8 +214,8 @@ impl Channel {
                 return Ok(Some(tokio::net::TcpStream::from_std(std)?));
             }
             match self.next_frame().await? {
-                Some(frame) if frame.is_control() => self.stash_control(frame)?,
-                Some(frame) => self.pending.push_back(frame),
+                Some((frame, fd)) if frame.is_control() => self.stash_control(frame, fd)?,
+                Some(pair) => self.pending.push_back(pair),
                 None => return Ok(None),
             }
         }
@@ -201,12 +223,7 @@ impl Channel {
 
     /// Keeps a control frame nobody is waiting for: a connection is queued for
     /// [`Channel::accept`]; anything else is dropped (with its descriptor).
-    fn stash_control(&mut self, frame: Frame) -> Result<(), ChannelError> {
-        let fd = if frame.has_fd {
-            self.fds.pop_front()
-        } else {
-            None
-        };
+    fn stash_control(&mut self, frame: Frame, fd: Option<OwnedFd>) -> Result<(), ChannelError> {
         if let (Control::Conn { id }, Some(fd)) = (frame.decode::<Control>()?, fd) {
             self.conns.push_back((id, fd));
         }
@@ -229,28 +246,17 @@ impl Channel {
         )?);
         self.flush().await?;
         loop {
-            let Some(frame) = self.next_frame().await? else {
+            let Some((frame, fd)) = self.next_frame().await? else {
                 return Err(ChannelError::Closed);
             };
             if !frame.is_control() {
-                self.pending.push_back(frame);
+                self.pending.push_back((frame, fd));
                 continue;
             }
             if matches!(frame.decode::<Control>(), Ok(Control::Conn { .. })) {
-                self.stash_control(frame)?;
+                self.stash_control(frame, fd)?;
                 continue;
             }
-            let fd = if frame.has_fd {
-                Some(
-                    self.fds
-                        .pop_front()
-                        .ok_or(ChannelError::Frame(FrameError::Malformed(
-                            "a frame announced a descriptor that did not arrive".into(),
-                        )))?,
-                )
-            } else {
-                None
-            };
             match frame.decode::<Control>()? {
                 Control::Listening { seq: s, address } if s == seq => {
                     let fd = fd.ok_or(ChannelError::Frame(FrameError::Malformed(
@@ -266,11 +272,20 @@ impl Channel {
         }
     }
 
-    /// The next frame off the socket, collecting passed descriptors.
-    async fn next_frame(&mut self) -> Result<Option<Frame>, ChannelError> {
+    /// The next frame off the socket, with its descriptor if it announced one.
+    async fn next_frame(&mut self) -> Result<Option<(Frame, Option<OwnedFd>)>, ChannelError> {
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
-                return Ok(Some(frame));
+                let fd = if frame.has_fd {
+                    Some(self.fds.pop_front().ok_or(ChannelError::Frame(
+                        FrameError::Malformed(
+                            "a frame announced a descriptor that did not arrive".into(),
+                        ),
+                    ))?)
+                } else {
+                    None
+                };
+                return Ok(Some((frame, fd)));
             }
             let n = self.read_some().await?;
             if n == 0 {
@@ -332,4 +347,51 @@ pub async fn listen_tcp(
     let std = std::net::TcpListener::from(fd);
     std.set_nonblocking(true)?;
     Ok(tokio::net::TcpListener::from_std(std)?)
+}
+
+/// A Unix stream listener at `path`: from the primary in a cluster (spec
+/// `unix:PATH`), bound here otherwise. See [`listen_tcp`].
+pub async fn listen_unix(
+    channel: Option<&mut Channel>,
+    path: &str,
+) -> Result<tokio::net::UnixListener, ChannelError> {
+    let Some(channel) = channel else {
+        return Ok(tokio::net::UnixListener::bind(path)?);
+    };
+    let (fd, _) = channel.listen(&format!("unix:{path}")).await?;
+    let std = std::os::unix::net::UnixListener::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::UnixListener::from_std(std)?)
+}
+
+/// A UDP socket bound to `addr`: from the primary in a cluster (spec
+/// `udp:ADDR`), bound here otherwise. See [`listen_tcp`].
+pub async fn listen_udp(
+    channel: Option<&mut Channel>,
+    addr: &str,
+) -> Result<tokio::net::UdpSocket, ChannelError> {
+    let Some(channel) = channel else {
+        return Ok(tokio::net::UdpSocket::bind(addr).await?);
+    };
+    let (fd, _) = channel.listen(&format!("udp:{addr}")).await?;
+    let std = std::net::UdpSocket::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(tokio::net::UdpSocket::from_std(std)?)
+}
+
+/// Resolves when herd asks this worker to drain: the stop signal arrives
+/// (on [`crate::ClusterHandle::disconnect`], a rolling replacement or the
+/// cluster's stop). Call it early: the signal is caught from then on, so the
+/// worker no longer dies of it and must exit once drained (herd sends
+/// SIGKILL at the stop timeout). The stop signal is `HERD_STOP_SIGNAL`
+/// (a number herd sets; SIGTERM when absent).
+pub fn drain_requested() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let number = std::env::var("HERD_STOP_SIGNAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(libc::SIGTERM);
+    let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(number))?;
+    Ok(async move {
+        signal.recv().await;
+    })
 }

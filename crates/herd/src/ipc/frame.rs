@@ -121,7 +121,10 @@ pub(crate) fn encode_control<T: Serialize>(
 }
 
 fn encode_with<T: Serialize>(message: &T, codec: Codec, flags: u8) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; HEADER_LEN];
+    // Room for a typical small message up front: growing from empty costs
+    // several reallocations per frame.
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
     match codec {
         Codec::Json => serde_json::to_writer(&mut out, message)
             .map_err(|e| FrameError::Malformed(e.to_string()))?,
@@ -146,6 +149,10 @@ fn encode_with<T: Serialize>(message: &T, codec: Codec, flags: u8) -> Result<Vec
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Bytes at the front of `buf` already decoded. They are dropped in one
+    /// move when more bytes arrive, not one frame at a time: a read of many
+    /// small frames would otherwise shift the buffer once per frame.
+    start: usize,
     max: usize,
 }
 
@@ -160,23 +167,29 @@ impl FrameDecoder {
     pub fn new(max: usize) -> Self {
         FrameDecoder {
             buf: Vec::new(),
+            start: 0,
             max,
         }
     }
 
     /// Appends bytes read from the channel.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next complete frame, `None` if more bytes are needed. After an
     /// error the stream is unusable: disconnect the peer.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.buf.len() < HEADER_LEN {
+        let buf = &self.buf[self.start..];
+        if buf.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        let flags = self.buf[4];
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let flags = buf[4];
         if len > self.max {
             return Err(FrameError::TooLong { len, max: self.max });
         }
@@ -188,11 +201,11 @@ impl FrameDecoder {
             1 => Codec::Postcard,
             _ => return Err(FrameError::BadFlags(flags)),
         };
-        if self.buf.len() < HEADER_LEN + len {
+        if buf.len() < HEADER_LEN + len {
             return Ok(None);
         }
-        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
-        self.buf.drain(..HEADER_LEN + len);
+        let payload = buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.start += HEADER_LEN + len;
         Ok(Some(Frame {
             has_fd: flags & FLAG_FD != 0,
             control: flags & FLAG_CONTROL != 0,
@@ -203,10 +216,9 @@ impl FrameDecoder {
 
     /// Call at end of stream: an unfinished frame is an error.
     pub fn finish(&self) -> Result<(), FrameError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(FrameError::Truncated(self.buf.len()))
+        match self.buf.len() - self.start {
+            0 => Ok(()),
+            left => Err(FrameError::Truncated(left)),
         }
     }
 }

@@ -26,6 +26,8 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Control {
+    /// Worker → primary: the worker's program opened its channel.
+    Online,
     /// Worker → primary: ready to serve.
     Ready,
     /// Worker → primary: give me a listening socket for `spec` (a listen

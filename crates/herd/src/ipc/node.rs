@@ -23,7 +23,10 @@ pub enum NodeIpcError {
 #[derive(Debug)]
 pub struct NodeDecoder {
     buf: Vec<u8>,
-    /// Bytes of `buf` already searched for a newline.
+    /// Bytes at the front of `buf` already decoded, dropped in one move when
+    /// more bytes arrive (not once per line).
+    start: usize,
+    /// Bytes of `buf` already searched for a newline (from `start`).
     scanned: usize,
     max: usize,
 }
@@ -39,6 +42,7 @@ impl NodeDecoder {
     pub fn new(max: usize) -> Self {
         NodeDecoder {
             buf: Vec::new(),
+            start: 0,
             scanned: 0,
             max,
         }
@@ -46,6 +50,11 @@ impl NodeDecoder {
 
     /// Appends bytes read from the channel.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
@@ -55,18 +64,18 @@ impl NodeDecoder {
         loop {
             let Some(nl) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') else {
                 self.scanned = self.buf.len();
-                if self.buf.len() > self.max {
+                if self.buf.len() - self.start > self.max {
                     return Err(NodeIpcError::TooLong { max: self.max });
                 }
                 return Ok(None);
             };
             let end = self.scanned + nl;
-            if end > self.max {
+            if end - self.start > self.max {
                 return Err(NodeIpcError::TooLong { max: self.max });
             }
-            let line: Vec<u8> = self.buf.drain(..=end).collect();
-            self.scanned = 0;
-            let line = &line[..line.len() - 1];
+            let line = &self.buf[self.start..end];
+            self.start = end + 1;
+            self.scanned = self.start;
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -76,10 +85,11 @@ impl NodeDecoder {
 
     /// Call at end of stream: an unfinished message is an error.
     pub fn finish(&self) -> Result<(), NodeIpcError> {
-        if self.buf.iter().all(u8::is_ascii_whitespace) {
+        let left = &self.buf[self.start..];
+        if left.iter().all(u8::is_ascii_whitespace) {
             Ok(())
         } else {
-            Err(NodeIpcError::Truncated(self.buf.len()))
+            Err(NodeIpcError::Truncated(left.len()))
         }
     }
 }
