@@ -476,7 +476,10 @@ impl WorkerHandle {
             return Err(HandleError::NoFdPassing);
         }
         let bytes = encode_for(self.ipc, self.codec, message, true)?;
-        self.push(Outgoing::Frame { bytes, fd: Some(fd) })
+        self.push(Outgoing::Frame {
+            bytes,
+            fd: Some(fd),
+        })
     }
 
     fn push(&self, outgoing: Outgoing) -> Result<(), HandleError> {

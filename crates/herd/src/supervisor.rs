@@ -29,7 +29,9 @@ use tokio::time::sleep_until;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{Backoff, Intensity, Jitter};
-use crate::cluster::{Cluster, Command, Event, Message, Outcome, WorkerInfo, WorkerLink, WorkerStatus};
+use crate::cluster::{
+    Cluster, Command, Event, Message, Outcome, WorkerInfo, WorkerLink, WorkerStatus,
+};
 use crate::config::Ipc;
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
 use crate::ipc::frame::{Codec, FrameDecoder};
@@ -121,10 +123,7 @@ enum ChannelEvent {
 #[derive(Debug)]
 pub(crate) enum Outgoing {
     /// A frame, with a descriptor to pass along it, if any.
-    Frame {
-        bytes: Vec<u8>,
-        fd: Option<OwnedFd>,
-    },
+    Frame { bytes: Vec<u8>, fd: Option<OwnedFd> },
     /// Close the channel once everything queued before is written. Sent by
     /// the supervisor only: handles hold senders too, so dropping the
     /// supervisor's would not end the writer.
@@ -770,9 +769,29 @@ impl Supervisor {
 
     fn socket_for(&mut self, slot: usize, text: &str) -> Result<(OwnedFd, String), String> {
         let spec: ListenSpec = text.parse().map_err(|e: ListenSpecError| e.to_string())?;
-        let (listeners, index) = match self.config.listen.iter().position(|s| *s == spec) {
-            Some(i) => (&self.listeners, i),
-            None => {
+        // A socket already open for this address: asked as configured
+        // (`:0` too), or by the address it was bound to (the port the
+        // kernel chose for an earlier `:0`).
+        let configured = self
+            .config
+            .listen
+            .iter()
+            .position(|s| *s == spec)
+            .or_else(|| {
+                self.listeners
+                    .specs()
+                    .iter()
+                    .position(|s| s.address == spec.address)
+            });
+        let earlier = self
+            .on_demand
+            .iter()
+            .find(|(_, l)| l.specs()[0].address == spec.address)
+            .map(|(k, _)| k.clone());
+        let (listeners, index) = match (configured, earlier) {
+            (Some(i), _) => (&self.listeners, i),
+            (None, Some(key)) => (&self.on_demand[&key], 0),
+            (None, None) => {
                 if !self.on_demand.contains_key(text) {
                     let bound = Listeners::bind(&[spec], self.config.balance, self.config.workers)
                         .map_err(|e| e.to_string())?;
@@ -1278,7 +1297,10 @@ async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedRece
         };
         let result = match first {
             Outgoing::Close => return,
-            Outgoing::Frame { bytes, fd: Some(fd) } => send_with_fd(&mut write, &bytes, fd).await,
+            Outgoing::Frame {
+                bytes,
+                fd: Some(fd),
+            } => send_with_fd(&mut write, &bytes, fd).await,
             Outgoing::Frame { bytes, fd: None } => {
                 let mut batch = bytes;
                 while batch.len() < BATCH {

@@ -276,15 +276,16 @@ impl Channel {
     async fn next_frame(&mut self) -> Result<Option<(Frame, Option<OwnedFd>)>, ChannelError> {
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
-                let fd = if frame.has_fd {
-                    Some(self.fds.pop_front().ok_or(ChannelError::Frame(
-                        FrameError::Malformed(
-                            "a frame announced a descriptor that did not arrive".into(),
-                        ),
-                    ))?)
-                } else {
-                    None
-                };
+                let fd =
+                    if frame.has_fd {
+                        Some(self.fds.pop_front().ok_or(ChannelError::Frame(
+                            FrameError::Malformed(
+                                "a frame announced a descriptor that did not arrive".into(),
+                            ),
+                        ))?)
+                    } else {
+                        None
+                    };
                 return Ok(Some((frame, fd)));
             }
             let n = self.read_some().await?;
@@ -390,7 +391,8 @@ pub fn drain_requested() -> std::io::Result<impl std::future::Future<Output = ()
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(libc::SIGTERM);
-    let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(number))?;
+    let mut signal =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(number))?;
     Ok(async move {
         signal.recv().await;
     })

@@ -1,0 +1,353 @@
+//! The library API, driven in-process as a Rust primary would: a real
+//! cluster of real worker processes (`herd-ipc-fixture`) over herd's channel.
+//! Every event and every `WorkerHandle` method is exercised here.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use herd::{
+    Cluster, ClusterConfig, ClusterHandle, Event, HandleError, Ipc, Outcome, WorkerCommand,
+    WorkerStatus,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::util::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(workers: usize) -> ClusterConfig {
+    let command = WorkerCommand::resolve(vec![example_bin("herd-ipc-fixture").into()]).unwrap();
+    let mut config = ClusterConfig::new(command);
+    config.workers = workers;
+    config.ipc = Ipc::Herd;
+    config.stop_timeout = Duration::from_secs(2);
+    config
+}
+
+/// Starts a cluster; stops it (and so its workers) when the test ends, even
+/// when it fails: the guardian removes the workers once the test process dies.
+fn start(config: ClusterConfig) -> (ClusterHandle, UnboundedReceiver<Event>) {
+    Cluster::bind(config).unwrap().start().unwrap()
+}
+
+async fn stop(cluster: ClusterHandle) {
+    cluster.stop().unwrap();
+    let outcome = tokio::time::timeout(WAIT, cluster.wait()).await;
+    assert_eq!(outcome.expect("stops in time").unwrap(), Outcome::Stopped);
+}
+
+/// The next event matching `pred`, within [`WAIT`]; the events skipped are
+/// returned too, in order, for assertions on what came before.
+async fn until(
+    events: &mut UnboundedReceiver<Event>,
+    what: &str,
+    pred: impl Fn(&Event) -> bool,
+) -> (Event, Vec<Event>) {
+    let mut skipped = Vec::new();
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let e = events.recv().await.expect("cluster ended early");
+            if pred(&e) {
+                return e;
+            }
+            skipped.push(e);
+        }
+    })
+    .await;
+    match found {
+        Ok(e) => (e, skipped),
+        Err(_) => panic!("no {what} within {WAIT:?}; saw {skipped:?}"),
+    }
+}
+
+async fn ready(events: &mut UnboundedReceiver<Event>, slot: usize) -> (u32, Vec<Event>) {
+    let (e, before) = until(
+        events,
+        "ready",
+        |e| matches!(e, Event::Ready { slot: s, .. } if *s == slot),
+    )
+    .await;
+    let Event::Ready { pid, .. } = e else {
+        unreachable!()
+    };
+    (pid, before)
+}
+
+async fn reply(events: &mut UnboundedReceiver<Event>, from: u32) -> Value {
+    let (e, _) = until(
+        events,
+        "a message",
+        |e| matches!(e, Event::Message { pid, .. } if *pid == from),
+    )
+    .await;
+    let Event::Message { message, .. } = e else {
+        unreachable!()
+    };
+    message.decode().unwrap()
+}
+
+#[tokio::test]
+async fn worker_handle_sends_passes_fds_kills_and_reports_death() {
+    let (cluster, mut events) = start(config(1));
+    let (pid, before) = ready(&mut events, 0).await;
+    let kinds: Vec<&str> = before
+        .iter()
+        .map(|e| match e {
+            Event::Spawned { .. } => "spawned",
+            Event::Online { .. } => "online",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["spawned", "online"], "{before:?}");
+
+    let worker = cluster.worker(0).await.unwrap().expect("a live worker");
+    assert_eq!((worker.id(), worker.pid()), (0, pid));
+    assert!(worker.is_connected() && !worker.is_dead());
+    assert!(cluster.worker(5).await.unwrap().is_none());
+
+    worker.send(&json!({"op": "echo", "n": 42})).unwrap();
+    assert_eq!(reply(&mut events, pid).await["n"], 42);
+
+    let (read, write) = rustix::pipe::pipe().unwrap();
+    std::fs::File::from(write)
+        .write_all(b"through a pipe")
+        .unwrap();
+    worker.send_with_fd(&json!({"op": "fd"}), read).unwrap();
+    assert_eq!(reply(&mut events, pid).await["fd_text"], "through a pipe");
+
+    worker.kill(herd::config::Signal::KILL).unwrap();
+    let status = tokio::time::timeout(WAIT, worker.exited()).await.unwrap();
+    assert_eq!(
+        status,
+        WorkerStatus::Dead {
+            code: None,
+            signal: Some(libc::SIGKILL)
+        }
+    );
+    assert!(worker.is_dead() && !worker.is_connected());
+    assert!(matches!(
+        worker.send(&json!({"op": "echo"})),
+        Err(HandleError::NotConnected(p)) if p == pid
+    ));
+    let (exited, before) = until(
+        &mut events,
+        "exit",
+        |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
+    )
+    .await;
+    assert!(
+        before
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid)),
+        "Disconnected comes before Exited: {before:?}"
+    );
+    assert!(matches!(
+        exited,
+        Event::Exited {
+            signal: Some(libc::SIGKILL),
+            exited_after_disconnect: false,
+            ..
+        }
+    ));
+
+    // The slot's replacement has a handle of its own; the old one stays dead.
+    let (second, _) = ready(&mut events, 0).await;
+    assert_ne!(second, pid);
+    let replacement = cluster.worker(0).await.unwrap().unwrap();
+    assert_eq!(replacement.pid(), second);
+    assert!(worker.is_dead() && replacement.is_connected());
+    stop(cluster).await;
+}
+
+#[tokio::test]
+async fn fork_adds_a_supervised_slot_with_its_own_environment() {
+    let (cluster, mut events) = start(config(1));
+    ready(&mut events, 0).await;
+    let forked = cluster
+        .fork(vec![("FIXTURE_FLAVOUR".into(), "mint".into())])
+        .await
+        .unwrap();
+    assert_eq!(forked.id(), 1);
+    let (pid, _) = ready(&mut events, 1).await;
+    assert_eq!(forked.pid(), pid);
+    for (key, expect) in [("FIXTURE_FLAVOUR", "mint"), ("HERD_WORKER_ID", "1")] {
+        forked.send(&json!({"op": "env", "key": key})).unwrap();
+        assert_eq!(reply(&mut events, pid).await["env"], expect);
+    }
+    let slots: Vec<usize> = cluster
+        .workers()
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| w.slot)
+        .collect();
+    assert_eq!(slots, [0, 1]);
+
+    // Restarted by the policy, with the same environment.
+    forked.kill(herd::config::Signal::KILL).unwrap();
+    let (again, _) = ready(&mut events, 1).await;
+    assert_ne!(again, pid);
+    let replacement = cluster.worker(1).await.unwrap().unwrap();
+    replacement
+        .send(&json!({"op": "env", "key": "FIXTURE_FLAVOUR"}))
+        .unwrap();
+    assert_eq!(reply(&mut events, again).await["env"], "mint");
+    stop(cluster).await;
+}
+
+#[tokio::test]
+async fn disconnect_asks_the_worker_to_drain_then_refills_the_slot() {
+    let (cluster, mut events) = start(config(1));
+    let (pid, _) = ready(&mut events, 0).await;
+    let worker = cluster.worker(0).await.unwrap().unwrap();
+    worker.disconnect().unwrap();
+    let (exited, before) = until(
+        &mut events,
+        "exit",
+        |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
+    )
+    .await;
+    assert!(
+        before
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid)),
+        "{before:?}"
+    );
+    assert!(
+        matches!(
+            exited,
+            Event::Exited {
+                code: Some(7),
+                exited_after_disconnect: true,
+                ..
+            }
+        ),
+        "the worker's drain future fired and it exited on its own: {exited:?}"
+    );
+    let (second, _) = ready(&mut events, 0).await;
+    assert_ne!(second, pid);
+    stop(cluster).await;
+}
+
+#[tokio::test]
+async fn a_worker_can_close_its_own_channel_and_live_on() {
+    let (cluster, mut events) = start(config(1));
+    let (pid, _) = ready(&mut events, 0).await;
+    let worker = cluster.worker(0).await.unwrap().unwrap();
+    worker.send(&json!({"op": "disconnect"})).unwrap();
+    until(
+        &mut events,
+        "disconnect",
+        |e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid),
+    )
+    .await;
+    assert_eq!(worker.status(), WorkerStatus::Disconnected);
+    assert!(alive(pid), "closing the channel does not end the worker");
+    let info = cluster.workers().await.unwrap();
+    assert!(!info[0].connected && info[0].pid == pid, "{info:?}");
+    stop(cluster).await;
+    assert!(worker.is_dead());
+}
+
+#[tokio::test]
+async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
+    let (cluster, mut events) = start(config(1));
+    for round in 0..3 {
+        let (pid, _) = ready(&mut events, 0).await;
+        let worker = cluster.worker(0).await.unwrap().unwrap();
+        worker.send(&json!({"op": "burst", "n": 20000})).unwrap();
+        let (exited, before) = until(
+            &mut events,
+            "exit",
+            |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
+        )
+        .await;
+        assert!(matches!(exited, Event::Exited { code: Some(0), .. }));
+        let seqs: Vec<u64> = before
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { message, .. } => {
+                    Some(message.decode::<Value>().unwrap()["seq"].as_u64().unwrap())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, (0..20000).collect::<Vec<_>>(), "round {round}");
+    }
+    stop(cluster).await;
+}
+
+#[tokio::test]
+async fn workers_get_tcp_unix_and_udp_sockets_from_the_primary() {
+    let dir = TempDir::new("api-listen");
+    let (cluster, mut events) = start(config(2));
+    let a = ready(&mut events, 0).await.0;
+    let b = ready(&mut events, 1).await.0;
+    let (w0, w1) = (
+        cluster.worker(0).await.unwrap().unwrap(),
+        cluster.worker(1).await.unwrap().unwrap(),
+    );
+
+    // TCP: the first worker's request binds a kernel-chosen port; the second
+    // asks for that same address and gets the same socket (shared mode).
+    w0.send(&json!({"op": "listen", "kind": "tcp", "addr": "127.0.0.1:0"}))
+        .unwrap();
+    let (listening, _) = until(
+        &mut events,
+        "listening",
+        |e| matches!(e, Event::Listening { pid, .. } if *pid == a),
+    )
+    .await;
+    let first = reply(&mut events, a).await["listening"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        matches!(&listening, Event::Listening { slot: 0, address, .. } if *address == first),
+        "{listening:?} vs {first}"
+    );
+    w1.send(&json!({"op": "listen", "kind": "tcp", "addr": first}))
+        .unwrap();
+    assert_eq!(reply(&mut events, b).await["listening"], first.as_str());
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let mut text = String::new();
+        std::net::TcpStream::connect(&first)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert!(text.starts_with("tcp "), "{text:?}");
+        answered.insert(text);
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(answered.len(), 2, "both workers serve the one socket");
+
+    let path = dir.path().join("api.sock");
+    let path = path.to_str().unwrap();
+    w0.send(&json!({"op": "listen", "kind": "unix", "addr": path}))
+        .unwrap();
+    reply(&mut events, a).await;
+    let mut text = String::new();
+    std::os::unix::net::UnixStream::connect(path)
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, format!("unix {a}\n"));
+
+    w1.send(&json!({"op": "listen", "kind": "udp", "addr": "127.0.0.1:0"}))
+        .unwrap();
+    let udp_addr = reply(&mut events, b).await["listening"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client.send_to(b"hi", &udp_addr).unwrap();
+    let mut buf = [0u8; 64];
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], format!("udp {b}\n").as_bytes());
+    stop(cluster).await;
+}
