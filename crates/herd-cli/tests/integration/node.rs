@@ -153,3 +153,64 @@ fn a_worker_breaking_the_ipc_protocol_loses_only_its_channel() {
     }
     assert!(herd.stderr.count(|l| l.contains(" died")) == 0);
 }
+
+/// The library as a primary of Node workers: messages both ways over Node's
+/// own channel, `process.on('message')` on the worker side.
+#[tokio::test]
+async fn a_rust_primary_talks_to_node_workers_over_their_own_channel() {
+    use herd::{Cluster, ClusterConfig, Event, Ipc, WorkerCommand};
+    if node_missing() {
+        return;
+    }
+    let script = "process.on('message', (m) => process.send({ echo: m, pid: process.pid })); \
+                  process.send('ready');";
+    let command = WorkerCommand::resolve(vec!["node".into(), "-e".into(), script.into()]).unwrap();
+    let mut config = ClusterConfig::new(command);
+    config.workers = 1;
+    config.ipc = Ipc::Node;
+    let (cluster, mut events) = Cluster::bind(config).unwrap().start().unwrap();
+    let mut seen = Vec::new();
+    let pid = loop {
+        match next(&mut events).await {
+            Event::Ready { pid, .. } => break pid,
+            e => seen.push(e),
+        }
+    };
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, Event::Online { pid: p, .. } if *p == pid)),
+        "a Node worker's first message marks it online: {seen:?}"
+    );
+    let worker = cluster.worker(0).await.unwrap().unwrap();
+    worker
+        .send(&serde_json::json!({ "job": [1, 2, 3], "text": "héllo\nnode" }))
+        .unwrap();
+    cluster.send(0, &"second, via the supervisor").unwrap();
+    let mut echoes = Vec::new();
+    while echoes.len() < 2 {
+        if let Event::Message { message, .. } = next(&mut events).await {
+            let v: serde_json::Value = message.decode().unwrap();
+            assert_eq!(v["pid"], pid);
+            echoes.push(v["echo"].clone());
+        }
+    }
+    assert_eq!(
+        echoes,
+        [
+            serde_json::json!({ "job": [1, 2, 3], "text": "héllo\nnode" }),
+            serde_json::json!("second, via the supervisor")
+        ]
+    );
+    assert!(matches!(
+        worker.send_with_fd(&"x", rustix::pipe::pipe().unwrap().0),
+        Err(herd::HandleError::NoFdPassing)
+    ));
+    cluster.stop().unwrap();
+    let outcome = tokio::time::timeout(STARTUP, cluster.wait()).await;
+    assert_eq!(outcome.unwrap().unwrap(), herd::Outcome::Stopped);
+}
+
+async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<herd::Event>) -> herd::Event {
+    let e = tokio::time::timeout(STARTUP, events.recv()).await;
+    e.expect("an event in time").expect("cluster running")
+}
