@@ -254,6 +254,8 @@ pub struct WorkerInfo {
     pub connected: bool,
     /// Whether it is being disconnected.
     pub disconnecting: bool,
+    /// Round-robin connections it holds: handed to it and not yet closed.
+    pub connections: usize,
 }
 
 /// Why a request could not be made.

@@ -172,6 +172,8 @@ pub struct ClusterConfig {
     pub listen: Vec<ListenSpec>,
     /// How connections are spread.
     pub balance: Balance,
+    /// Under [`Balance::RoundRobin`]: which worker gets each connection.
+    pub picker: crate::Picker,
     /// When exited workers are replaced.
     pub restart: RestartPolicy,
     /// How restarts are spaced.
@@ -216,6 +218,7 @@ impl ClusterConfig {
             workers: 2,
             listen: Vec::new(),
             balance: Balance::default(),
+            picker: crate::Picker::default(),
             restart: RestartPolicy::default(),
             backoff: BackoffPolicy::default(),
             max_restarts: 5,

@@ -61,6 +61,7 @@ pub mod config;
 pub mod ipc;
 pub mod listen;
 pub mod output;
+mod round_robin;
 pub mod socket;
 pub mod spawn;
 mod supervisor;
@@ -74,7 +75,7 @@ pub use cluster::{
 pub use config::Ipc;
 pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};
-pub use socket::{Balance, BindError, Listeners};
+pub use socket::{Balance, BindError, Listeners, Picker};
 pub use worker::{role, Role};
 
 /// Everything that can stop a cluster from starting or running.

@@ -60,6 +60,47 @@ impl fmt::Display for Balance {
     }
 }
 
+/// Which worker gets the next connection under [`Balance::RoundRobin`].
+/// Only ready workers with fewer than the in-flight cap of untaken
+/// connections are candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Picker {
+    /// Each candidate in turn.
+    #[default]
+    RoundRobin,
+    /// The candidate with the fewest open connections (handed and not yet
+    /// closed by the worker), ties in turn. For uneven request costs.
+    LeastConnections,
+    /// By a hash of the client's IP address, so one client keeps reaching
+    /// the same worker (per-process caches, sessions, WebSocket fallbacks);
+    /// while that worker is unavailable, the next candidate in slot order.
+    Sticky,
+}
+
+impl FromStr for Picker {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" => Ok(Picker::RoundRobin),
+            "least-connections" => Ok(Picker::LeastConnections),
+            "sticky" => Ok(Picker::Sticky),
+            other => Err(format!(
+                "unknown picker {other:?} (expected round-robin, least-connections or sticky)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Picker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Picker::RoundRobin => "round-robin",
+            Picker::LeastConnections => "least-connections",
+            Picker::Sticky => "sticky",
+        })
+    }
+}
+
 /// Why a socket could not be opened. Each message names the address.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {

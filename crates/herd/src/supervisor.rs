@@ -39,6 +39,7 @@ use crate::ipc::node::NodeDecoder;
 use crate::ipc::Control;
 use crate::listen::{ListenSpec, ListenSpecError};
 use crate::output::{OutputSink, Stream};
+use crate::round_robin::{client_hash, RoundRobin};
 use crate::socket::Listeners;
 use crate::spawn::{argv_cstrings, env_entry};
 use crate::sys::{self, ExecPlan};
@@ -113,6 +114,8 @@ enum ChannelEvent {
     Listen { seq: u64, spec: String },
     /// The worker took a round-robin connection.
     Taken { id: u64 },
+    /// The worker closed this many round-robin connections.
+    ConnsClosed(usize),
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
     /// The worker closed its end (or exited).
@@ -155,95 +158,15 @@ pub(crate) struct Supervisor {
     events: mpsc::UnboundedSender<Event>,
     /// Sockets bound on a worker's request, by the spec text it sent.
     on_demand: HashMap<String, Listeners>,
-    /// Round-robin: connections accepted by the primary.
+    /// Round-robin: connections accepted by the primary and where they went.
     rr: RoundRobin,
+    /// From the acceptor tasks: each connection with its client's hash.
+    accepted_tx: mpsc::UnboundedSender<(OwnedFd, u64)>,
+    accepted_rx: mpsc::UnboundedReceiver<(OwnedFd, u64)>,
 }
 
 /// The most queued channel events or commands handled per select round.
 const BATCH: usize = 256;
-
-/// The most connections handed to one worker and not yet taken by it.
-const RR_MAX_IN_FLIGHT: usize = 32;
-
-/// Round-robin state: connections accepted by the primary's acceptor tasks,
-/// waiting for a worker or handed to one that has not taken them yet. The
-/// primary keeps its own descriptor of each until the worker says `Taken`, so
-/// a connection handed to a worker that dies first goes to another worker.
-struct RoundRobin {
-    accepted_tx: mpsc::UnboundedSender<OwnedFd>,
-    accepted_rx: mpsc::UnboundedReceiver<OwnedFd>,
-    waiting: std::collections::VecDeque<(u64, OwnedFd)>,
-    /// Handed and not yet taken: connection id → (worker pid, primary's copy).
-    handed: HashMap<u64, (u32, OwnedFd)>,
-    /// How many of `handed` each worker holds (kept with `handed`, so the
-    /// per-connection dispatch needs no scan).
-    untaken: HashMap<u32, usize>,
-    next_id: u64,
-    next_slot: usize,
-}
-
-impl RoundRobin {
-    fn new() -> Self {
-        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
-        RoundRobin {
-            accepted_tx,
-            accepted_rx,
-            waiting: Default::default(),
-            handed: HashMap::new(),
-            untaken: HashMap::new(),
-            next_id: 0,
-            next_slot: 0,
-        }
-    }
-
-    /// Whether worker `pid` may be handed another connection.
-    fn has_room(&self, pid: u32) -> bool {
-        self.untaken.get(&pid).copied().unwrap_or(0) < RR_MAX_IN_FLIGHT
-    }
-
-    fn hand(&mut self, id: u64, pid: u32, conn: OwnedFd) {
-        self.handed.insert(id, (pid, conn));
-        *self.untaken.entry(pid).or_default() += 1;
-    }
-
-    /// Worker `pid` took connection `id`: let go of the primary's copy.
-    fn take(&mut self, id: u64, pid: u32) -> bool {
-        if !matches!(self.handed.get(&id), Some((p, _)) if *p == pid) {
-            return false;
-        }
-        self.handed.remove(&id);
-        self.forget(pid, 1);
-        true
-    }
-
-    /// Puts every connection `pid` never took back at the front of the
-    /// queue, in their original order; returns how many.
-    fn reclaim(&mut self, pid: u32) -> usize {
-        let mut back: Vec<u64> = self
-            .handed
-            .iter()
-            .filter(|(_, (p, _))| *p == pid)
-            .map(|(id, _)| *id)
-            .collect();
-        back.sort_unstable_by(|a, b| b.cmp(a));
-        for id in &back {
-            if let Some((_, conn)) = self.handed.remove(id) {
-                self.waiting.push_front((*id, conn));
-            }
-        }
-        self.forget(pid, back.len());
-        back.len()
-    }
-
-    fn forget(&mut self, pid: u32, n: usize) {
-        if let Some(count) = self.untaken.get_mut(&pid) {
-            *count = count.saturating_sub(n);
-            if *count == 0 {
-                self.untaken.remove(&pid);
-            }
-        }
-    }
-}
 
 impl Supervisor {
     pub(crate) fn new(
@@ -277,6 +200,8 @@ impl Supervisor {
             })
             .collect();
         let (channel_tx, channel_rx) = mpsc::unbounded_channel();
+        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+        let config_picker = config.picker;
         Ok(Supervisor {
             config,
             listeners,
@@ -294,7 +219,9 @@ impl Supervisor {
             commands,
             events,
             on_demand: HashMap::new(),
-            rr: RoundRobin::new(),
+            rr: RoundRobin::new(config_picker),
+            accepted_tx,
+            accepted_rx,
         })
     }
 
@@ -347,7 +274,7 @@ impl Supervisor {
                         self.on_command(command);
                     }
                 }
-                Some(conn) = self.rr.accepted_rx.recv() => self.on_accepted(conn),
+                Some((conn, client)) = self.accepted_rx.recv() => self.on_accepted(conn, client),
                 Some(joined) = self.exits.join_next() => match joined {
                     Ok(exit) => {
                         // The reader queued the worker's last messages before
@@ -694,6 +621,7 @@ impl Supervisor {
             ChannelEvent::Online => {}
             ChannelEvent::Listen { seq, spec } => self.on_listen(slot, from, seq, &spec),
             ChannelEvent::Taken { id } => self.on_taken(from, id),
+            ChannelEvent::ConnsClosed(n) => self.rr.closed(from, n),
             ChannelEvent::Closed => {
                 debug!(slot, pid = from, "worker {from} closed its channel");
                 self.close_channel(slot, from);
@@ -813,14 +741,15 @@ impl Supervisor {
             let std = std::net::TcpListener::from(fd);
             std.set_nonblocking(true).map_err(Error::Spawn)?;
             let listener = tokio::net::TcpListener::from_std(std).map_err(Error::Spawn)?;
-            let tx = self.rr.accepted_tx.clone();
+            let tx = self.accepted_tx.clone();
             info!("round-robin: the primary accepts on {spec}");
             tokio::spawn(async move {
                 loop {
                     match listener.accept().await {
-                        Ok((stream, _)) => match stream.into_std() {
+                        Ok((stream, peer)) => match stream.into_std() {
                             Ok(std) => {
-                                if tx.send(OwnedFd::from(std)).is_err() {
+                                let client = client_hash(Some(peer.ip()));
+                                if tx.send((OwnedFd::from(std), client)).is_err() {
                                     return;
                                 }
                             }
@@ -835,53 +764,52 @@ impl Supervisor {
         Ok(())
     }
 
-    fn on_accepted(&mut self, conn: OwnedFd) {
-        let id = self.rr.next_id;
-        self.rr.next_id += 1;
-        self.rr.waiting.push_back((id, conn));
+    fn on_accepted(&mut self, conn: OwnedFd, client: u64) {
+        self.rr.accept(conn, client);
         self.dispatch();
     }
 
-    /// Hands waiting connections to ready workers in turn, at most
-    /// `RR_MAX_IN_FLIGHT` untaken per worker.
+    /// Hands waiting connections to ready workers, as the picker chooses, at
+    /// most `round_robin::MAX_IN_FLIGHT` untaken per worker.
     fn dispatch(&mut self) {
-        if !matches!(self.phase, Phase::Running) {
+        if !matches!(self.phase, Phase::Running) || self.rr.waiting.is_empty() {
             return;
         }
-        let n = self.slots.len();
-        while !self.rr.waiting.is_empty() {
-            let pick = (0..n).map(|k| (self.rr.next_slot + k) % n).find(|&slot| {
-                match &self.slots[slot].state {
-                    SlotState::Running {
-                        pid,
-                        ready: true,
-                        channel: Some(_),
-                        disconnecting: None,
-                        ..
-                    } => self.rr.has_room(*pid),
-                    _ => false,
-                }
-            });
-            let Some(slot) = pick else { return };
+        let candidates: Vec<(usize, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| match &s.state {
+                SlotState::Running {
+                    pid,
+                    ready: true,
+                    channel: Some(_),
+                    disconnecting: None,
+                    ..
+                } => Some((slot, *pid)),
+                _ => None,
+            })
+            .collect();
+        while let Some(front) = self.rr.waiting.front() {
+            let Some((slot, pid)) = self.rr.pick(&candidates, self.slots.len(), front.client)
+            else {
+                return;
+            };
             let SlotState::Running {
-                pid,
-                channel: Some(tx),
-                ..
+                channel: Some(tx), ..
             } = &self.slots[slot].state
             else {
                 return;
             };
-            let (id, conn) = self.rr.waiting.pop_front().expect("not empty");
-            let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&conn, 0) else {
+            let accepted = self.rr.waiting.pop_front().expect("not empty");
+            let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&accepted.conn, 0) else {
                 continue; // out of descriptors: drop this connection
             };
             let _ = tx.send(Outgoing::Frame {
-                bytes: encode_control(&Control::Conn { id }, true),
+                bytes: encode_control(&Control::Conn { id: accepted.id }, true),
                 fd: Some(copy),
             });
-            let pid = *pid;
-            self.rr.hand(id, pid, conn);
-            self.rr.next_slot = slot + 1;
+            self.rr.hand(accepted, slot, pid);
         }
     }
 
@@ -935,6 +863,7 @@ impl Supervisor {
                             ready: *ready,
                             connected: channel.is_some(),
                             disconnecting: disconnecting.is_some(),
+                            connections: self.rr.load(*pid),
                         }),
                         _ => None,
                     })
@@ -1232,6 +1161,7 @@ impl WireDecoder for FrameDecoder {
                 Ok(Control::Online) => ChannelEvent::Online,
                 Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
                 Ok(Control::Taken { id }) => ChannelEvent::Taken { id },
+                Ok(Control::Closed { ids }) => ChannelEvent::ConnsClosed(ids.len()),
                 Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
                 Err(e) => ChannelEvent::Malformed(e.to_string()),
             },
@@ -1433,32 +1363,6 @@ mod tests {
             out.push(e);
         }
         out
-    }
-
-    fn conn() -> OwnedFd {
-        rustix::pipe::pipe().unwrap().0
-    }
-
-    #[test]
-    fn round_robin_counts_untaken_and_reclaims_in_order() {
-        let mut rr = RoundRobin::new();
-        for id in 0..RR_MAX_IN_FLIGHT as u64 {
-            assert!(rr.has_room(7));
-            rr.hand(id, 7, conn());
-        }
-        assert!(!rr.has_room(7), "at most RR_MAX_IN_FLIGHT untaken");
-        assert!(rr.has_room(8));
-        assert!(!rr.take(3, 8), "only the worker it was handed to takes it");
-        assert!(rr.take(3, 7));
-        assert!(!rr.take(3, 7), "taken once");
-        assert!(rr.has_room(7));
-        rr.waiting.push_back((99, conn()));
-        assert_eq!(rr.reclaim(7), RR_MAX_IN_FLIGHT - 1);
-        let order: Vec<u64> = rr.waiting.iter().map(|(id, _)| *id).collect();
-        let mut expect: Vec<u64> = (0..RR_MAX_IN_FLIGHT as u64).filter(|id| *id != 3).collect();
-        expect.push(99);
-        assert_eq!(order, expect, "reclaimed first, in their original order");
-        assert!(rr.handed.is_empty() && rr.untaken.is_empty());
     }
 
     #[tokio::test]

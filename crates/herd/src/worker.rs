@@ -92,6 +92,10 @@ pub struct Channel {
     fds: VecDeque<OwnedFd>,
     /// Connections handed over (round-robin) and not yet accepted.
     conns: VecDeque<(u64, OwnedFd)>,
+    /// Ids of accepted connections since dropped ([`Conn`]'s drop sends
+    /// here); reported to the primary in batches.
+    closed_tx: tokio::sync::mpsc::UnboundedSender<u64>,
+    closed_rx: Option<tokio::sync::mpsc::UnboundedReceiver<u64>>,
     seq: u64,
 }
 
@@ -112,6 +116,7 @@ impl Channel {
         // into an empty socket buffer never wait.
         std::io::Write::write_all(&mut std, &frame::encode_control(&Control::Online, false)?)?;
         std.set_nonblocking(true)?;
+        let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Some(Channel {
             stream: UnixStream::from_std(std)?,
             decoder: FrameDecoder::default(),
@@ -121,6 +126,8 @@ impl Channel {
             pending: VecDeque::new(),
             fds: VecDeque::new(),
             conns: VecDeque::new(),
+            closed_tx,
+            closed_rx: Some(closed_rx),
             seq: 0,
         }))
     }
@@ -200,9 +207,13 @@ impl Channel {
 
     /// The next connection the primary hands this worker (round-robin
     /// balancing), or `None` once the channel is closed. Messages that arrive
-    /// meanwhile wait for [`Channel::recv`].
-    pub async fn accept(&mut self) -> Result<Option<tokio::net::TcpStream>, ChannelError> {
+    /// meanwhile wait for [`Channel::recv`]. Keep awaiting `accept` (serve
+    /// each connection in a task of its own): while it waits it also tells
+    /// the primary which connections have closed, for its least-connections
+    /// picker.
+    pub async fn accept(&mut self) -> Result<Option<Conn>, ChannelError> {
         loop {
+            self.queue_closed()?;
             if let Some((id, fd)) = self.conns.pop_front() {
                 // Tell the primary at once, before serving: until then it keeps
                 // its own copy and would give the connection to another worker.
@@ -211,14 +222,50 @@ impl Channel {
                 self.flush().await?;
                 let std = std::net::TcpStream::from(fd);
                 std.set_nonblocking(true)?;
-                return Ok(Some(tokio::net::TcpStream::from_std(std)?));
+                return Ok(Some(Conn {
+                    stream: tokio::net::TcpStream::from_std(std)?,
+                    id,
+                    closed: self.closed_tx.clone(),
+                }));
             }
-            match self.next_frame().await? {
+            self.flush().await?;
+            // Wait for a frame, or for a connection to close (report it).
+            let mut closed_rx = self.closed_rx.take().expect("put back after each wait");
+            let next = tokio::select! {
+                next = self.next_frame() => Ok(next),
+                Some(id) = closed_rx.recv() => Err(id),
+            };
+            self.closed_rx = Some(closed_rx);
+            let next = match next {
+                Ok(next) => next?,
+                Err(id) => {
+                    let ids = vec![id];
+                    self.out
+                        .extend(frame::encode_control(&Control::Closed { ids }, false)?);
+                    continue;
+                }
+            };
+            match next {
                 Some((frame, fd)) if frame.is_control() => self.stash_control(frame, fd)?,
                 Some(pair) => self.pending.push_back(pair),
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Queues one report of every connection closed since the last.
+    fn queue_closed(&mut self) -> Result<(), ChannelError> {
+        let mut ids = Vec::new();
+        if let Some(rx) = self.closed_rx.as_mut() {
+            while let Ok(id) = rx.try_recv() {
+                ids.push(id);
+            }
+        }
+        if !ids.is_empty() {
+            self.out
+                .extend(frame::encode_control(&Control::Closed { ids }, false)?);
+        }
+        Ok(())
     }
 
     /// Keeps a control frame nobody is waiting for: a connection is queued for
@@ -331,6 +378,77 @@ impl Channel {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// A connection handed over by the primary ([`Channel::accept`]): a
+/// [`tokio::net::TcpStream`] (through `Deref`, `AsyncRead` and `AsyncWrite`)
+/// that tells the primary when it is dropped.
+#[derive(Debug)]
+pub struct Conn {
+    stream: tokio::net::TcpStream,
+    id: u64,
+    closed: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.closed.send(self.id);
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = tokio::net::TcpStream;
+    fn deref(&self) -> &Self::Target {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.stream
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 

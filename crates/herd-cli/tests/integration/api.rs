@@ -74,6 +74,19 @@ async fn ready(events: &mut UnboundedReceiver<Event>, slot: usize) -> (u32, Vec<
     (pid, before)
 }
 
+/// The pids of the first ready worker of each of slots `0..n`, by slot,
+/// whatever order they become ready in.
+async fn all_ready(events: &mut UnboundedReceiver<Event>, n: usize) -> Vec<u32> {
+    let mut pids = vec![None; n];
+    while pids.iter().any(Option::is_none) {
+        let (e, _) = until(events, "ready", |e| matches!(e, Event::Ready { .. })).await;
+        if let Event::Ready { slot, pid } = e {
+            pids[slot].get_or_insert(pid);
+        }
+    }
+    pids.into_iter().flatten().collect()
+}
+
 async fn reply(events: &mut UnboundedReceiver<Event>, from: u32) -> Value {
     let (e, _) = until(
         events,
@@ -282,8 +295,9 @@ async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
 async fn workers_get_tcp_unix_and_udp_sockets_from_the_primary() {
     let dir = TempDir::new("api-listen");
     let (cluster, mut events) = start(config(2));
-    let a = ready(&mut events, 0).await.0;
-    let b = ready(&mut events, 1).await.0;
+    let [a, b] = all_ready(&mut events, 2).await[..] else {
+        unreachable!()
+    };
     let (w0, w1) = (
         cluster.worker(0).await.unwrap().unwrap(),
         cluster.worker(1).await.unwrap().unwrap(),
@@ -349,5 +363,116 @@ async fn workers_get_tcp_unix_and_udp_sockets_from_the_primary() {
     let mut buf = [0u8; 64];
     let n = client.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], format!("udp {b}\n").as_bytes());
+    stop(cluster).await;
+}
+
+/// A round-robin cluster of `--rr` fixture workers on a kernel-chosen port.
+fn start_rr(
+    picker: herd::Picker,
+) -> (
+    ClusterHandle,
+    UnboundedReceiver<Event>,
+    std::net::SocketAddr,
+) {
+    let command =
+        WorkerCommand::resolve(vec![example_bin("herd-ipc-fixture").into(), "--rr".into()])
+            .unwrap();
+    let mut config = ClusterConfig::new(command);
+    config.workers = 2;
+    config.ipc = Ipc::Herd;
+    config.balance = herd::Balance::RoundRobin;
+    config.picker = picker;
+    config.stop_timeout = Duration::from_secs(2);
+    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    let cluster = Cluster::bind(config).unwrap();
+    let addr = match &cluster.listeners().specs()[0].address {
+        herd::ListenAddress::Tcp(a) => a.socket_addr(),
+        other => panic!("{other:?}"),
+    };
+    let (handle, events) = cluster.start().unwrap();
+    (handle, events, addr)
+}
+
+/// Connects and reads which worker took the connection; keeps it open.
+/// (Async: the primary runs on this test's thread.)
+async fn open(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, u32) {
+    use tokio::io::AsyncBufReadExt;
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, reader.read_line(&mut line))
+        .await
+        .expect("the worker answers in time")
+        .unwrap();
+    let pid = line.trim().strip_prefix("rr ").unwrap().parse().unwrap();
+    (reader.into_inner(), pid)
+}
+
+/// Waits until the primary's per-worker connection counts are `expect`.
+async fn settle(cluster: &ClusterHandle, expect: &[(u32, usize)]) {
+    let mut last = Vec::new();
+    for _ in 0..1000 {
+        last = cluster.workers().await.unwrap();
+        if expect
+            .iter()
+            .all(|(pid, n)| last.iter().any(|w| w.pid == *pid && w.connections == *n))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("connection counts never became {expect:?}: {last:?}");
+}
+
+#[tokio::test]
+async fn least_connections_sends_new_connections_to_the_idlest_worker() {
+    let (cluster, mut events, addr) = start_rr(herd::Picker::LeastConnections);
+    let [a, b] = all_ready(&mut events, 2).await[..] else {
+        unreachable!()
+    };
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (s, pid) = open(addr).await;
+        held.push((s, pid));
+        let mut counts = std::collections::HashMap::from([(a, 0), (b, 0)]);
+        held.iter()
+            .for_each(|(_, p)| *counts.get_mut(p).unwrap() += 1);
+        let spread: Vec<usize> = counts.values().copied().collect();
+        assert!(
+            spread.iter().max().unwrap() - spread.iter().min().unwrap() <= 1,
+            "least-connections keeps held connections even: {counts:?}"
+        );
+        settle(&cluster, &counts.into_iter().collect::<Vec<_>>()).await;
+    }
+    // Close every connection of worker a: the next two both go to it (0 and
+    // 1 open against b's 2), where turn order would alternate.
+    held.retain(|(_, pid)| *pid != a);
+    settle(&cluster, &[(a, 0), (b, 2)]).await;
+    let (_c5, p5) = open(addr).await;
+    settle(&cluster, &[(a, 1), (b, 2)]).await;
+    let (_c6, p6) = open(addr).await;
+    assert_eq!((p5, p6), (a, a));
+    stop(cluster).await;
+}
+
+#[tokio::test]
+async fn sticky_keeps_one_client_on_one_worker() {
+    let (cluster, mut events, addr) = start_rr(herd::Picker::Sticky);
+    all_ready(&mut events, 2).await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..8 {
+        pids.insert(open(addr).await.1);
+    }
+    assert_eq!(pids.len(), 1, "one client address, one worker: {pids:?}");
+    stop(cluster).await;
+
+    // The same traffic under the default picker reaches both workers.
+    let (cluster, mut events, addr) = start_rr(herd::Picker::RoundRobin);
+    all_ready(&mut events, 2).await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..8 {
+        pids.insert(open(addr).await.1);
+    }
+    assert_eq!(pids.len(), 2, "{pids:?}");
     stop(cluster).await;
 }

@@ -41,4 +41,6 @@ pub(crate) enum Control {
     Conn { id: u64 },
     /// Worker → primary: connection `id` received; the primary lets go of it.
     Taken { id: u64 },
+    /// Worker → primary: these connections are closed (least-connections).
+    Closed { ids: Vec<u64> },
 }
