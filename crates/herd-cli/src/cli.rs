@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use herd::backoff::BackoffPolicy;
 use herd::config::{parse_duration, parse_signal, Signal, MAX_WORKERS};
 use herd::output::LogFormat;
-use herd::{Balance, ClusterConfig, CrashLoopAction, ListenSpec, RestartPolicy, WorkerCommand};
+use herd::{
+    Balance, ClusterConfig, CrashLoopAction, ListenSpec, Picker, RestartPolicy, WorkerCommand,
+};
 
 const EXIT_STATUSES: &str = "\
 Exit status:
@@ -54,10 +56,23 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "listen")]
     pub no_listen: bool,
 
-    /// How connections are spread: one shared socket, or one SO_REUSEPORT socket per worker
-    /// (round-robin, where herd accepts and hands connections out, needs library workers).
-    #[arg(long, default_value_t = Balance::default(), value_name = "shared|reuseport")]
+    /// How connections are spread: one shared socket, one SO_REUSEPORT socket per worker, or
+    /// round-robin (herd accepts and hands each connection to a worker: Node workers, through
+    /// their cluster module).
+    #[arg(
+        long,
+        default_value_t = Balance::default(),
+        value_name = "shared|reuseport|round-robin"
+    )]
     pub balance: Balance,
+
+    /// Under --balance round-robin, which worker gets each connection.
+    #[arg(
+        long,
+        default_value_t = Picker::default(),
+        value_name = "round-robin|least-connections|sticky"
+    )]
+    pub picker: Picker,
 
     /// When to replace an exited worker.
     #[arg(long, default_value = "always", value_name = "always|on-failure|never")]
@@ -152,6 +167,7 @@ impl RunArgs {
             self.listen
         };
         config.balance = self.balance;
+        config.picker = self.picker;
         config.restart = self.restart;
         config.backoff = BackoffPolicy {
             initial: self.backoff_initial,

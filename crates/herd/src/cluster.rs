@@ -39,10 +39,11 @@ pub struct Cluster {
 impl Cluster {
     /// Binds the sockets. Nothing is spawned yet.
     pub fn bind(config: ClusterConfig) -> Result<Self, Error> {
-        if config.balance == crate::Balance::RoundRobin && config.ipc != Ipc::Herd {
+        if config.balance == crate::Balance::RoundRobin && config.ipc == Ipc::None {
             return Err(Error::Config(
-                "round-robin balancing needs herd's IPC channel: library workers that take \
-                 connections with Channel::accept (ClusterConfig::ipc = Ipc::Herd)"
+                "round-robin balancing hands connections to workers over an IPC channel: it needs \
+                 Node workers (herd run: a node command, or --node-ipc on) or library workers \
+                 (Ipc::Herd, Channel::accept)"
                     .into(),
             ));
         }

@@ -27,6 +27,8 @@ pub(crate) struct Accepted {
     pub(crate) conn: OwnedFd,
     /// A hash of the client's address (the sticky picker's key).
     pub(crate) client: u64,
+    /// Which round-robin listener accepted it.
+    pub(crate) listener: usize,
 }
 
 /// A hash of a client address, stable for the life of the primary.
@@ -68,10 +70,27 @@ impl RoundRobin {
     }
 
     /// Queues a connection the primary accepted.
-    pub(crate) fn accept(&mut self, conn: OwnedFd, client: u64) {
+    pub(crate) fn accept(&mut self, conn: OwnedFd, client: u64, listener: usize) {
         let id = self.next_id;
         self.next_id += 1;
-        self.waiting.push_back(Accepted { id, conn, client });
+        self.waiting.push_back(Accepted {
+            id,
+            conn,
+            client,
+            listener,
+        });
+    }
+
+    /// Worker `pid` refused connection `id` (a Node worker whose server has
+    /// closed): it goes back to the front of the queue.
+    pub(crate) fn refuse(&mut self, id: u64, pid: u32) -> bool {
+        if !matches!(self.handed.get(&id), Some((p, _)) if *p == pid) {
+            return false;
+        }
+        let (_, accepted) = self.handed.remove(&id).expect("checked");
+        forget(&mut self.untaken, pid, 1);
+        self.waiting.push_front(accepted);
+        true
     }
 
     /// Whether worker `pid` may be handed another connection.
@@ -201,7 +220,7 @@ mod tests {
         let mut rr = RoundRobin::new(Picker::RoundRobin);
         for _ in 0..MAX_IN_FLIGHT {
             assert!(rr.has_room(7));
-            rr.accept(conn(), 0);
+            rr.accept(conn(), 0, 0);
             let a = rr.waiting.pop_front().unwrap();
             rr.hand(a, 0, 7);
         }
@@ -214,7 +233,7 @@ mod tests {
         assert_eq!(rr.load(7), MAX_IN_FLIGHT, "31 untaken + 1 open");
         rr.closed(7, 1);
         assert_eq!(rr.load(7), MAX_IN_FLIGHT - 1);
-        rr.accept(conn(), 0);
+        rr.accept(conn(), 0, 0);
         assert_eq!(rr.reclaim(7), MAX_IN_FLIGHT - 1);
         let order: Vec<u64> = rr.waiting.iter().map(|a| a.id).collect();
         let mut expect: Vec<u64> = (0..MAX_IN_FLIGHT as u64).filter(|id| *id != 3).collect();
@@ -231,20 +250,20 @@ mod tests {
         // Worker 10 holds three open connections, worker 11 one.
         for (pid, n) in [(10, 3), (11, 1)] {
             for _ in 0..n {
-                rr.accept(conn(), 0);
+                rr.accept(conn(), 0, 0);
                 let a = rr.waiting.pop_front().unwrap();
                 let id = a.id;
                 rr.hand(a, 0, pid);
                 assert!(rr.take(id, pid));
             }
         }
-        rr.accept(conn(), 0);
+        rr.accept(conn(), 0, 0);
         assert_eq!(dispatch_one(&mut rr, &workers, 3), Some(2));
-        rr.accept(conn(), 0);
+        rr.accept(conn(), 0, 0);
         // 11 and 12 now tie at one; the turn order breaks the tie.
         assert_eq!(dispatch_one(&mut rr, &workers, 3), Some(1));
         rr.closed(10, 3);
-        rr.accept(conn(), 0);
+        rr.accept(conn(), 0, 0);
         assert_eq!(dispatch_one(&mut rr, &workers, 3), Some(0));
     }
 
@@ -265,7 +284,7 @@ mod tests {
             for (op, slot, client) in ops {
                 let pid = 100 + slot as u32;
                 match op {
-                    0 => { rr.accept(conn(), client); accepted += 1; }
+                    0 => { rr.accept(conn(), client, 0); accepted += 1; }
                     1 => {
                         let candidates: Vec<(usize, u32)> = (0..slots)
                             .filter(|s| alive[*s]).map(|s| (s, 100 + s as u32)).collect();
@@ -298,7 +317,7 @@ mod tests {
             let workers = [(0, 10), (1, 11), (2, 12)];
             let mut seen = std::collections::HashSet::new();
             for _ in 0..n {
-                rr.accept(conn(), client);
+                rr.accept(conn(), client, 0);
                 let a = rr.waiting.front().unwrap().id;
                 seen.insert(dispatch_one(&mut rr, &workers, 3).unwrap());
                 let pid = rr.handed[&a].0;
@@ -315,7 +334,7 @@ mod tests {
             let workers: Vec<(usize, u32)> = (0..slots).map(|s| (s, s as u32)).collect();
             let mut per = vec![0usize; slots];
             for _ in 0..rounds * slots {
-                rr.accept(conn(), 0);
+                rr.accept(conn(), 0, 0);
                 let id = rr.waiting.front().unwrap().id;
                 let s = dispatch_one(&mut rr, &workers, slots).unwrap();
                 prop_assert!(rr.take(id, s as u32));

@@ -123,6 +123,18 @@ pub enum BindError {
     },
 }
 
+impl BindError {
+    /// The errno behind it (what Node's cluster protocol reports, negated).
+    pub fn errno(&self) -> i32 {
+        match self {
+            BindError::InUse(_) => libc::EADDRINUSE,
+            BindError::PermissionDenied(_) => libc::EACCES,
+            BindError::NotASocket(_) => libc::ENOTSOCK,
+            BindError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EINVAL),
+        }
+    }
+}
+
 fn bind_error(address: &dyn fmt::Display, source: io::Error) -> BindError {
     let address = address.to_string();
     match source.kind() {
@@ -234,18 +246,33 @@ impl Listeners {
             .collect()
     }
 
-    /// The sockets the primary accepts on itself (round-robin), with their specs.
-    pub fn primary_sockets(&self) -> Vec<(&ListenSpec, BorrowedFd<'_>)> {
+    /// The sockets the primary accepts on itself (round-robin), with their
+    /// index among the specs.
+    pub fn primary_sockets(&self) -> Vec<(usize, &ListenSpec, BorrowedFd<'_>)> {
         self.specs
             .iter()
             .zip(&self.sockets)
             .zip(&self.primary_accepts)
-            .filter(|(_, primary)| **primary)
-            .filter_map(|((spec, s), _)| match s {
-                SpecSockets::Shared(fd) => Some((spec, fd.as_fd())),
+            .enumerate()
+            .filter(|(_, (_, primary))| **primary)
+            .filter_map(|(i, ((spec, s), _))| match s {
+                SpecSockets::Shared(fd) => Some((i, spec, fd.as_fd())),
                 SpecSockets::PerSlot(_) => None,
             })
             .collect()
+    }
+
+    /// Whether the primary accepts on spec `index` itself (round-robin).
+    pub fn primary_accepts(&self, index: usize) -> bool {
+        self.primary_accepts.get(index).copied().unwrap_or(false)
+    }
+
+    /// Spec `index`'s socket for slot `slot` (every slot's, when shared).
+    pub fn socket(&self, index: usize, slot: usize) -> BorrowedFd<'_> {
+        match &self.sockets[index] {
+            SpecSockets::Shared(fd) => fd.as_fd(),
+            SpecSockets::PerSlot(fds) => fds[slot % fds.len()].as_fd(),
+        }
     }
 
     /// `LISTEN_FDNAMES`: the names of the sockets handed to workers, joined by `:`.

@@ -10,7 +10,7 @@
 //! the main thread (what the `herd` binary uses), or a multi-thread runtime's
 //! worker threads; never a `spawn_blocking` thread, which retires when idle.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -35,9 +35,9 @@ use crate::cluster::{
 use crate::config::Ipc;
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
 use crate::ipc::frame::{Codec, FrameDecoder};
-use crate::ipc::node::NodeDecoder;
+use crate::ipc::node::{self, ClusterMessage, NodeDecoder};
 use crate::ipc::Control;
-use crate::listen::{ListenSpec, ListenSpecError};
+use crate::listen::{ListenAddress, ListenSpec, ListenSpecError};
 use crate::output::{OutputSink, Stream};
 use crate::round_robin::{client_hash, RoundRobin};
 use crate::socket::Listeners;
@@ -59,6 +59,9 @@ enum SlotState {
         status: watch::Sender<WorkerStatus>,
         /// Whether it reported `Online`.
         online: bool,
+        /// A Node worker listening on a round-robin server (`queryServer`):
+        /// it takes `newconn`s.
+        rr_listening: bool,
         /// Set by a disconnect: when the worker gets SIGKILL if still alive.
         disconnecting: Option<Instant>,
     },
@@ -116,6 +119,12 @@ enum ChannelEvent {
     Taken { id: u64 },
     /// The worker closed this many round-robin connections.
     ConnsClosed(usize),
+    /// A Node worker refused a round-robin connection (its server closed).
+    Refused { id: u64 },
+    /// A Node worker's `server.listen()`.
+    NodeQuery(NodeQuery),
+    /// A Node worker's server is listening on this address.
+    NodeListening(String),
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
     /// The worker closed its end (or exited).
@@ -156,13 +165,43 @@ pub(crate) struct Supervisor {
     commands: mpsc::UnboundedReceiver<Command>,
     /// What the library user sees; sends never block, a dropped receiver is fine.
     events: mpsc::UnboundedSender<Event>,
-    /// Sockets bound on a worker's request, by the spec text it sent.
-    on_demand: HashMap<String, Listeners>,
+    /// Sockets bound on a worker's request, with the spec text it sent.
+    on_demand: Vec<(String, Listeners)>,
     /// Round-robin: connections accepted by the primary and where they went.
     rr: RoundRobin,
     /// From the acceptor tasks: each connection with its client's hash.
-    accepted_tx: mpsc::UnboundedSender<(OwnedFd, u64)>,
-    accepted_rx: mpsc::UnboundedReceiver<(OwnedFd, u64)>,
+    accepted_tx: mpsc::UnboundedSender<(OwnedFd, u64, usize)>,
+    accepted_rx: mpsc::UnboundedReceiver<(OwnedFd, u64, usize)>,
+    /// Round-robin listeners by id (configured specs first, then sockets
+    /// bound on request): the key Node workers know each server by.
+    rr_keys: Vec<String>,
+    /// The `seq` of the last cluster message sent to a Node worker.
+    node_seq: u64,
+    /// The next `NODE_UNIQUE_ID` (Node numbers its workers from 1).
+    node_ids: u64,
+}
+
+/// How a worker's request for a socket is answered.
+enum SocketReply {
+    /// With the socket itself.
+    Socket { fd: OwnedFd, address: String },
+    /// The primary accepts on it and hands connections over (`key` names
+    /// the server to a Node worker).
+    RoundRobin {
+        key: String,
+        address: String,
+        sockname: Option<std::net::SocketAddr>,
+    },
+}
+
+/// A Node worker's `queryServer`.
+#[derive(Debug)]
+struct NodeQuery {
+    seq: u64,
+    address: Option<String>,
+    port: Option<u16>,
+    udp: bool,
+    fd: Option<i32>,
 }
 
 /// The most queued channel events or commands handled per select round.
@@ -218,10 +257,13 @@ impl Supervisor {
             channel_rx,
             commands,
             events,
-            on_demand: HashMap::new(),
+            on_demand: Vec::new(),
             rr: RoundRobin::new(config_picker),
             accepted_tx,
             accepted_rx,
+            rr_keys: Vec::new(),
+            node_seq: 0,
+            node_ids: 0,
         })
     }
 
@@ -274,7 +316,9 @@ impl Supervisor {
                         self.on_command(command);
                     }
                 }
-                Some((conn, client)) = self.accepted_rx.recv() => self.on_accepted(conn, client),
+                Some((conn, client, listener)) = self.accepted_rx.recv() => {
+                    self.on_accepted(conn, client, listener)
+                }
                 Some(joined) = self.exits.join_next() => match joined {
                     Ok(exit) => {
                         // The reader queued the worker's last messages before
@@ -461,6 +505,7 @@ impl Supervisor {
             channel,
             status,
             online: false,
+            rr_listening: false,
             disconnecting: None,
         };
         self.tell_guardian(pid as i32);
@@ -516,13 +561,17 @@ impl Supervisor {
             status.send_replace(WorkerStatus::Disconnected);
             let _ = self.events.send(Event::Disconnected { slot, pid });
         }
-        self.requeue(pid);
+        // Connections it was handed and has not taken stay its own until it
+        // exits: it reads every frame queued before the close and may still
+        // take them (its acks are still heard).
     }
 
     fn try_spawn(&mut self, slot: usize) -> std::io::Result<NewWorker> {
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
         env.extend(self.slots[slot].env.iter().cloned());
+        self.node_ids += 1;
+        let node_id = self.node_ids;
         let mut add = |k: &str, v: &str| env.extend(env_entry(k.as_ref(), v.as_ref()));
         add("HERD_WORKER_ID", &slot.to_string());
         add("HERD_WORKERS", &self.config.workers.to_string());
@@ -542,6 +591,9 @@ impl Supervisor {
             Ipc::Node => {
                 add("NODE_CHANNEL_FD", &channel_fd);
                 add("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+                // Node's cluster worker mode: `server.listen()` asks herd for
+                // its socket, as it would ask Node's primary.
+                add("NODE_UNIQUE_ID", &node_id.to_string());
                 Some(UnixStream::pair()?)
             }
             Ipc::Herd => {
@@ -608,8 +660,18 @@ impl Supervisor {
         else {
             return;
         };
-        if *pid != from || channel.is_none() {
-            return; // from a worker since replaced, or disconnected
+        if *pid != from {
+            return; // from a worker since replaced
+        }
+        if channel.is_none()
+            && !matches!(
+                event,
+                ChannelEvent::Taken { .. }
+                    | ChannelEvent::ConnsClosed(_)
+                    | ChannelEvent::Refused { .. }
+            )
+        {
+            return; // disconnected: only its answers about connections count
         }
         // A Node worker's first message of any kind shows it is up.
         if !*online && (matches!(event, ChannelEvent::Online) || self.config.ipc == Ipc::Node) {
@@ -622,6 +684,16 @@ impl Supervisor {
             ChannelEvent::Listen { seq, spec } => self.on_listen(slot, from, seq, &spec),
             ChannelEvent::Taken { id } => self.on_taken(from, id),
             ChannelEvent::ConnsClosed(n) => self.rr.closed(from, n),
+            ChannelEvent::Refused { id } => {
+                if let SlotState::Running { rr_listening, .. } = &mut self.slots[slot].state {
+                    *rr_listening = false; // its server closed: no more for it
+                }
+                if self.rr.refuse(id, from) {
+                    self.dispatch();
+                }
+            }
+            ChannelEvent::NodeQuery(query) => self.on_node_query(slot, from, query),
+            ChannelEvent::NodeListening(address) => self.report_listening(slot, from, &address),
             ChannelEvent::Closed => {
                 debug!(slot, pid = from, "worker {from} closed its channel");
                 self.close_channel(slot, from);
@@ -654,33 +726,30 @@ impl Supervisor {
         }
     }
 
-    /// A worker asks for a listening socket (Node's queryServer): a spec the
-    /// cluster was configured with gets that slot's socket; any other is bound
-    /// once, on first request, with the cluster's balance mode, and shared by
-    /// every worker that asks for the same spec.
+    /// A herd worker asks for a listening socket (`Channel::listen`).
     fn on_listen(&mut self, slot: usize, from: u32, seq: u64, spec: &str) {
-        let tx = match &self.slots[slot].state {
-            SlotState::Running {
-                pid,
-                channel: Some(tx),
-                ..
-            } if *pid == from => tx.clone(),
-            _ => return,
+        let Some(tx) = self.channel_of(slot, from) else {
+            return;
         };
-        let reply = match self.socket_for(slot, spec) {
-            Ok((fd, address)) => {
-                info!(slot, pid = from, "worker {from} listening on {address}");
-                let _ = self.events.send(Event::Listening {
-                    slot,
-                    pid: from,
-                    address: address.clone(),
-                });
+        let reply = match self.socket_for(slot, spec, false) {
+            Ok(SocketReply::Socket { fd, address }) => {
+                self.report_listening(slot, from, &address);
                 Outgoing::Frame {
                     bytes: encode_control(&Control::Listening { seq, address }, true),
                     fd: Some(fd),
                 }
             }
-            Err(error) => {
+            Ok(SocketReply::RoundRobin { address, .. }) => {
+                let error = format!(
+                    "{address} is balanced round-robin by the primary: take its connections \
+                     with Channel::accept"
+                );
+                Outgoing::Frame {
+                    bytes: encode_control(&Control::ListenFailed { seq, error }, false),
+                    fd: None,
+                }
+            }
+            Err((error, _)) => {
                 warn!(
                     slot,
                     pid = from,
@@ -695,11 +764,161 @@ impl Supervisor {
         let _ = tx.send(reply);
     }
 
-    fn socket_for(&mut self, slot: usize, text: &str) -> Result<(OwnedFd, String), String> {
-        let spec: ListenSpec = text.parse().map_err(|e: ListenSpecError| e.to_string())?;
-        // A socket already open for this address: asked as configured
-        // (`:0` too), or by the address it was bound to (the port the
-        // kernel chose for an earlier `:0`).
+    /// A Node worker's `server.listen()` (Node's `queryServer`), answered as
+    /// Node's primary would: with the socket (shared and reuseport modes), or
+    /// as a round-robin server to which connections are handed (`newconn`).
+    fn on_node_query(&mut self, slot: usize, from: u32, query: NodeQuery) {
+        let Some(tx) = self.channel_of(slot, from) else {
+            return;
+        };
+        let seq = query.seq;
+        let answer = match self.node_spec(slot, &query) {
+            Ok(spec) => self.socket_for(slot, &spec, true),
+            Err(e) => Err(e),
+        };
+        let mut fields = serde_json::Map::new();
+        fields.insert("ack".into(), seq.into());
+        fields.insert("data".into(), serde_json::Value::Null);
+        let reply = match answer {
+            Ok(SocketReply::Socket { fd, address }) => {
+                debug!(
+                    slot,
+                    pid = from,
+                    "node worker {from} gets the socket of {address}"
+                );
+                fields.insert("key".into(), address.into());
+                fields.insert("errno".into(), serde_json::Value::Null);
+                Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, self.next_node_seq(), true),
+                    fd: Some(fd),
+                }
+            }
+            Ok(SocketReply::RoundRobin {
+                key,
+                address,
+                sockname,
+            }) => {
+                debug!(
+                    slot,
+                    pid = from,
+                    "node worker {from} serves {address} round-robin"
+                );
+                if let SlotState::Running { rr_listening, .. } = &mut self.slots[slot].state {
+                    *rr_listening = true;
+                }
+                fields.insert("key".into(), key.into());
+                fields.insert("errno".into(), serde_json::Value::Null);
+                if let Some(addr) = sockname {
+                    fields.insert(
+                        "sockname".into(),
+                        serde_json::json!({
+                            "address": addr.ip().to_string(),
+                            "family": if addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                            "port": addr.port(),
+                        }),
+                    );
+                }
+                Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, self.next_node_seq(), false),
+                    fd: None,
+                }
+            }
+            Err((error, errno)) => {
+                warn!(
+                    slot,
+                    pid = from,
+                    "node worker {from} cannot listen: {error}"
+                );
+                fields.insert("key".into(), "".into());
+                fields.insert("errno".into(), (-errno).into());
+                Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, self.next_node_seq(), false),
+                    fd: None,
+                }
+            }
+        };
+        let _ = tx.send(reply);
+        if self.config.balance == crate::Balance::RoundRobin {
+            self.dispatch();
+        }
+    }
+
+    /// The listen spec a Node `queryServer` stands for. `listen({fd: N})`
+    /// names the N-3rd socket herd handed the worker; `listen(port)` with no
+    /// host is the configured spec with that port, whatever its host, since
+    /// herd's `-l` decides where to listen.
+    fn node_spec(&self, slot: usize, q: &NodeQuery) -> Result<String, (String, i32)> {
+        if let Some(fd) = q.fd {
+            let handed = self.listeners.sockets_for_slot(slot).len();
+            let index = (fd as usize).checked_sub(sys::LISTEN_FDS_START as usize);
+            let configured: Vec<usize> = (0..self.listeners.specs().len())
+                .filter(|i| !self.listeners.primary_accepts(*i))
+                .collect();
+            return match index.filter(|i| *i < handed) {
+                Some(i) => Ok(self.listeners.specs()[configured[i]].to_string()),
+                None => Err((format!("fd {fd} is not a socket herd passed"), libc::EBADF)),
+            };
+        }
+        let port = q.port.unwrap_or(0);
+        if q.address.is_none() && port != 0 {
+            if let Some(spec) = self.listeners.specs().iter().find(|s| match &s.address {
+                ListenAddress::Tcp(a) => !q.udp && a.port == port,
+                ListenAddress::Udp(a) => q.udp && a.port == port,
+                ListenAddress::Unix(_) => false,
+            }) {
+                return Ok(spec.to_string());
+            }
+        }
+        let host = match q.address.as_deref() {
+            None => String::new(),
+            Some(h) if h.contains(':') => format!("[{h}]"),
+            Some(h) => h.to_string(),
+        };
+        Ok(format!("{}{host}:{port}", if q.udp { "udp:" } else { "" }))
+    }
+
+    fn next_node_seq(&mut self) -> u64 {
+        self.node_seq += 1;
+        self.node_seq
+    }
+
+    /// The channel of worker `pid` in `slot`, if it is still that slot's and open.
+    fn channel_of(&self, slot: usize, pid: u32) -> Option<mpsc::UnboundedSender<Outgoing>> {
+        match &self.slots[slot].state {
+            SlotState::Running {
+                pid: p,
+                channel: Some(tx),
+                ..
+            } if *p == pid => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    fn report_listening(&self, slot: usize, pid: u32, address: &str) {
+        info!(slot, pid, "worker {pid} listening on {address}");
+        let _ = self.events.send(Event::Listening {
+            slot,
+            pid,
+            address: address.to_string(),
+        });
+    }
+
+    /// The socket for listen spec `text` as slot `slot` gets it: one the
+    /// cluster was configured with, or one bound on an earlier request for
+    /// the same address, or a new one (bound once and kept). `round_robin`:
+    /// the asker can serve connections handed over one by one (a Node
+    /// worker); otherwise a new socket under round-robin balance is shared.
+    fn socket_for(
+        &mut self,
+        slot: usize,
+        text: &str,
+        round_robin: bool,
+    ) -> Result<SocketReply, (String, i32)> {
+        let spec: ListenSpec = text
+            .parse()
+            .map_err(|e: ListenSpecError| (e.to_string(), libc::EINVAL))?;
+        // Asked as configured (`:0` too), or by the address it was bound to
+        // (the port the kernel chose for an earlier `:0`).
         let configured = self
             .config
             .listen
@@ -714,58 +933,116 @@ impl Supervisor {
         let earlier = self
             .on_demand
             .iter()
-            .find(|(_, l)| l.specs()[0].address == spec.address)
-            .map(|(k, _)| k.clone());
-        let (listeners, index) = match (configured, earlier) {
-            (Some(i), _) => (&self.listeners, i),
-            (None, Some(key)) => (&self.on_demand[&key], 0),
+            .position(|(t, l)| t == text || l.specs()[0].address == spec.address);
+        let (id, listeners, index) = match (configured, earlier) {
+            (Some(i), _) => (i, &self.listeners, i),
+            (None, Some(k)) => (self.listeners.specs().len() + k, &self.on_demand[k].1, 0),
             (None, None) => {
-                if !self.on_demand.contains_key(text) {
-                    let bound = Listeners::bind(&[spec], self.config.balance, self.config.workers)
-                        .map_err(|e| e.to_string())?;
-                    self.on_demand.insert(text.to_string(), bound);
+                let balance = match self.config.balance {
+                    crate::Balance::RoundRobin if !round_robin => crate::Balance::Shared,
+                    other => other,
+                };
+                let bound = Listeners::bind(&[spec], balance, self.slots.len())
+                    .map_err(|e| (e.to_string(), e.errno()))?;
+                let id = self.listeners.specs().len() + self.on_demand.len();
+                if bound.primary_accepts(0) {
+                    self.start_acceptor(id, bound.specs()[0].to_string(), bound.socket(0, 0))
+                        .map_err(|e| (e.to_string(), libc::EMFILE))?;
                 }
-                (&self.on_demand[text], 0)
+                self.on_demand.push((text.to_string(), bound));
+                let k = self.on_demand.len() - 1;
+                (id, &self.on_demand[k].1, 0)
             }
         };
-        let (_, fd) = listeners.sockets_for_slot(slot)[index];
-        let dup = rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| e.to_string())?;
-        Ok((dup, listeners.specs()[index].to_string()))
+        let address = listeners.specs()[index].to_string();
+        if listeners.primary_accepts(index) {
+            if !round_robin {
+                return Ok(SocketReply::RoundRobin {
+                    key: address.clone(),
+                    address,
+                    sockname: None,
+                });
+            }
+            let sockname = match &listeners.specs()[index].address {
+                ListenAddress::Tcp(a) => Some(a.socket_addr()),
+                _ => None,
+            };
+            debug!(listener = id, "round-robin listener {address}");
+            return Ok(SocketReply::RoundRobin {
+                key: self.rr_keys[id].clone(),
+                address,
+                sockname,
+            });
+        }
+        let fd = rustix::io::fcntl_dupfd_cloexec(listeners.socket(index, slot), 0)
+            .map_err(|e| (e.to_string(), e.raw_os_error()))?;
+        Ok(SocketReply::Socket { fd, address })
     }
 
-    /// Starts one acceptor task per round-robin socket. They only accept and
-    /// forward; which worker gets a connection is the supervisor's decision.
+    /// Starts one acceptor task per round-robin socket of the configuration.
     fn start_acceptors(&mut self) -> Result<(), Error> {
-        for (spec, fd) in self.listeners.primary_sockets() {
-            let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| Error::Spawn(e.into()))?;
-            let std = std::net::TcpListener::from(fd);
-            std.set_nonblocking(true).map_err(Error::Spawn)?;
-            let listener = tokio::net::TcpListener::from_std(std).map_err(Error::Spawn)?;
-            let tx = self.accepted_tx.clone();
-            info!("round-robin: the primary accepts on {spec}");
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, peer)) => match stream.into_std() {
-                            Ok(std) => {
-                                let client = client_hash(Some(peer.ip()));
-                                if tx.send((OwnedFd::from(std), client)).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(_) => continue,
-                        },
-                        // EMFILE and friends: back off instead of spinning.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    }
-                }
-            });
+        let sockets: Vec<(usize, String, OwnedFd)> = self
+            .listeners
+            .primary_sockets()
+            .into_iter()
+            .map(|(i, spec, fd)| {
+                rustix::io::fcntl_dupfd_cloexec(fd, 0).map(|fd| (i, spec.to_string(), fd))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Spawn(e.into()))?;
+        self.rr_keys = self
+            .listeners
+            .specs()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (id, spec, fd) in sockets {
+            self.start_acceptor(id, spec, fd.as_fd())
+                .map_err(Error::Spawn)?;
         }
         Ok(())
     }
 
-    fn on_accepted(&mut self, conn: OwnedFd, client: u64) {
-        self.rr.accept(conn, client);
+    /// An acceptor task for round-robin listener `id`: it only accepts and
+    /// forwards; which worker gets a connection is the supervisor's decision.
+    fn start_acceptor(
+        &mut self,
+        id: usize,
+        spec: String,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<()> {
+        let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(std)?;
+        if self.rr_keys.len() <= id {
+            self.rr_keys.resize(id + 1, String::new());
+        }
+        self.rr_keys[id] = spec.clone();
+        let tx = self.accepted_tx.clone();
+        info!("round-robin: the primary accepts on {spec}");
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => match stream.into_std() {
+                        Ok(std) => {
+                            let client = client_hash(Some(peer.ip()));
+                            if tx.send((OwnedFd::from(std), client, id)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => continue,
+                    },
+                    // EMFILE and friends: back off instead of spinning.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn on_accepted(&mut self, conn: OwnedFd, client: u64, listener: usize) {
+        self.rr.accept(conn, client, listener);
         self.dispatch();
     }
 
@@ -775,6 +1052,9 @@ impl Supervisor {
         if !matches!(self.phase, Phase::Running) || self.rr.waiting.is_empty() {
             return;
         }
+        // herd workers take connections once ready; Node workers once their
+        // server asked for a round-robin socket.
+        let node = self.config.ipc == Ipc::Node;
         let candidates: Vec<(usize, u32)> = self
             .slots
             .iter()
@@ -782,11 +1062,12 @@ impl Supervisor {
             .filter_map(|(slot, s)| match &s.state {
                 SlotState::Running {
                     pid,
-                    ready: true,
+                    ready,
+                    rr_listening,
                     channel: Some(_),
                     disconnecting: None,
                     ..
-                } => Some((slot, *pid)),
+                } if (if node { *rr_listening } else { *ready }) => Some((slot, *pid)),
                 _ => None,
             })
             .collect();
@@ -805,8 +1086,23 @@ impl Supervisor {
             let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&accepted.conn, 0) else {
                 continue; // out of descriptors: drop this connection
             };
+            let bytes = if node {
+                // Node's `newconn`; its answer (`ack` = our seq) is the `Taken`.
+                let mut fields = serde_json::Map::new();
+                fields.insert("act".into(), "newconn".into());
+                let key = self
+                    .rr_keys
+                    .get(accepted.listener)
+                    .cloned()
+                    .unwrap_or_default();
+                fields.insert("key".into(), key.into());
+                node::encode_cluster(fields, accepted.id, true)
+            } else {
+                encode_control(&Control::Conn { id: accepted.id }, true)
+            };
+            let tx = tx.clone();
             let _ = tx.send(Outgoing::Frame {
-                bytes: encode_control(&Control::Conn { id: accepted.id }, true),
+                bytes,
                 fd: Some(copy),
             });
             self.rr.hand(accepted, slot, pid);
@@ -894,10 +1190,13 @@ impl Supervisor {
     fn disconnect(&mut self, slot: usize, only: Option<u32>) {
         let stop_signal = self.config.stop_signal;
         let kill_at = Instant::now() + self.config.stop_timeout;
+        let node = self.config.ipc == Ipc::Node;
+        let seq = self.node_seq + 1;
         let Some(Slot {
             state:
                 SlotState::Running {
                     pid,
+                    channel,
                     disconnecting: disconnecting @ None,
                     ..
                 },
@@ -912,8 +1211,23 @@ impl Supervisor {
         let pid = *pid;
         info!(slot, pid, "disconnecting worker {pid}");
         *disconnecting = Some(kill_at);
-        self.close_channel(slot, pid);
-        signal_group(pid, stop_signal);
+        match channel {
+            Some(tx) if node => {
+                // As Node's primary does: the worker closes its servers, lets
+                // open connections finish, closes the channel and exits.
+                let mut fields = serde_json::Map::new();
+                fields.insert("act".into(), "disconnect".into());
+                let _ = tx.send(Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, seq, false),
+                    fd: None,
+                });
+                self.node_seq = seq;
+            }
+            _ => {
+                self.close_channel(slot, pid);
+                signal_group(pid, stop_signal);
+            }
+        }
     }
 
     /// A new slot with `env` added to its workers' environment.
@@ -1135,15 +1449,52 @@ impl WireDecoder for NodeDecoder {
         NodeDecoder::push(self, bytes)
     }
     fn next_event(&mut self) -> Option<ChannelEvent> {
-        Some(match self.next_message() {
-            Ok(Some(serde_json::Value::String(s))) if s == "ready" => ChannelEvent::Ready,
-            Ok(Some(m)) => ChannelEvent::Message(Message::new(
-                Codec::Json,
-                serde_json::to_vec(&m).unwrap_or_default(),
-            )),
-            Ok(None) => return None,
-            Err(e) => ChannelEvent::Malformed(e.to_string()),
-        })
+        loop {
+            let message = match self.next_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => return Some(ChannelEvent::Malformed(e.to_string())),
+            };
+            if message.as_str() == Some("ready") {
+                return Some(ChannelEvent::Ready);
+            }
+            let Some(internal) = ClusterMessage::parse(&message) else {
+                return Some(ChannelEvent::Message(Message::new(
+                    Codec::Json,
+                    serde_json::to_vec(&message).unwrap_or_default(),
+                )));
+            };
+            return Some(match internal {
+                ClusterMessage::Online => ChannelEvent::Online,
+                ClusterMessage::QueryServer {
+                    seq,
+                    address,
+                    port,
+                    udp,
+                    fd,
+                } => ChannelEvent::NodeQuery(NodeQuery {
+                    seq,
+                    address,
+                    port,
+                    udp,
+                    fd,
+                }),
+                ClusterMessage::Listening { address, port } => {
+                    let host = match address.as_deref() {
+                        None => String::new(),
+                        Some(h) if h.contains(':') => format!("[{h}]"),
+                        Some(h) => h.to_string(),
+                    };
+                    ChannelEvent::NodeListening(format!("{host}:{port}"))
+                }
+                ClusterMessage::Accepted { id, accepted: true } => ChannelEvent::Taken { id },
+                ClusterMessage::Accepted {
+                    id,
+                    accepted: false,
+                } => ChannelEvent::Refused { id },
+                ClusterMessage::Other => continue,
+            });
+        }
     }
     fn finish(&self) -> Result<(), String> {
         NodeDecoder::finish(self).map_err(|e| e.to_string())

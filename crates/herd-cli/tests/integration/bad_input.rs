@@ -41,7 +41,7 @@ fn bad_flags_and_specs_are_one_line_and_status_2() {
     check(&["run", "--balance", "random"], "unknown balance mode");
     check(
         &["run", "--balance", "round-robin", "-l", "127.0.0.1:0"],
-        "round-robin balancing needs herd's IPC channel",
+        "round-robin balancing hands connections to workers over an IPC channel",
     );
     check(&["run", "--restart", "sometimes"], "unknown restart policy");
     check(&["run", "--stop-signal", "SIGNOPE"], "unknown signal");

@@ -101,6 +101,100 @@ pub fn encode(message: &serde_json::Value) -> Vec<u8> {
     out
 }
 
+/// A message of Node's cluster protocol (`lib/internal/cluster/child.js`)
+/// from a worker started with `NODE_UNIQUE_ID`, as the primary needs it.
+/// Internal messages are those whose `cmd` starts with `NODE_`; they never
+/// reach the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClusterMessage {
+    /// `{act: 'online'}`: the worker's cluster module started.
+    Online,
+    /// `{act: 'queryServer'}`: `server.listen()` in the worker asks for a
+    /// socket (answered with `ack: seq`).
+    QueryServer {
+        seq: u64,
+        /// The host asked for; `None` for every interface.
+        address: Option<String>,
+        /// The port asked for (`None` with `fd`).
+        port: Option<u16>,
+        /// `udp4`/`udp6` for dgram sockets.
+        udp: bool,
+        /// `listen({fd})`: a descriptor the worker names.
+        fd: Option<i32>,
+    },
+    /// `{act: 'listening'}`: the worker's server is listening.
+    Listening { address: Option<String>, port: u16 },
+    /// `{ack, accepted}`: the answer to a round-robin `newconn`.
+    Accepted { id: u64, accepted: bool },
+    /// Any other internal message (handle acks, `close`, …): nothing to do.
+    Other,
+}
+
+impl ClusterMessage {
+    /// Classifies `message`: `None` for an application message.
+    pub(crate) fn parse(message: &serde_json::Value) -> Option<ClusterMessage> {
+        let cmd = message.get("cmd")?.as_str()?;
+        if !cmd.starts_with("NODE_") {
+            return None;
+        }
+        if cmd != "NODE_CLUSTER" {
+            return Some(ClusterMessage::Other);
+        }
+        let str_of = |k: &str| message.get(k).and_then(|v| v.as_str()).map(String::from);
+        let u64_of = |k: &str| message.get(k).and_then(|v| v.as_u64());
+        let port = u64_of("port").and_then(|p| u16::try_from(p).ok());
+        Some(match str_of("act").as_deref() {
+            Some("online") => ClusterMessage::Online,
+            Some("queryServer") => match u64_of("seq") {
+                Some(seq) => ClusterMessage::QueryServer {
+                    seq,
+                    address: str_of("address"),
+                    port,
+                    udp: str_of("addressType").is_some_and(|t| t.starts_with("udp")),
+                    fd: message
+                        .get("fd")
+                        .and_then(|v| v.as_i64())
+                        .and_then(|fd| i32::try_from(fd).ok())
+                        .filter(|fd| *fd >= 0),
+                },
+                None => ClusterMessage::Other,
+            },
+            Some("listening") => ClusterMessage::Listening {
+                address: str_of("address"),
+                port: port.unwrap_or(0),
+            },
+            None => match (u64_of("ack"), message.get("accepted")) {
+                (Some(id), Some(accepted)) => ClusterMessage::Accepted {
+                    id,
+                    accepted: accepted.as_bool() == Some(true),
+                },
+                _ => ClusterMessage::Other,
+            },
+            Some(_) => ClusterMessage::Other,
+        })
+    }
+}
+
+/// An internal cluster message for a Node worker: `fields` plus
+/// `cmd: 'NODE_CLUSTER'` and `seq`. With `handle`, wrapped as Node sends a
+/// message whose descriptor travels alongside (`NODE_HANDLE`, `net.Native`);
+/// the descriptor must then go with the line's first byte, in a send of its
+/// own (Node takes one handle per read).
+pub(crate) fn encode_cluster(
+    mut fields: serde_json::Map<String, serde_json::Value>,
+    seq: u64,
+    handle: bool,
+) -> Vec<u8> {
+    fields.insert("cmd".into(), "NODE_CLUSTER".into());
+    fields.insert("seq".into(), seq.into());
+    let msg = serde_json::Value::Object(fields);
+    if handle {
+        encode(&serde_json::json!({ "cmd": "NODE_HANDLE", "type": "net.Native", "msg": msg }))
+    } else {
+        encode(&msg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +234,73 @@ mod tests {
             d.next_message(),
             Err(NodeIpcError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn parses_what_nodes_cluster_worker_sends() {
+        let parse = |v: serde_json::Value| ClusterMessage::parse(&v);
+        assert_eq!(parse(json!("ready")), None);
+        assert_eq!(parse(json!({"cmd": "mine"})), None);
+        assert_eq!(
+            parse(json!({"cmd":"NODE_CLUSTER","act":"online","seq":0})),
+            Some(ClusterMessage::Online)
+        );
+        assert_eq!(
+            parse(
+                json!({"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,
+                         "address":"127.0.0.1","port":8000,"addressType":4,"flags":0,"seq":1})
+            ),
+            Some(ClusterMessage::QueryServer {
+                seq: 1,
+                address: Some("127.0.0.1".into()),
+                port: Some(8000),
+                udp: false,
+                fd: None
+            })
+        );
+        assert_eq!(
+            parse(
+                json!({"cmd":"NODE_CLUSTER","act":"queryServer","address":null,"port":null,
+                         "addressType":null,"fd":3,"seq":2})
+            ),
+            Some(ClusterMessage::QueryServer {
+                seq: 2,
+                address: None,
+                port: None,
+                udp: false,
+                fd: Some(3)
+            })
+        );
+        assert_eq!(
+            parse(json!({"cmd":"NODE_CLUSTER","ack":7,"accepted":true,"seq":3})),
+            Some(ClusterMessage::Accepted {
+                id: 7,
+                accepted: true
+            })
+        );
+        assert_eq!(
+            parse(json!({"cmd":"NODE_CLUSTER","act":"queryServer","port":99999})),
+            Some(ClusterMessage::Other),
+            "no seq: nothing to answer"
+        );
+        assert_eq!(
+            parse(json!({"cmd":"NODE_HANDLE_ACK"})),
+            Some(ClusterMessage::Other)
+        );
+    }
+
+    #[test]
+    fn wraps_handles_as_node_does() {
+        let mut fields = serde_json::Map::new();
+        fields.insert("act".into(), "newconn".into());
+        let line = encode_cluster(fields, 5, true);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({"cmd":"NODE_HANDLE","type":"net.Native",
+                   "msg":{"cmd":"NODE_CLUSTER","act":"newconn","seq":5}})
+        );
+        assert_eq!(line.last(), Some(&b'\n'));
     }
 
     proptest! {
