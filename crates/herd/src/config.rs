@@ -133,6 +133,44 @@ impl WorkerCommand {
             .unwrap_or(false)
     }
 
+    /// Whether the program is Node.js running a script file: what Node needs
+    /// to start its cluster worker side (it checks `process.argv[1]`), so
+    /// herd sets `NODE_UNIQUE_ID` only then. `node -e`, `-p` and the REPL
+    /// run no script.
+    pub fn runs_node_script(&self) -> bool {
+        if !self.is_node() {
+            return false;
+        }
+        // Node's options that take the next argument as their value.
+        const WITH_VALUE: &[&str] = &[
+            "-r",
+            "--require",
+            "--import",
+            "--loader",
+            "--experimental-loader",
+            "-C",
+            "--conditions",
+            "--title",
+            "--env-file",
+            "--input-type",
+            "--stack-size",
+            "--max-old-space-size",
+        ];
+        let mut args = self.argv.iter().skip(1).map(|a| a.to_string_lossy());
+        while let Some(arg) = args.next() {
+            match arg.as_ref() {
+                "-e" | "--eval" | "-p" | "--print" | "-i" | "--interactive" => return false,
+                "--" => return args.next().is_some(),
+                a if WITH_VALUE.contains(&a) => {
+                    args.next();
+                }
+                a if a.starts_with('-') => {}
+                _ => return true,
+            }
+        }
+        false
+    }
+
     /// This very program, re-executed with the same arguments: the library's
     /// default worker command (the worker learns its role from [`crate::role`]).
     pub fn current_exe() -> Result<Self, CommandError> {
@@ -301,6 +339,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("duration {text:?} is too long"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod node_script_tests {
+    use super::WorkerCommand;
+    use std::path::PathBuf;
+
+    fn node(args: &[&str]) -> bool {
+        let mut argv = vec!["node".into()];
+        argv.extend(args.iter().map(|a| a.into()));
+        WorkerCommand {
+            program: PathBuf::from("/usr/bin/node"),
+            argv,
+        }
+        .runs_node_script()
+    }
+
+    #[test]
+    fn tells_scripts_from_eval_and_repl() {
+        assert!(node(&["app.js"]));
+        assert!(node(&["--inspect", "-r", "dotenv/config", "app.js", "-e"]));
+        assert!(node(&["--", "app.js"]));
+        assert!(!node(&["-e", "1"]));
+        assert!(!node(&["--print", "1"]));
+        assert!(!node(&[]));
+        assert!(!node(&["-r", "x.js"]));
+    }
 }
 
 #[cfg(test)]

@@ -593,7 +593,9 @@ impl Supervisor {
                 add("NODE_CHANNEL_SERIALIZATION_MODE", "json");
                 // Node's cluster worker mode: `server.listen()` asks herd for
                 // its socket, as it would ask Node's primary.
-                add("NODE_UNIQUE_ID", &node_id.to_string());
+                if self.config.command.runs_node_script() {
+                    add("NODE_UNIQUE_ID", &node_id.to_string());
+                }
                 Some(UnixStream::pair()?)
             }
             Ipc::Herd => {
@@ -693,7 +695,10 @@ impl Supervisor {
                 }
             }
             ChannelEvent::NodeQuery(query) => self.on_node_query(slot, from, query),
-            ChannelEvent::NodeListening(address) => self.report_listening(slot, from, &address),
+            ChannelEvent::NodeListening(address) => {
+                let address = self.resolve_listening(address);
+                self.report_listening(slot, from, &address)
+            }
             ChannelEvent::Closed => {
                 debug!(slot, pid = from, "worker {from} closed its channel");
                 self.close_channel(slot, from);
@@ -892,6 +897,24 @@ impl Supervisor {
             } if *p == pid => Some(tx.clone()),
             _ => None,
         }
+    }
+
+    /// A Node worker reports `:PORT` for a server that asked for no host:
+    /// name the socket herd gave it instead.
+    fn resolve_listening(&self, address: String) -> String {
+        let Some(port) = address
+            .strip_prefix(':')
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            return address;
+        };
+        let ours = self
+            .listeners
+            .specs()
+            .iter()
+            .chain(self.on_demand.iter().map(|(_, l)| &l.specs()[0]))
+            .find(|s| matches!(&s.address, ListenAddress::Tcp(a) if a.port == port));
+        ours.map_or(address, |s| s.to_string())
     }
 
     fn report_listening(&self, slot: usize, pid: u32, address: &str) {

@@ -214,3 +214,159 @@ async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<herd::Event>) ->
     let e = tokio::time::timeout(STARTUP, events.recv()).await;
     e.expect("an event in time").expect("cluster running")
 }
+
+/// A Node app written for Node's cluster module or for no cluster at all:
+/// a plain `server.listen(port, host)`, no `fd: 3`.
+const PLAIN_APP: &str = r#"
+const http = require('http');
+const cluster = require('cluster');
+http.createServer((req, res) => res.end(`node ${process.pid} ${cluster.isWorker}\n`))
+    .listen(parseInt(process.env.APP_PORT, 10), process.env.APP_HOST || undefined);
+"#;
+
+/// `herd run -w 2 --balance MODE` of PLAIN_APP on `spec`; the app is told
+/// `port` (and `host`, if any).
+fn plain_app(dir: &TempDir, mode: &str, spec: &str, port: u16, host: Option<&str>) -> Herd {
+    let app = dir.path().join("plain.js");
+    std::fs::write(&app, PLAIN_APP).unwrap();
+    let mut cmd = Command::new(herd_bin());
+    cmd.args(["run", "-w", "2", "--balance", mode, "-l", spec, "--"])
+        .arg("node")
+        .arg(&app)
+        .env("APP_PORT", port.to_string());
+    if let Some(host) = host {
+        cmd.env("APP_HOST", host);
+    }
+    Herd::spawn(cmd)
+}
+
+/// A port nobody listens on right now (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Both workers answer on `port`; returns each answer's body.
+fn both_answer(port: u16) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for _ in 0..40 {
+        let body = http_get(port).expect("the app answers");
+        let body = body.rsplit("\r\n\r\n").next().unwrap().trim().to_string();
+        assert!(body.ends_with(" true"), "a cluster worker: {body}");
+        seen.insert(body);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both workers serve: {seen:?}");
+    seen
+}
+
+#[test]
+fn a_plain_node_app_is_served_in_every_balance_mode() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-plain");
+    for mode in ["shared", "reuseport", "round-robin"] {
+        // herd's -l decides where to listen; the app's listen(port) with no
+        // host gets that socket from herd through Node's cluster module.
+        let port = free_port();
+        let herd = plain_app(&dir, mode, &format!("127.0.0.1:{port}"), port, None);
+        herd.stderr
+            .wait_for_nth("both workers listening", STARTUP, 2, |l| {
+                l.contains(&format!("listening on 127.0.0.1:{port}")) && l.contains("worker ")
+            });
+        both_answer(port);
+        if mode == "round-robin" {
+            let order: Vec<String> = (0..6)
+                .map(|_| body(&http_get(port).unwrap()).trim().to_string())
+                .collect();
+            for pair in order.windows(2) {
+                assert_ne!(pair[0], pair[1], "turns alternate: {order:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_app_asking_for_an_address_herd_was_not_given_gets_it_bound_once() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-demand");
+    // Port 0 on a host: herd binds it on the first worker's request and gives
+    // the second worker the same socket.
+    let herd = plain_app(&dir, "round-robin", "127.0.0.1:0", 0, Some("127.0.0.2"));
+    let line = herd
+        .stderr
+        .wait_for("listening on 127.0.0.2", STARTUP, |l| {
+            l.contains("round-robin: the primary accepts on 127.0.0.2:")
+        });
+    let port: u16 = line.rsplit(':').next().unwrap().trim().parse().unwrap();
+    herd.stderr
+        .wait_for_nth("both workers listening", STARTUP, 2, |l| {
+            l.contains(&format!("listening on 127.0.0.2:{port}")) && l.contains("worker ")
+        });
+    let mut seen = HashSet::new();
+    for _ in 0..4 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.2", port)).unwrap();
+        std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+        seen.insert(body(&text).trim().to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+/// The library's disconnect, for a Node worker, is Node's: it closes its
+/// servers, lets open connections finish and exits on its own.
+#[tokio::test]
+async fn disconnect_lets_a_node_worker_close_its_servers_and_exit() {
+    use herd::{Cluster, ClusterConfig, Event, Ipc, WorkerCommand};
+    if node_missing() {
+        return;
+    }
+    // A file: Node's cluster workers do not run `node -e` scripts.
+    let dir = TempDir::new("node-disconnect");
+    let app = dir.path().join("app.js");
+    std::fs::write(
+        &app,
+        "require('http').createServer((q, s) => s.end('ok')).listen(0, '127.0.0.1');\n\
+         process.on('SIGTERM', () => process.exit(9));\n",
+    )
+    .unwrap();
+    let command = WorkerCommand::resolve(vec!["node".into(), app.into()]).unwrap();
+    let mut config = ClusterConfig::new(command);
+    config.workers = 1;
+    config.ipc = Ipc::Node;
+    let (cluster, mut events) = Cluster::bind(config).unwrap().start().unwrap();
+    let pid = loop {
+        if let Event::Listening { pid, .. } = next(&mut events).await {
+            break pid;
+        }
+    };
+    cluster.disconnect(0).unwrap();
+    let mut seen = Vec::new();
+    let exited = loop {
+        match next(&mut events).await {
+            e @ Event::Exited { .. } => break e,
+            e => seen.push(e),
+        }
+    };
+    assert!(
+        matches!(exited, Event::Exited { pid: p, code: Some(0), signal: None, exited_after_disconnect: true, .. } if p == pid),
+        "exited by itself, not by the stop signal (9) or SIGKILL: {exited:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid)),
+        "{seen:?}"
+    );
+    cluster.stop().unwrap();
+    let outcome = tokio::time::timeout(STARTUP, cluster.wait()).await;
+    assert_eq!(outcome.unwrap().unwrap(), herd::Outcome::Stopped);
+}
