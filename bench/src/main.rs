@@ -78,7 +78,7 @@ struct SuiteArgs {
     /// Seconds an idle cluster is watched for CPU use.
     #[arg(long, default_value_t = 10)]
     idle: u64,
-    /// Scenarios to run (comma-separated): throughput, memory, recovery, coldstart, ipc.
+    /// Scenarios to run (comma-separated): throughput, roundrobin, memory, recovery, coldstart, ipc.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// CPUs for wrk, as for `taskset -c`.

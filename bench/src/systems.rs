@@ -57,6 +57,9 @@ pub enum Sys {
     HerdShared,
     /// `herd run --balance reuseport`.
     HerdReuseport,
+    /// `herd run --balance round-robin` (Node workers through their cluster
+    /// module: `listen(PORT)` asks herd, which hands each connection over).
+    HerdRoundRobin,
     /// Node cluster, `NODE_CLUSTER_SCHED_POLICY=rr`.
     NodeRr,
     /// Node cluster, `NODE_CLUSTER_SCHED_POLICY=none`.
@@ -100,6 +103,7 @@ impl System {
         let base = match self.sys {
             Sys::HerdShared => "herd shared",
             Sys::HerdReuseport => "herd reuseport",
+            Sys::HerdRoundRobin => "herd round-robin",
             Sys::NodeRr => "node cluster rr",
             Sys::NodeNone => "node cluster none",
             Sys::Pm2 => "pm2 cluster",
@@ -141,13 +145,20 @@ impl System {
         let mut env = vec![("PORT".to_string(), port.to_string())];
         let mut argv: Vec<String> = match self.sys {
             // herd and the supervisor-less launcher take the same flags.
-            Sys::HerdShared | Sys::HerdReuseport | Sys::RawShared | Sys::RawReuseport => {
+            Sys::HerdShared
+            | Sys::HerdReuseport
+            | Sys::HerdRoundRobin
+            | Sys::RawShared
+            | Sys::RawReuseport => {
                 let (program, sub) = match self.sys {
-                    Sys::HerdShared | Sys::HerdReuseport => (herd.clone(), "run"),
+                    Sys::HerdShared | Sys::HerdReuseport | Sys::HerdRoundRobin => {
+                        (herd.clone(), "run")
+                    }
                     _ => (ctx.bench.display().to_string(), "raw"),
                 };
                 let mode = match self.sys {
                     Sys::HerdShared | Sys::RawShared => "shared",
+                    Sys::HerdRoundRobin => "round-robin",
                     _ => "reuseport",
                 };
                 let mut v = vec![program];

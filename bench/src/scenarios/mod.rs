@@ -11,6 +11,7 @@ pub mod coldstart;
 pub mod ipc;
 pub mod memory;
 pub mod recovery;
+pub mod roundrobin;
 pub mod throughput;
 
 /// A scenario's name and entry point.
@@ -19,6 +20,7 @@ pub type Scenario = (&'static str, fn(&Ctx, &mut Results) -> Result<()>);
 /// Every scenario, in report order.
 pub const ALL: &[Scenario] = &[
     ("throughput", throughput::run),
+    ("roundrobin", roundrobin::run),
     ("memory", memory::run),
     ("recovery", recovery::run),
     ("coldstart", coldstart::run),

@@ -481,7 +481,7 @@ impl WorkerHandle {
         let bytes = encode_for(self.ipc, self.codec, message, true)?;
         self.push(Outgoing::Frame {
             bytes,
-            fd: Some(fd),
+            fd: Some(std::sync::Arc::new(fd)),
         })
     }
 

@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use crate::socket::Picker;
 
@@ -23,8 +24,9 @@ pub(crate) const MAX_IN_FLIGHT: usize = 32;
 pub(crate) struct Accepted {
     /// Its id on the channel (`Conn`/`Taken`/`Closed`).
     pub(crate) id: u64,
-    /// The primary's descriptor.
-    pub(crate) conn: OwnedFd,
+    /// The primary's descriptor, shared with the writer that passes it on
+    /// (no dup per connection).
+    pub(crate) conn: Arc<OwnedFd>,
     /// A hash of the client's address (the sticky picker's key).
     pub(crate) client: u64,
     /// Which round-robin listener accepted it.
@@ -75,7 +77,7 @@ impl RoundRobin {
         self.next_id += 1;
         self.waiting.push_back(Accepted {
             id,
-            conn,
+            conn: Arc::new(conn),
             client,
             listener,
         });

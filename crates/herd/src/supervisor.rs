@@ -17,6 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
@@ -135,7 +136,13 @@ enum ChannelEvent {
 #[derive(Debug)]
 pub(crate) enum Outgoing {
     /// A frame, with a descriptor to pass along it, if any.
-    Frame { bytes: Vec<u8>, fd: Option<OwnedFd> },
+    /// The descriptor is shared: the writer passes it and drops its
+    /// reference; the primary may keep one (a round-robin connection it
+    /// holds until the worker takes it) without a dup.
+    Frame {
+        bytes: Vec<u8>,
+        fd: Option<Arc<OwnedFd>>,
+    },
     /// Close the channel once everything queued before is written. Sent by
     /// the supervisor only: handles hold senders too, so dropping the
     /// supervisor's would not end the writer.
@@ -741,7 +748,7 @@ impl Supervisor {
                 self.report_listening(slot, from, &address);
                 Outgoing::Frame {
                     bytes: encode_control(&Control::Listening { seq, address }, true),
-                    fd: Some(fd),
+                    fd: Some(Arc::new(fd)),
                 }
             }
             Ok(SocketReply::RoundRobin { address, .. }) => {
@@ -795,7 +802,7 @@ impl Supervisor {
                 fields.insert("errno".into(), serde_json::Value::Null);
                 Outgoing::Frame {
                     bytes: node::encode_cluster(fields, self.next_node_seq(), true),
-                    fd: Some(fd),
+                    fd: Some(Arc::new(fd)),
                 }
             }
             Ok(SocketReply::RoundRobin {
@@ -1034,10 +1041,13 @@ impl Supervisor {
         spec: String,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> std::io::Result<()> {
+        use rustix::net::{acceptfrom_with, SocketAddrAny, SocketFlags};
         let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
-        let std = std::net::TcpListener::from(fd);
-        std.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(std)?;
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        // Raw accept4 on the socket: a connection that is only passed on is
+        // never registered with this runtime's epoll (tokio's accept would
+        // add and remove it: two syscalls per connection for nothing).
+        let listener = sys::register_async(fd, tokio::io::Interest::READABLE)?;
         if self.rr_keys.len() <= id {
             self.rr_keys.resize(id + 1, String::new());
         }
@@ -1046,18 +1056,25 @@ impl Supervisor {
         info!("round-robin: the primary accepts on {spec}");
         tokio::spawn(async move {
             loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => match stream.into_std() {
-                        Ok(std) => {
-                            let client = client_hash(Some(peer.ip()));
-                            if tx.send((OwnedFd::from(std), client, id)).is_err() {
-                                return;
-                            }
+                let Ok(mut ready) = listener.readable().await else {
+                    return;
+                };
+                let got = ready.try_io(|fd| {
+                    acceptfrom_with(fd.get_ref(), SocketFlags::CLOEXEC)
+                        .map_err(std::io::Error::from)
+                });
+                match got {
+                    Ok(Ok((conn, peer))) => {
+                        let ip = peer
+                            .and_then(|a: SocketAddrAny| std::net::SocketAddr::try_from(a).ok())
+                            .map(|a| a.ip());
+                        if tx.send((conn, client_hash(ip), id)).is_err() {
+                            return;
                         }
-                        Err(_) => continue,
-                    },
+                    }
+                    Err(_would_block) => continue,
                     // EMFILE and friends: back off instead of spinning.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
             }
         });
@@ -1106,27 +1123,19 @@ impl Supervisor {
                 return;
             };
             let accepted = self.rr.waiting.pop_front().expect("not empty");
-            let Ok(copy) = rustix::io::fcntl_dupfd_cloexec(&accepted.conn, 0) else {
-                continue; // out of descriptors: drop this connection
-            };
             let bytes = if node {
                 // Node's `newconn`; its answer (`ack` = our seq) is the `Taken`.
-                let mut fields = serde_json::Map::new();
-                fields.insert("act".into(), "newconn".into());
                 let key = self
                     .rr_keys
                     .get(accepted.listener)
-                    .cloned()
-                    .unwrap_or_default();
-                fields.insert("key".into(), key.into());
-                node::encode_cluster(fields, accepted.id, true)
+                    .map_or("", String::as_str);
+                node::encode_newconn(key, accepted.id)
             } else {
                 encode_control(&Control::Conn { id: accepted.id }, true)
             };
-            let tx = tx.clone();
             let _ = tx.send(Outgoing::Frame {
                 bytes,
-                fd: Some(copy),
+                fd: Some(accepted.conn.clone()),
             });
             self.rr.hand(accepted, slot, pid);
         }
@@ -1630,7 +1639,7 @@ async fn write_channel(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedRece
 async fn send_with_fd(
     write: &mut OwnedWriteHalf,
     bytes: &[u8],
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
 ) -> std::io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     use std::mem::MaybeUninit;

@@ -435,3 +435,16 @@ mod tests {
         ));
     }
 }
+
+/// Registers `fd` with the current tokio runtime for readiness (a socket the
+/// caller drives with raw syscalls, such as a listener it `accept4`s on).
+pub(crate) fn register_async(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor
+    // stays open and refers to the same file description until the AsyncFd
+    // is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts().1)
+}

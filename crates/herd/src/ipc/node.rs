@@ -195,6 +195,18 @@ pub(crate) fn encode_cluster(
     }
 }
 
+/// Node's round-robin `newconn` for server `key`, connection `id` (its
+/// `seq`, which the worker's answer acks), wrapped for the descriptor that
+/// travels with it. Written by hand: it is sent once per connection.
+pub(crate) fn encode_newconn(key: &str, id: u64) -> Vec<u8> {
+    let key = serde_json::Value::from(key);
+    format!(
+        "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":\
+         {{\"act\":\"newconn\",\"key\":{key},\"cmd\":\"NODE_CLUSTER\",\"seq\":{id}}}}}\n"
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +313,18 @@ mod tests {
                    "msg":{"cmd":"NODE_CLUSTER","act":"newconn","seq":5}})
         );
         assert_eq!(line.last(), Some(&b'\n'));
+    }
+
+    #[test]
+    fn newconn_is_what_node_sends() {
+        let line = encode_newconn("127.0.0.1:80\"x", 9);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({"cmd":"NODE_HANDLE","type":"net.Native",
+                   "msg":{"cmd":"NODE_CLUSTER","act":"newconn","key":"127.0.0.1:80\"x","seq":9}})
+        );
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
     }
 
     proptest! {
