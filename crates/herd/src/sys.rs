@@ -407,6 +407,19 @@ pub(crate) fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Registers `fd` with the current tokio runtime for readiness (a socket the
+/// caller drives with raw syscalls, such as a listener it `accept4`s on).
+pub(crate) fn register_async(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor
+    // stays open and refers to the same file description until the AsyncFd
+    // is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts().1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,17 +447,4 @@ mod tests {
             b"HERD_PRIMARY_PID=12\0"
         ));
     }
-}
-
-/// Registers `fd` with the current tokio runtime for readiness (a socket the
-/// caller drives with raw syscalls, such as a listener it `accept4`s on).
-pub(crate) fn register_async(
-    fd: OwnedFd,
-    interest: tokio::io::Interest,
-) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor
-    // stays open and refers to the same file description until the AsyncFd
-    // is dropped, and `OwnedFd::as_raw_fd` always returns that descriptor.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
-        .map_err(|e| e.into_parts().1)
 }
