@@ -84,6 +84,12 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     }
     res.command("ipc node", format!("node bench/apps/ipc.js {count} {rtt}"));
     rows.push(("Node process.send (json)".to_string(), s));
+    let mut floor = Sample::default();
+    for _ in 0..ctx.reps {
+        let (p50, p99) = floor_rtt(rtt as usize)?;
+        floor.p50.push(p50);
+        floor.p99.push(p99);
+    }
 
     let mut md = String::new();
     let _ = writeln!(
@@ -99,6 +105,9 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     );
     md.push_str("| channel | primary → worker msgs/s | worker → primary msgs/s | round trip p50 | p99 |\n|---|---|---|---|---|\n");
     let cell = |v: &[f64]| {
+        if v.is_empty() {
+            return "–".to_string();
+        }
         let (m, lo, hi) = stats(v);
         if v.len() > 1 {
             format!("{} ({}–{})", k(m), k(lo), k(hi))
@@ -116,6 +125,12 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
             fmt_us(stats(&s.p99).0)
         );
     }
+    let _ = writeln!(
+        md,
+        "| floor: bare socketpair ping-pong, two threads | – | – | {} | {} |",
+        fmt_us(stats(&floor.p50).0),
+        fmt_us(stats(&floor.p99).0)
+    );
     res.sections.push(("IPC".into(), md));
     for (label, s) in rows.iter().filter(|(l, _)| l.starts_with("herd")) {
         let one_way = stats(&s.p2w).0.min(stats(&s.w2p).0);
@@ -127,11 +142,46 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         );
         let p50 = stats(&s.p50).0;
         res.target(
-            format!("IPC round trip p50, {label}"),
+            format!(
+                "IPC round trip p50, {label} (machine floor {})",
+                fmt_us(stats(&floor.p50).0)
+            ),
             fmt_us(p50),
             "≤ 12 µs",
             p50 <= 12.0,
         );
     }
     Ok(())
+}
+
+/// The machine's round-trip floor: 100 bytes there and back over a blocking
+/// Unix socketpair between two threads, no runtime, no serialization.
+/// Returns (p50, p99) in µs.
+fn floor_rtt(n: usize) -> Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair()?;
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 128];
+        while let Ok(k) = b.read(&mut buf) {
+            if k == 0 || b.write_all(&buf[..k]).is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 128];
+    let mut rtts = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let t = std::time::Instant::now();
+        a.write_all(&[7u8; 100])?;
+        let mut got = 0;
+        while got < 100 {
+            got += a.read(&mut buf)?;
+        }
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(a);
+    let _ = echo.join();
+    rtts.sort_by(|x, y| x.total_cmp(y));
+    let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize];
+    Ok((at(0.5), at(0.99)))
 }
