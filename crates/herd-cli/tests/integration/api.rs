@@ -240,6 +240,26 @@ async fn disconnect_asks_the_worker_to_drain_then_refills_the_slot() {
     );
     let (second, _) = ready(&mut events, 0).await;
     assert_ne!(second, pid);
+
+    // The stop signal sent by hand reaches the same drain future.
+    cluster.signal(0, herd::config::Signal::TERM).unwrap();
+    let (exited, _) = until(
+        &mut events,
+        "exit",
+        |e| matches!(e, Event::Exited { pid: p, .. } if *p == second),
+    )
+    .await;
+    assert!(
+        matches!(
+            exited,
+            Event::Exited {
+                code: Some(7),
+                exited_after_disconnect: false,
+                ..
+            }
+        ),
+        "{exited:?}"
+    );
     stop(cluster).await;
 }
 
