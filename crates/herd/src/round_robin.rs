@@ -85,14 +85,16 @@ impl RoundRobin {
 
     /// Worker `pid` refused connection `id` (a Node worker whose server has
     /// closed): it goes back to the front of the queue.
-    pub(crate) fn refuse(&mut self, id: u64, pid: u32) -> bool {
+    /// Returns the connection's listener, if `pid` held it.
+    pub(crate) fn refuse(&mut self, id: u64, pid: u32) -> Option<usize> {
         if !matches!(self.handed.get(&id), Some((p, _)) if *p == pid) {
-            return false;
+            return None;
         }
         let (_, accepted) = self.handed.remove(&id).expect("checked");
         forget(&mut self.untaken, pid, 1);
+        let listener = accepted.listener;
         self.waiting.push_front(accepted);
-        true
+        Some(listener)
     }
 
     /// Whether worker `pid` may be handed another connection.

@@ -60,9 +60,9 @@ enum SlotState {
         status: watch::Sender<WorkerStatus>,
         /// Whether it reported `Online`.
         online: bool,
-        /// A Node worker listening on a round-robin server (`queryServer`):
-        /// it takes `newconn`s.
-        rr_listening: bool,
+        /// The round-robin listeners a Node worker serves (its servers
+        /// asked for them by `queryServer`): it takes their `newconn`s.
+        rr_servers: Vec<usize>,
         /// Set by a disconnect: when the worker gets SIGKILL if still alive.
         disconnecting: Option<Instant>,
     },
@@ -198,6 +198,8 @@ enum SocketReply {
         key: String,
         address: String,
         sockname: Option<std::net::SocketAddr>,
+        /// The listener's id (what `Accepted::listener` holds).
+        listener: usize,
     },
 }
 
@@ -512,7 +514,7 @@ impl Supervisor {
             channel,
             status,
             online: false,
-            rr_listening: false,
+            rr_servers: Vec::new(),
             disconnecting: None,
         };
         self.tell_guardian(pid as i32);
@@ -694,10 +696,11 @@ impl Supervisor {
             ChannelEvent::Taken { id } => self.on_taken(from, id),
             ChannelEvent::ConnsClosed(n) => self.rr.closed(from, n),
             ChannelEvent::Refused { id } => {
-                if let SlotState::Running { rr_listening, .. } = &mut self.slots[slot].state {
-                    *rr_listening = false; // its server closed: no more for it
-                }
-                if self.rr.refuse(id, from) {
+                if let Some(listener) = self.rr.refuse(id, from) {
+                    // Its server for that listener closed: no more from it.
+                    if let SlotState::Running { rr_servers, .. } = &mut self.slots[slot].state {
+                        rr_servers.retain(|l| *l != listener);
+                    }
                     self.dispatch();
                 }
             }
@@ -809,14 +812,17 @@ impl Supervisor {
                 key,
                 address,
                 sockname,
+                listener,
             }) => {
                 debug!(
                     slot,
                     pid = from,
                     "node worker {from} serves {address} round-robin"
                 );
-                if let SlotState::Running { rr_listening, .. } = &mut self.slots[slot].state {
-                    *rr_listening = true;
+                if let SlotState::Running { rr_servers, .. } = &mut self.slots[slot].state {
+                    if !rr_servers.contains(&listener) {
+                        rr_servers.push(listener);
+                    }
                 }
                 fields.insert("key".into(), key.into());
                 fields.insert("errno".into(), serde_json::Value::Null);
@@ -991,6 +997,7 @@ impl Supervisor {
                     key: address.clone(),
                     address,
                     sockname: None,
+                    listener: id,
                 });
             }
             let sockname = match &listeners.specs()[index].address {
@@ -1002,6 +1009,7 @@ impl Supervisor {
                 key: self.rr_keys[id].clone(),
                 address,
                 sockname,
+                listener: id,
             });
         }
         let fd = rustix::io::fcntl_dupfd_cloexec(listeners.socket(index, slot), 0)
@@ -1087,15 +1095,17 @@ impl Supervisor {
     }
 
     /// Hands waiting connections to ready workers, as the picker chooses, at
-    /// most `round_robin::MAX_IN_FLIGHT` untaken per worker.
+    /// most `round_robin::MAX_IN_FLIGHT` untaken per worker. A connection
+    /// no worker can take now (a Node worker takes only those of listeners
+    /// its servers asked for) keeps its place; the others go past it.
     fn dispatch(&mut self) {
         if !matches!(self.phase, Phase::Running) || self.rr.waiting.is_empty() {
             return;
         }
-        // herd workers take connections once ready; Node workers once their
-        // server asked for a round-robin socket.
+        // herd workers take every listener's connections once ready; Node
+        // workers those of the round-robin servers they asked for.
         let node = self.config.ipc == Ipc::Node;
-        let candidates: Vec<(usize, u32)> = self
+        let workers: Vec<(usize, u32, Option<&[usize]>)> = self
             .slots
             .iter()
             .enumerate()
@@ -1103,26 +1113,39 @@ impl Supervisor {
                 SlotState::Running {
                     pid,
                     ready,
-                    rr_listening,
+                    rr_servers,
                     channel: Some(_),
                     disconnecting: None,
                     ..
-                } if (if node { *rr_listening } else { *ready }) => Some((slot, *pid)),
+                } if node || *ready => Some((slot, *pid, node.then_some(rr_servers.as_slice()))),
                 _ => None,
             })
             .collect();
-        while let Some(front) = self.rr.waiting.front() {
-            let Some((slot, pid)) = self.rr.pick(&candidates, self.slots.len(), front.client)
+        let mut skipped = std::collections::VecDeque::new();
+        let mut candidates = Vec::with_capacity(workers.len());
+        while let Some(accepted) = self.rr.waiting.pop_front() {
+            if !workers.iter().any(|(_, pid, _)| self.rr.has_room(*pid)) {
+                self.rr.waiting.push_front(accepted);
+                break; // everyone is full: the rest waits too
+            }
+            candidates.clear();
+            candidates.extend(
+                workers
+                    .iter()
+                    .filter(|(_, _, serves)| serves.is_none_or(|l| l.contains(&accepted.listener)))
+                    .map(|(slot, pid, _)| (*slot, *pid)),
+            );
+            let Some((slot, pid)) = self.rr.pick(&candidates, self.slots.len(), accepted.client)
             else {
-                return;
+                skipped.push_back(accepted);
+                continue;
             };
             let SlotState::Running {
                 channel: Some(tx), ..
             } = &self.slots[slot].state
             else {
-                return;
+                unreachable!("picked among workers with a channel");
             };
-            let accepted = self.rr.waiting.pop_front().expect("not empty");
             let bytes = if node {
                 // Node's `newconn`; its answer (`ack` = our seq) is the `Taken`.
                 let key = self
@@ -1138,6 +1161,10 @@ impl Supervisor {
                 fd: Some(accepted.conn.clone()),
             });
             self.rr.hand(accepted, slot, pid);
+        }
+        // What no worker could take keeps its place at the front, in order.
+        while let Some(a) = skipped.pop_back() {
+            self.rr.waiting.push_front(a);
         }
     }
 

@@ -370,3 +370,31 @@ async fn disconnect_lets_a_node_worker_close_its_servers_and_exit() {
     let outcome = tokio::time::timeout(STARTUP, cluster.wait()).await;
     assert_eq!(outcome.unwrap().unwrap(), herd::Outcome::Stopped);
 }
+
+#[test]
+fn round_robin_connections_to_an_address_no_worker_serves_block_nothing() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-rr-two");
+    let app = dir.path().join("plain.js");
+    std::fs::write(&app, PLAIN_APP).unwrap();
+    let (served, idle) = (free_port(), free_port());
+    let mut cmd = Command::new(herd_bin());
+    cmd.args(["run", "-w", "2", "--balance", "round-robin"])
+        .args(["-l", &format!("127.0.0.1:{idle}")])
+        .args(["-l", &format!("127.0.0.1:{served}"), "--", "node"])
+        .arg(&app)
+        .env("APP_PORT", served.to_string());
+    let herd = Herd::spawn(cmd);
+    herd.stderr
+        .wait_for_nth("both workers listening", STARTUP, 2, |l| {
+            l.contains(&format!("listening on 127.0.0.1:{served}")) && l.contains("worker ")
+        });
+    // Queued first, for an address the app never listens on…
+    let _waiting: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", idle)).unwrap())
+        .collect();
+    // …and the app's own address is still served, by both workers.
+    both_answer(served);
+}
