@@ -166,8 +166,9 @@ pub(crate) struct Supervisor {
     jitter: Jitter,
     base_env: Vec<CString>,
     argv: Vec<CString>,
-    channel_tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
-    channel_rx: mpsc::UnboundedReceiver<(usize, u32, ChannelEvent)>,
+    /// From the workers' reader tasks: what one read decoded, in order.
+    channel_tx: mpsc::UnboundedSender<(usize, u32, Vec<ChannelEvent>)>,
+    channel_rx: mpsc::UnboundedReceiver<(usize, u32, Vec<ChannelEvent>)>,
     /// Requests from the ClusterHandle.
     commands: mpsc::UnboundedReceiver<Command>,
     /// What the library user sees; sends never block, a dropped receiver is fine.
@@ -309,13 +310,13 @@ impl Supervisor {
                 _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
                 _ = sighup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
                 _ = sigchld.recv() => self.reap_strays(),
-                Some((slot, pid, event)) = self.channel_rx.recv() => {
-                    self.on_channel_event(slot, pid, event);
+                Some((slot, pid, batch)) = self.channel_rx.recv() => {
+                    self.on_channel_events(slot, pid, batch);
                     // Take what else is queued before going round the select
                     // again: a burst of messages costs one wakeup, not one each.
                     for _ in 0..BATCH {
-                        let Ok((slot, pid, event)) = self.channel_rx.try_recv() else { break };
-                        self.on_channel_event(slot, pid, event);
+                        let Ok((slot, pid, batch)) = self.channel_rx.try_recv() else { break };
+                        self.on_channel_events(slot, pid, batch);
                     }
                 }
                 Some(command) = self.commands.recv() => {
@@ -332,8 +333,8 @@ impl Supervisor {
                     Ok(exit) => {
                         // The reader queued the worker's last messages before
                         // the exit was reported: handle them first.
-                        while let Ok((slot, pid, event)) = self.channel_rx.try_recv() {
-                            self.on_channel_event(slot, pid, event);
+                        while let Ok((slot, pid, batch)) = self.channel_rx.try_recv() {
+                            self.on_channel_events(slot, pid, batch);
                         }
                         self.on_exit(exit)
                     }
@@ -658,6 +659,12 @@ impl Supervisor {
             channel,
             reader,
         })
+    }
+
+    fn on_channel_events(&mut self, slot: usize, from: u32, batch: Vec<ChannelEvent>) {
+        for event in batch {
+            self.on_channel_event(slot, from, event);
+        }
     }
 
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
@@ -1591,7 +1598,7 @@ async fn read_channel<D: WireDecoder>(
     mut read: OwnedReadHalf,
     slot: usize,
     pid: u32,
-    tx: mpsc::UnboundedSender<(usize, u32, ChannelEvent)>,
+    tx: mpsc::UnboundedSender<(usize, u32, Vec<ChannelEvent>)>,
     // Dropped on return: tells the exit watcher everything was passed on.
     _done: oneshot::Sender<()>,
 ) {
@@ -1604,17 +1611,25 @@ async fn read_channel<D: WireDecoder>(
                     Err(e) => ChannelEvent::Malformed(e),
                     Ok(()) => ChannelEvent::Closed,
                 };
-                let _ = tx.send((slot, pid, last));
+                let _ = tx.send((slot, pid, vec![last]));
                 return;
             }
             Ok(n) => n,
         };
         decoder.push(&buf[..n]);
+        // One send per read, not per message: a burst of small messages
+        // costs the supervisor one queue operation.
+        let mut batch = Vec::new();
+        let mut fatal = false;
         while let Some(event) = decoder.next_event() {
-            let fatal = matches!(event, ChannelEvent::Malformed(_));
-            if tx.send((slot, pid, event)).is_err() || fatal {
-                return;
+            fatal = matches!(event, ChannelEvent::Malformed(_));
+            batch.push(event);
+            if fatal {
+                break;
             }
+        }
+        if !batch.is_empty() && tx.send((slot, pid, batch)).is_err() || fatal {
+            return;
         }
     }
 }
@@ -1769,8 +1784,8 @@ mod tests {
         drop(theirs);
         reader.await.unwrap();
         let mut out = Vec::new();
-        while let Ok((0, 42, e)) = rx.try_recv() {
-            out.push(e);
+        while let Ok((0, 42, batch)) = rx.try_recv() {
+            out.extend(batch);
         }
         out
     }

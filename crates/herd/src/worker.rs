@@ -158,7 +158,7 @@ impl Channel {
     /// [`flush`]: Channel::flush
     /// [`recv`]: Channel::recv
     pub fn feed<T: Serialize>(&mut self, message: &T) -> Result<(), ChannelError> {
-        self.out.extend(frame::encode(message, self.codec, false)?);
+        frame::encode_into(&mut self.out, message, self.codec, 0)?;
         Ok(())
     }
 

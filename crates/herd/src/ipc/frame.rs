@@ -124,25 +124,51 @@ fn encode_with<T: Serialize>(message: &T, codec: Codec, flags: u8) -> Result<Vec
     // Room for a typical small message up front: growing from empty costs
     // several reallocations per frame.
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(&[0u8; HEADER_LEN]);
-    match codec {
-        Codec::Json => serde_json::to_writer(&mut out, message)
-            .map_err(|e| FrameError::Malformed(e.to_string()))?,
-        Codec::Postcard => {
-            out = postcard::to_extend(message, out)
-                .map_err(|e| FrameError::Malformed(e.to_string()))?
-        }
-    }
-    let len = out.len() - HEADER_LEN;
-    if len > MAX_MESSAGE {
-        return Err(FrameError::TooLong {
-            len,
-            max: MAX_MESSAGE,
-        });
-    }
-    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    out[4] = codec.bits() | flags;
+    encode_into(&mut out, message, codec, flags)?;
     Ok(out)
+}
+
+/// Appends one frame of `message` to `out` (left as it was on error).
+pub(crate) fn encode_into<T: Serialize>(
+    out: &mut Vec<u8>,
+    message: &T,
+    codec: Codec,
+    flags: u8,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let written = match codec {
+        Codec::Json => serde_json::to_writer(&mut *out, message)
+            .map_err(|e| FrameError::Malformed(e.to_string())),
+        Codec::Postcard => {
+            let taken = std::mem::take(out);
+            match postcard::to_extend(message, taken) {
+                Ok(v) => {
+                    *out = v;
+                    Ok(())
+                }
+                Err(e) => Err(FrameError::Malformed(e.to_string())),
+            }
+        }
+    };
+    let len = out.len().saturating_sub(start + HEADER_LEN);
+    let result = written.and_then(|()| {
+        if len > MAX_MESSAGE {
+            Err(FrameError::TooLong {
+                len,
+                max: MAX_MESSAGE,
+            })
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = result {
+        out.truncate(start);
+        return Err(e);
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    out[start + 4] = codec.bits() | flags;
+    Ok(())
 }
 
 /// An incremental frame decoder.
@@ -287,6 +313,26 @@ mod tests {
         let mut d = FrameDecoder::default();
         d.push(&[0, 0, 0, 1, 0b110, b'x']);
         assert!(matches!(d.next_frame(), Err(FrameError::BadFlags(_))));
+    }
+
+    #[test]
+    fn a_failed_encode_leaves_the_buffer_as_it_was() {
+        let mut out = encode(&"first", Codec::Json, false).unwrap();
+        let before = out.clone();
+        let bad: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        assert!(encode_into(&mut out, &bad, Codec::Json, 0).is_err());
+        assert_eq!(out, before);
+        encode_into(&mut out, &"second", Codec::Postcard, 0).unwrap();
+        let mut d = FrameDecoder::default();
+        d.push(&out);
+        assert_eq!(
+            d.next_frame().unwrap().unwrap().decode::<String>().unwrap(),
+            "first"
+        );
+        assert_eq!(
+            d.next_frame().unwrap().unwrap().decode::<String>().unwrap(),
+            "second"
+        );
     }
 
     #[test]
