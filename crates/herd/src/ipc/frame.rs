@@ -152,16 +152,13 @@ pub(crate) fn encode_into<T: Serialize>(
         }
     };
     let len = out.len().saturating_sub(start + HEADER_LEN);
-    let result = written.and_then(|()| {
-        if len > MAX_MESSAGE {
-            Err(FrameError::TooLong {
-                len,
-                max: MAX_MESSAGE,
-            })
-        } else {
-            Ok(())
-        }
-    });
+    let result = match written {
+        Ok(()) if len > MAX_MESSAGE => Err(FrameError::TooLong {
+            len,
+            max: MAX_MESSAGE,
+        }),
+        other => other,
+    };
     if let Err(e) = result {
         out.truncate(start);
         return Err(e);
