@@ -1,0 +1,337 @@
+//! A worker's IPC channel as the supervisor sees it: a reader task that
+//! decodes either wire format into typed events, and a writer task that
+//! coalesces queued frames and passes descriptors.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cluster::Message;
+use crate::ipc::frame::{Codec, FrameDecoder};
+use crate::ipc::node::{ClusterMessage, NodeDecoder};
+use crate::ipc::Control;
+
+/// What a worker's IPC reader task reports.
+#[derive(Debug)]
+pub(super) enum ChannelEvent {
+    /// The worker's program opened its channel.
+    Online,
+    /// The worker said it is ready.
+    Ready,
+    /// An application message.
+    Message(Message),
+    /// The worker asks for a listening socket.
+    Listen { seq: u64, spec: String },
+    /// The worker took a round-robin connection.
+    Taken { id: u64 },
+    /// The worker closed this many round-robin connections.
+    ConnsClosed(usize),
+    /// A Node worker refused a round-robin connection (its server closed).
+    Refused { id: u64 },
+    /// A Node worker's `server.listen()`.
+    NodeQuery(NodeQuery),
+    /// A Node worker's server is listening on this address.
+    NodeListening(String),
+    /// The worker broke the protocol; its channel is closed.
+    Malformed(String),
+    /// The worker closed its end (or exited).
+    Closed,
+}
+
+/// What a worker's writer task is given.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A frame, with a descriptor to pass along it, if any.
+    /// The descriptor is shared: the writer passes it and drops its
+    /// reference; the primary may keep one (a round-robin connection it
+    /// holds until the worker takes it) without a dup.
+    Frame {
+        bytes: Vec<u8>,
+        fd: Option<Arc<OwnedFd>>,
+    },
+    /// Close the channel once everything queued before is written. Sent by
+    /// the supervisor only: handles hold senders too, so dropping the
+    /// supervisor's would not end the writer.
+    Close,
+}
+
+/// A Node worker's `queryServer`.
+#[derive(Debug)]
+pub(super) struct NodeQuery {
+    pub(super) seq: u64,
+    pub(super) address: Option<String>,
+    pub(super) port: Option<u16>,
+    pub(super) udp: bool,
+    pub(super) fd: Option<i32>,
+}
+
+/// A wire format as the supervisor reads it: bytes in, channel events out.
+pub(super) trait WireDecoder: Default {
+    fn push(&mut self, bytes: &[u8]);
+    /// The next event, `None` when more bytes are needed; `Malformed` ends the channel.
+    fn next_event(&mut self) -> Option<ChannelEvent>;
+    /// At EOF: an error if a message was cut off.
+    fn finish(&self) -> Result<(), String>;
+}
+
+impl WireDecoder for NodeDecoder {
+    fn push(&mut self, bytes: &[u8]) {
+        NodeDecoder::push(self, bytes)
+    }
+    fn next_event(&mut self) -> Option<ChannelEvent> {
+        loop {
+            let message = match self.next_message() {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => return Some(ChannelEvent::Malformed(e.to_string())),
+            };
+            if message.as_str() == Some("ready") {
+                return Some(ChannelEvent::Ready);
+            }
+            let Some(internal) = ClusterMessage::parse(&message) else {
+                return Some(ChannelEvent::Message(Message::new(
+                    Codec::Json,
+                    serde_json::to_vec(&message).unwrap_or_default(),
+                )));
+            };
+            return Some(match internal {
+                ClusterMessage::Online => ChannelEvent::Online,
+                ClusterMessage::QueryServer {
+                    seq,
+                    address,
+                    port,
+                    udp,
+                    fd,
+                } => ChannelEvent::NodeQuery(NodeQuery {
+                    seq,
+                    address,
+                    port,
+                    udp,
+                    fd,
+                }),
+                ClusterMessage::Listening { address, port } => {
+                    let host = match address.as_deref() {
+                        None => String::new(),
+                        Some(h) if h.contains(':') => format!("[{h}]"),
+                        Some(h) => h.to_string(),
+                    };
+                    ChannelEvent::NodeListening(format!("{host}:{port}"))
+                }
+                ClusterMessage::Accepted { id, accepted: true } => ChannelEvent::Taken { id },
+                ClusterMessage::Accepted {
+                    id,
+                    accepted: false,
+                } => ChannelEvent::Refused { id },
+                ClusterMessage::Other => continue,
+            });
+        }
+    }
+    fn finish(&self) -> Result<(), String> {
+        NodeDecoder::finish(self).map_err(|e| e.to_string())
+    }
+}
+
+impl WireDecoder for FrameDecoder {
+    fn push(&mut self, bytes: &[u8]) {
+        FrameDecoder::push(self, bytes)
+    }
+    fn next_event(&mut self) -> Option<ChannelEvent> {
+        Some(match self.next_frame() {
+            Ok(Some(frame)) if frame.is_control() => match frame.decode::<Control>() {
+                Ok(Control::Ready) => ChannelEvent::Ready,
+                Ok(Control::Online) => ChannelEvent::Online,
+                Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
+                Ok(Control::Taken { id }) => ChannelEvent::Taken { id },
+                Ok(Control::Closed { ids }) => ChannelEvent::ConnsClosed(ids.len()),
+                Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
+                Err(e) => ChannelEvent::Malformed(e.to_string()),
+            },
+            Ok(Some(frame)) => ChannelEvent::Message(Message::new(frame.codec, frame.payload)),
+            Ok(None) => return None,
+            Err(e) => ChannelEvent::Malformed(e.to_string()),
+        })
+    }
+    fn finish(&self) -> Result<(), String> {
+        FrameDecoder::finish(self).map_err(|e| e.to_string())
+    }
+}
+
+/// Reads a worker's IPC channel in wire format `D` until EOF or a protocol
+/// error, sending what it decodes to the supervisor.
+pub(super) async fn read_channel<D: WireDecoder>(
+    mut read: OwnedReadHalf,
+    slot: usize,
+    pid: u32,
+    tx: mpsc::UnboundedSender<(usize, u32, Vec<ChannelEvent>)>,
+    // Dropped on return: tells the exit watcher everything was passed on.
+    _done: oneshot::Sender<()>,
+) {
+    let mut decoder = D::default();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match read.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let last = match decoder.finish() {
+                    Err(e) => ChannelEvent::Malformed(e),
+                    Ok(()) => ChannelEvent::Closed,
+                };
+                let _ = tx.send((slot, pid, vec![last]));
+                return;
+            }
+            Ok(n) => n,
+        };
+        decoder.push(&buf[..n]);
+        // One send per read, not per message: a burst of small messages
+        // costs the supervisor one queue operation.
+        let mut batch = Vec::new();
+        let mut fatal = false;
+        while let Some(event) = decoder.next_event() {
+            fatal = matches!(event, ChannelEvent::Malformed(_));
+            batch.push(event);
+            if fatal {
+                break;
+            }
+        }
+        if !batch.is_empty() && tx.send((slot, pid, batch)).is_err() || fatal {
+            return;
+        }
+    }
+}
+
+/// Writes queued frames to a worker's channel; ends (closing the channel) when
+/// the supervisor drops the queue's sender or the worker stops reading.
+pub(super) async fn write_channel(
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    use tokio::io::AsyncWriteExt;
+    // Coalesce whatever is queued into one write (one syscall for a burst);
+    // a frame with a descriptor goes alone, the descriptor on its first byte.
+    const BATCH: usize = 256 * 1024;
+    let mut held: Option<Outgoing> = None;
+    loop {
+        let first = match held.take() {
+            Some(o) => o,
+            None => match queue.recv().await {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        let result = match first {
+            Outgoing::Close => return,
+            Outgoing::Frame {
+                bytes,
+                fd: Some(fd),
+            } => send_with_fd(&mut write, &bytes, fd).await,
+            Outgoing::Frame { bytes, fd: None } => {
+                let mut batch = bytes;
+                while batch.len() < BATCH {
+                    match queue.try_recv() {
+                        Ok(Outgoing::Frame { bytes, fd: None }) => batch.extend_from_slice(&bytes),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                write.write_all(&batch).await
+            }
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes `bytes` with `fd` attached (SCM_RIGHTS) to the first chunk.
+async fn send_with_fd(
+    write: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    fd: Arc<OwnedFd>,
+) -> std::io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::mem::MaybeUninit;
+    use tokio::io::{AsyncWriteExt, Interest};
+    let sent = {
+        let stream: &tokio::net::UnixStream = write.as_ref();
+        loop {
+            stream.writable().await?;
+            let fds = [fd.as_fd()];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            control.push(SendAncillaryMessage::ScmRights(&fds));
+            match stream.try_io(Interest::WRITABLE, || {
+                sendmsg(
+                    stream,
+                    &[std::io::IoSlice::new(bytes)],
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )
+                .map_err(std::io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    write.write_all(&bytes[sent..]).await
+}
+
+pub(super) fn encode_control(control: &Control, has_fd: bool) -> Vec<u8> {
+    crate::ipc::frame::encode_control(control, has_fd).expect("control messages always serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::frame;
+    use tokio::io::AsyncWriteExt;
+
+    async fn events_for(bytes: &[u8]) -> Vec<ChannelEvent> {
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (read, _write) = ours.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (done, _) = oneshot::channel();
+        let reader = tokio::spawn(read_channel::<FrameDecoder>(read, 0, 42, tx, done));
+        theirs.write_all(bytes).await.unwrap();
+        drop(theirs);
+        reader.await.unwrap();
+        let mut out = Vec::new();
+        while let Ok((0, 42, batch)) = rx.try_recv() {
+            out.extend(batch);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn herd_channel_reports_ready_messages_and_stops_at_garbage() {
+        let mut wire = frame::encode_control(&Control::Ready, false).unwrap();
+        wire.extend(frame::encode(&"hi", Codec::Postcard, false).unwrap());
+        wire.extend([0, 0, 0, 2, 0x80, b'x', b'y']); // unknown flag
+        wire.extend(frame::encode(&"never read", Codec::Json, false).unwrap());
+        let events = events_for(&wire).await;
+        assert!(matches!(events[0], ChannelEvent::Ready));
+        match &events[1] {
+            ChannelEvent::Message(m) => assert_eq!(m.decode::<String>().unwrap(), "hi"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&events[2], ChannelEvent::Malformed(why) if why.contains("flags")));
+        assert_eq!(events.len(), 3, "nothing is read after a protocol error");
+    }
+
+    #[tokio::test]
+    async fn herd_channel_reports_a_truncated_frame_and_bad_control() {
+        let events = events_for(&[0, 0, 0, 9, 0, b'{']).await;
+        assert!(
+            matches!(&events[..], [ChannelEvent::Malformed(why)] if why.contains("middle of a frame"))
+        );
+        let bad_control = frame::encode_control(&"launch", false).unwrap();
+        let events = events_for(&bad_control).await;
+        assert!(matches!(&events[..], [ChannelEvent::Malformed(_)]));
+    }
+}

@@ -1,0 +1,487 @@
+//! Sockets on request and round-robin: a worker's `Channel::listen` or a
+//! Node worker's `queryServer`, the acceptor tasks, and handing accepted
+//! connections to workers.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::channel::{encode_control, NodeQuery, Outgoing};
+use super::{Phase, SlotState, Supervisor};
+use crate::cluster::Event;
+use crate::config::Ipc;
+use crate::ipc::node;
+use crate::ipc::Control;
+use crate::listen::{ListenAddress, ListenSpec, ListenSpecError};
+use crate::round_robin::client_hash;
+use crate::socket::Listeners;
+use crate::{sys, Error};
+
+/// How a worker's request for a socket is answered.
+pub(super) enum SocketReply {
+    /// With the socket itself.
+    Socket { fd: OwnedFd, address: String },
+    /// The primary accepts on it and hands connections over (`key` names
+    /// the server to a Node worker).
+    RoundRobin {
+        key: String,
+        address: String,
+        sockname: Option<std::net::SocketAddr>,
+        /// The listener's id (what `Accepted::listener` holds).
+        listener: usize,
+    },
+}
+
+impl Supervisor {
+    /// A herd worker asks for a listening socket (`Channel::listen`).
+    pub(super) fn on_listen(&mut self, slot: usize, from: u32, seq: u64, spec: &str) {
+        let Some(tx) = self.channel_of(slot, from) else {
+            return;
+        };
+        let reply = match self.socket_for(slot, spec, false) {
+            Ok(SocketReply::Socket { fd, address }) => {
+                self.report_listening(slot, from, &address);
+                Outgoing::Frame {
+                    bytes: encode_control(&Control::Listening { seq, address }, true),
+                    fd: Some(Arc::new(fd)),
+                }
+            }
+            Ok(SocketReply::RoundRobin { address, .. }) => {
+                let error = format!(
+                    "{address} is balanced round-robin by the primary: take its connections \
+                     with Channel::accept"
+                );
+                Outgoing::Frame {
+                    bytes: encode_control(&Control::ListenFailed { seq, error }, false),
+                    fd: None,
+                }
+            }
+            Err((error, _)) => {
+                warn!(
+                    slot,
+                    pid = from,
+                    "worker {from} cannot listen on {spec}: {error}"
+                );
+                Outgoing::Frame {
+                    bytes: encode_control(&Control::ListenFailed { seq, error }, false),
+                    fd: None,
+                }
+            }
+        };
+        let _ = tx.send(reply);
+    }
+
+    /// A Node worker's `server.listen()` (Node's `queryServer`), answered as
+    /// Node's primary would: with the socket (shared and reuseport modes), or
+    /// as a round-robin server to which connections are handed (`newconn`).
+    pub(super) fn on_node_query(&mut self, slot: usize, from: u32, query: NodeQuery) {
+        let Some(tx) = self.channel_of(slot, from) else {
+            return;
+        };
+        let seq = query.seq;
+        let answer = match self.node_spec(slot, &query) {
+            Ok(spec) => self.socket_for(slot, &spec, true),
+            Err(e) => Err(e),
+        };
+        let mut fields = serde_json::Map::new();
+        fields.insert("ack".into(), seq.into());
+        fields.insert("data".into(), serde_json::Value::Null);
+        let reply = match answer {
+            Ok(SocketReply::Socket { fd, address }) => {
+                debug!(
+                    slot,
+                    pid = from,
+                    "node worker {from} gets the socket of {address}"
+                );
+                fields.insert("key".into(), address.into());
+                fields.insert("errno".into(), serde_json::Value::Null);
+                Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, self.next_node_seq(), true),
+                    fd: Some(Arc::new(fd)),
+                }
+            }
+            Ok(SocketReply::RoundRobin {
+                key,
+                address,
+                sockname,
+                listener,
+            }) => {
+                debug!(
+                    slot,
+                    pid = from,
+                    "node worker {from} serves {address} round-robin"
+                );
+                if let SlotState::Running { rr_servers, .. } = &mut self.slots[slot].state {
+                    if !rr_servers.contains(&listener) {
+                        rr_servers.push(listener);
+                    }
+                }
+                fields.insert("key".into(), key.into());
+                fields.insert("errno".into(), serde_json::Value::Null);
+                if let Some(addr) = sockname {
+                    fields.insert(
+                        "sockname".into(),
+                        serde_json::json!({
+                            "address": addr.ip().to_string(),
+                            "family": if addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                            "port": addr.port(),
+                        }),
+                    );
+                }
+                Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, self.next_node_seq(), false),
+                    fd: None,
+                }
+            }
+            Err((error, errno)) => {
+                warn!(
+                    slot,
+                    pid = from,
+                    "node worker {from} cannot listen: {error}"
+                );
+                fields.insert("key".into(), "".into());
+                fields.insert("errno".into(), (-errno).into());
+                Outgoing::Frame {
+                    bytes: node::encode_cluster(fields, self.next_node_seq(), false),
+                    fd: None,
+                }
+            }
+        };
+        let _ = tx.send(reply);
+        if self.config.balance == crate::Balance::RoundRobin {
+            self.dispatch();
+        }
+    }
+
+    /// The listen spec a Node `queryServer` stands for. `listen({fd: N})`
+    /// names the N-3rd socket herd handed the worker; `listen(port)` with no
+    /// host is the configured spec with that port, whatever its host, since
+    /// herd's `-l` decides where to listen.
+    pub(super) fn node_spec(&self, slot: usize, q: &NodeQuery) -> Result<String, (String, i32)> {
+        if let Some(fd) = q.fd {
+            let handed = self.listeners.sockets_for_slot(slot).len();
+            let index = (fd as usize).checked_sub(sys::LISTEN_FDS_START as usize);
+            let configured: Vec<usize> = (0..self.listeners.specs().len())
+                .filter(|i| !self.listeners.primary_accepts(*i))
+                .collect();
+            return match index.filter(|i| *i < handed) {
+                Some(i) => Ok(self.listeners.specs()[configured[i]].to_string()),
+                None => Err((format!("fd {fd} is not a socket herd passed"), libc::EBADF)),
+            };
+        }
+        let port = q.port.unwrap_or(0);
+        if q.address.is_none() && port != 0 {
+            if let Some(spec) = self.listeners.specs().iter().find(|s| match &s.address {
+                ListenAddress::Tcp(a) => !q.udp && a.port == port,
+                ListenAddress::Udp(a) => q.udp && a.port == port,
+                ListenAddress::Unix(_) => false,
+            }) {
+                return Ok(spec.to_string());
+            }
+        }
+        let host = match q.address.as_deref() {
+            None => String::new(),
+            Some(h) if h.contains(':') => format!("[{h}]"),
+            Some(h) => h.to_string(),
+        };
+        Ok(format!("{}{host}:{port}", if q.udp { "udp:" } else { "" }))
+    }
+
+    pub(super) fn next_node_seq(&mut self) -> u64 {
+        self.node_seq += 1;
+        self.node_seq
+    }
+
+    /// The channel of worker `pid` in `slot`, if it is still that slot's and open.
+    pub(super) fn channel_of(
+        &self,
+        slot: usize,
+        pid: u32,
+    ) -> Option<mpsc::UnboundedSender<Outgoing>> {
+        match &self.slots[slot].state {
+            SlotState::Running {
+                pid: p,
+                channel: Some(tx),
+                ..
+            } if *p == pid => Some(tx.clone()),
+            _ => None,
+        }
+    }
+
+    /// A Node worker reports `:PORT` for a server that asked for no host:
+    /// name the socket herd gave it instead.
+    pub(super) fn resolve_listening(&self, address: String) -> String {
+        let Some(port) = address
+            .strip_prefix(':')
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            return address;
+        };
+        let ours = self
+            .listeners
+            .specs()
+            .iter()
+            .chain(self.on_demand.iter().map(|(_, l)| &l.specs()[0]))
+            .find(|s| matches!(&s.address, ListenAddress::Tcp(a) if a.port == port));
+        ours.map_or(address, |s| s.to_string())
+    }
+
+    pub(super) fn report_listening(&self, slot: usize, pid: u32, address: &str) {
+        info!(slot, pid, "worker {pid} listening on {address}");
+        let _ = self.events.send(Event::Listening {
+            slot,
+            pid,
+            address: address.to_string(),
+        });
+    }
+
+    /// The socket for listen spec `text` as slot `slot` gets it: one the
+    /// cluster was configured with, or one bound on an earlier request for
+    /// the same address, or a new one (bound once and kept). `round_robin`:
+    /// the asker can serve connections handed over one by one (a Node
+    /// worker); otherwise a new socket under round-robin balance is shared.
+    pub(super) fn socket_for(
+        &mut self,
+        slot: usize,
+        text: &str,
+        round_robin: bool,
+    ) -> Result<SocketReply, (String, i32)> {
+        let spec: ListenSpec = text
+            .parse()
+            .map_err(|e: ListenSpecError| (e.to_string(), libc::EINVAL))?;
+        // Asked as configured (`:0` too), or by the address it was bound to
+        // (the port the kernel chose for an earlier `:0`).
+        let configured = self
+            .config
+            .listen
+            .iter()
+            .position(|s| *s == spec)
+            .or_else(|| {
+                self.listeners
+                    .specs()
+                    .iter()
+                    .position(|s| s.address == spec.address)
+            });
+        let earlier = self
+            .on_demand
+            .iter()
+            .position(|(t, l)| t == text || l.specs()[0].address == spec.address);
+        let (id, listeners, index) = match (configured, earlier) {
+            (Some(i), _) => (i, &self.listeners, i),
+            (None, Some(k)) => (self.listeners.specs().len() + k, &self.on_demand[k].1, 0),
+            (None, None) => {
+                let balance = match self.config.balance {
+                    crate::Balance::RoundRobin if !round_robin => crate::Balance::Shared,
+                    other => other,
+                };
+                let bound = Listeners::bind(&[spec], balance, self.slots.len())
+                    .map_err(|e| (e.to_string(), e.errno()))?;
+                let id = self.listeners.specs().len() + self.on_demand.len();
+                if bound.primary_accepts(0) {
+                    self.start_acceptor(id, bound.specs()[0].to_string(), bound.socket(0, 0))
+                        .map_err(|e| (e.to_string(), libc::EMFILE))?;
+                }
+                self.on_demand.push((text.to_string(), bound));
+                let k = self.on_demand.len() - 1;
+                (id, &self.on_demand[k].1, 0)
+            }
+        };
+        let address = listeners.specs()[index].to_string();
+        if listeners.primary_accepts(index) {
+            if !round_robin {
+                return Ok(SocketReply::RoundRobin {
+                    key: address.clone(),
+                    address,
+                    sockname: None,
+                    listener: id,
+                });
+            }
+            let sockname = match &listeners.specs()[index].address {
+                ListenAddress::Tcp(a) => Some(a.socket_addr()),
+                _ => None,
+            };
+            debug!(listener = id, "round-robin listener {address}");
+            return Ok(SocketReply::RoundRobin {
+                key: self.rr_keys[id].clone(),
+                address,
+                sockname,
+                listener: id,
+            });
+        }
+        let fd = rustix::io::fcntl_dupfd_cloexec(listeners.socket(index, slot), 0)
+            .map_err(|e| (e.to_string(), e.raw_os_error()))?;
+        Ok(SocketReply::Socket { fd, address })
+    }
+
+    /// Starts one acceptor task per round-robin socket of the configuration.
+    pub(super) fn start_acceptors(&mut self) -> Result<(), Error> {
+        let sockets: Vec<(usize, String, OwnedFd)> = self
+            .listeners
+            .primary_sockets()
+            .into_iter()
+            .map(|(i, spec, fd)| {
+                rustix::io::fcntl_dupfd_cloexec(fd, 0).map(|fd| (i, spec.to_string(), fd))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Spawn(e.into()))?;
+        self.rr_keys = self
+            .listeners
+            .specs()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (id, spec, fd) in sockets {
+            self.start_acceptor(id, spec, fd.as_fd())
+                .map_err(Error::Spawn)?;
+        }
+        Ok(())
+    }
+
+    /// An acceptor task for round-robin listener `id`: it only accepts and
+    /// forwards; which worker gets a connection is the supervisor's decision.
+    pub(super) fn start_acceptor(
+        &mut self,
+        id: usize,
+        spec: String,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<()> {
+        use rustix::net::{acceptfrom_with, SocketAddrAny, SocketFlags};
+        let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        // Raw accept4 on the socket: a connection that is only passed on is
+        // never registered with this runtime's epoll (tokio's accept would
+        // add and remove it: two syscalls per connection for nothing).
+        let listener = sys::register_async(fd, tokio::io::Interest::READABLE)?;
+        if self.rr_keys.len() <= id {
+            self.rr_keys.resize(id + 1, String::new());
+        }
+        self.rr_keys[id] = spec.clone();
+        let tx = self.accepted_tx.clone();
+        info!("round-robin: the primary accepts on {spec}");
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = listener.readable().await else {
+                    return;
+                };
+                let got = ready.try_io(|fd| {
+                    acceptfrom_with(fd.get_ref(), SocketFlags::CLOEXEC)
+                        .map_err(std::io::Error::from)
+                });
+                match got {
+                    Ok(Ok((conn, peer))) => {
+                        let ip = peer
+                            .and_then(|a: SocketAddrAny| std::net::SocketAddr::try_from(a).ok())
+                            .map(|a| a.ip());
+                        if tx.send((conn, client_hash(ip), id)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_would_block) => continue,
+                    // EMFILE and friends: back off instead of spinning.
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    pub(super) fn on_accepted(&mut self, conn: OwnedFd, client: u64, listener: usize) {
+        self.rr.accept(conn, client, listener);
+        self.dispatch();
+    }
+
+    /// Hands waiting connections to ready workers, as the picker chooses, at
+    /// most `round_robin::MAX_IN_FLIGHT` untaken per worker. A connection
+    /// no worker can take now (a Node worker takes only those of listeners
+    /// its servers asked for) keeps its place; the others go past it.
+    pub(super) fn dispatch(&mut self) {
+        if !matches!(self.phase, Phase::Running) || self.rr.waiting.is_empty() {
+            return;
+        }
+        // herd workers take every listener's connections once ready; Node
+        // workers those of the round-robin servers they asked for.
+        let node = self.config.ipc == Ipc::Node;
+        let workers: Vec<(usize, u32, Option<&[usize]>)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| match &s.state {
+                SlotState::Running {
+                    pid,
+                    ready,
+                    rr_servers,
+                    channel: Some(_),
+                    disconnecting: None,
+                    ..
+                } if node || *ready => Some((slot, *pid, node.then_some(rr_servers.as_slice()))),
+                _ => None,
+            })
+            .collect();
+        let mut skipped = std::collections::VecDeque::new();
+        let mut candidates = Vec::with_capacity(workers.len());
+        while let Some(accepted) = self.rr.waiting.pop_front() {
+            if !workers.iter().any(|(_, pid, _)| self.rr.has_room(*pid)) {
+                self.rr.waiting.push_front(accepted);
+                break; // everyone is full: the rest waits too
+            }
+            candidates.clear();
+            candidates.extend(
+                workers
+                    .iter()
+                    .filter(|(_, _, serves)| serves.is_none_or(|l| l.contains(&accepted.listener)))
+                    .map(|(slot, pid, _)| (*slot, *pid)),
+            );
+            let Some((slot, pid)) = self.rr.pick(&candidates, self.slots.len(), accepted.client)
+            else {
+                skipped.push_back(accepted);
+                continue;
+            };
+            let SlotState::Running {
+                channel: Some(tx), ..
+            } = &self.slots[slot].state
+            else {
+                unreachable!("picked among workers with a channel");
+            };
+            let bytes = if node {
+                // Node's `newconn`; its answer (`ack` = our seq) is the `Taken`.
+                let key = self
+                    .rr_keys
+                    .get(accepted.listener)
+                    .map_or("", String::as_str);
+                node::encode_newconn(key, accepted.id)
+            } else {
+                encode_control(&Control::Conn { id: accepted.id }, true)
+            };
+            let _ = tx.send(Outgoing::Frame {
+                bytes,
+                fd: Some(accepted.conn.clone()),
+            });
+            self.rr.hand(accepted, slot, pid);
+        }
+        // What no worker could take keeps its place at the front, in order.
+        while let Some(a) = skipped.pop_back() {
+            self.rr.waiting.push_front(a);
+        }
+    }
+
+    pub(super) fn on_taken(&mut self, from: u32, id: u64) {
+        if self.rr.take(id, from) {
+            self.dispatch();
+        }
+    }
+
+    /// Connections handed to `pid` and not taken go back to the front of the queue.
+    pub(super) fn requeue(&mut self, pid: u32) {
+        let n = self.rr.reclaim(pid);
+        if n > 0 {
+            info!(
+                pid,
+                "{n} connection(s) worker {pid} never took go to other workers"
+            );
+            self.dispatch();
+        }
+    }
+}
