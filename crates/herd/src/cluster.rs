@@ -351,8 +351,10 @@ impl ClusterHandle {
     }
 
     /// Retires the worker in `slot` gracefully (Node's `worker.disconnect()`):
-    /// its IPC channel is closed, it gets the stop signal to drain, SIGKILL
-    /// after the stop timeout, and a fresh worker takes the slot when it exits.
+    /// its IPC channel is closed and it gets the stop signal to drain (a Node
+    /// worker is sent Node's own `disconnect` instead: it closes its servers
+    /// and exits when its connections are done); SIGKILL after the stop
+    /// timeout, and a fresh worker takes the slot when it exits.
     pub fn disconnect(&self, slot: usize) -> Result<(), HandleError> {
         self.commands
             .send(Command::Disconnect { slot, pid: None })
