@@ -100,6 +100,24 @@ async fn reply(events: &mut UnboundedReceiver<Event>, from: u32) -> Value {
     message.decode().unwrap()
 }
 
+/// Worker `pid`'s `Exited` event, with the events before it; checks that
+/// its `Disconnected` came first, as it must for a worker with a channel.
+async fn exit_of(events: &mut UnboundedReceiver<Event>, pid: u32) -> (Event, Vec<Event>) {
+    let (exited, before) = until(
+        events,
+        "exit",
+        |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
+    )
+    .await;
+    assert!(
+        before
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid)),
+        "Disconnected comes before Exited: {before:?}"
+    );
+    (exited, before)
+}
+
 #[tokio::test]
 async fn worker_handle_sends_passes_fds_kills_and_reports_death() {
     let (cluster, mut events) = start(config(1));
@@ -143,18 +161,7 @@ async fn worker_handle_sends_passes_fds_kills_and_reports_death() {
         worker.send(&json!({"op": "echo"})),
         Err(HandleError::NotConnected(p)) if p == pid
     ));
-    let (exited, before) = until(
-        &mut events,
-        "exit",
-        |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
-    )
-    .await;
-    assert!(
-        before
-            .iter()
-            .any(|e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid)),
-        "Disconnected comes before Exited: {before:?}"
-    );
+    let (exited, _) = exit_of(&mut events, pid).await;
     assert!(matches!(
         exited,
         Event::Exited {
@@ -215,18 +222,7 @@ async fn disconnect_asks_the_worker_to_drain_then_refills_the_slot() {
     let (pid, _) = ready(&mut events, 0).await;
     let worker = cluster.worker(0).await.unwrap().unwrap();
     worker.disconnect().unwrap();
-    let (exited, before) = until(
-        &mut events,
-        "exit",
-        |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
-    )
-    .await;
-    assert!(
-        before
-            .iter()
-            .any(|e| matches!(e, Event::Disconnected { pid: p, .. } if *p == pid)),
-        "{before:?}"
-    );
+    let (exited, _) = exit_of(&mut events, pid).await;
     assert!(
         matches!(
             exited,
@@ -243,12 +239,7 @@ async fn disconnect_asks_the_worker_to_drain_then_refills_the_slot() {
 
     // The stop signal sent by hand reaches the same drain future.
     cluster.signal(0, herd::config::Signal::TERM).unwrap();
-    let (exited, _) = until(
-        &mut events,
-        "exit",
-        |e| matches!(e, Event::Exited { pid: p, .. } if *p == second),
-    )
-    .await;
+    let (exited, _) = exit_of(&mut events, second).await;
     assert!(
         matches!(
             exited,
@@ -290,12 +281,7 @@ async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
         let (pid, _) = ready(&mut events, 0).await;
         let worker = cluster.worker(0).await.unwrap().unwrap();
         worker.send(&json!({"op": "burst", "n": 20000})).unwrap();
-        let (exited, before) = until(
-            &mut events,
-            "exit",
-            |e| matches!(e, Event::Exited { pid: p, .. } if *p == pid),
-        )
-        .await;
+        let (exited, before) = exit_of(&mut events, pid).await;
         assert!(matches!(exited, Event::Exited { code: Some(0), .. }));
         let seqs: Vec<u64> = before
             .iter()
