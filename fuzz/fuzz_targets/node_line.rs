@@ -1,7 +1,8 @@
-//! Node's newline-delimited JSON decoder on arbitrary bytes, fed in two chunks.
+//! Node's newline-delimited JSON decoder on arbitrary bytes, fed in two
+//! chunks, and the cluster-protocol parse of every message it yields.
 #![no_main]
 
-use herd::ipc::node::NodeDecoder;
+use herd::ipc::node::{ClusterMessage, NodeDecoder};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -9,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let mut d = NodeDecoder::new(1 << 16);
     for chunk in [&data[..cut], &data[cut..]] {
         d.push(chunk);
-        while let Ok(Some(_)) = d.next_message() {}
+        while let Ok(Some(message)) = d.next_message() {
+            // What the supervisor does with every line from a Node worker.
+            let _ = ClusterMessage::parse(&message);
+        }
     }
     let _ = d.finish();
 });

@@ -106,12 +106,13 @@ pub fn encode(message: &serde_json::Value) -> Vec<u8> {
 /// Internal messages are those whose `cmd` starts with `NODE_`; they never
 /// reach the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ClusterMessage {
+pub enum ClusterMessage {
     /// `{act: 'online'}`: the worker's cluster module started.
     Online,
     /// `{act: 'queryServer'}`: `server.listen()` in the worker asks for a
     /// socket (answered with `ack: seq`).
     QueryServer {
+        /// The worker's sequence number, echoed as `ack`.
         seq: u64,
         /// The host asked for; `None` for every interface.
         address: Option<String>,
@@ -123,16 +124,26 @@ pub(crate) enum ClusterMessage {
         fd: Option<i32>,
     },
     /// `{act: 'listening'}`: the worker's server is listening.
-    Listening { address: Option<String>, port: u16 },
+    Listening {
+        /// The host it asked for, if any.
+        address: Option<String>,
+        /// The port it listens on.
+        port: u16,
+    },
     /// `{ack, accepted}`: the answer to a round-robin `newconn`.
-    Accepted { id: u64, accepted: bool },
+    Accepted {
+        /// The `seq` of the `newconn`: herd's connection id.
+        id: u64,
+        /// Whether the worker took it (false: its server has closed).
+        accepted: bool,
+    },
     /// Any other internal message (handle acks, `close`, …): nothing to do.
     Other,
 }
 
 impl ClusterMessage {
     /// Classifies `message`: `None` for an application message.
-    pub(crate) fn parse(message: &serde_json::Value) -> Option<ClusterMessage> {
+    pub fn parse(message: &serde_json::Value) -> Option<ClusterMessage> {
         let cmd = message.get("cmd")?.as_str()?;
         if !cmd.starts_with("NODE_") {
             return None;
