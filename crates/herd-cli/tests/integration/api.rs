@@ -276,11 +276,21 @@ async fn a_worker_can_close_its_own_channel_and_live_on() {
 
 #[tokio::test]
 async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
+    // Fits in the socket buffer, so the worker can write it all and exit
+    // while the primary is not reading.
+    const BURST: u64 = 2000;
     let (cluster, mut events) = start(config(1));
     for round in 0..3 {
         let (pid, _) = ready(&mut events, 0).await;
         let worker = cluster.worker(0).await.unwrap().unwrap();
-        worker.send(&json!({"op": "burst", "n": 20000})).unwrap();
+        worker.send(&json!({"op": "burst", "n": BURST})).unwrap();
+        // Let the writer pass the request on, then hold this thread (and the
+        // primary on it) while the worker writes and exits: the exit and the
+        // unread messages are then ready at once, the race this guards.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        std::thread::sleep(Duration::from_millis(300));
         let (exited, before) = exit_of(&mut events, pid).await;
         assert!(matches!(exited, Event::Exited { code: Some(0), .. }));
         let seqs: Vec<u64> = before
@@ -292,7 +302,7 @@ async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
                 _ => None,
             })
             .collect();
-        assert_eq!(seqs, (0..20000).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(seqs, (0..BURST).collect::<Vec<_>>(), "round {round}");
     }
     stop(cluster).await;
 }
