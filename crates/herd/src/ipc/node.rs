@@ -186,6 +186,16 @@ impl ClusterMessage {
     }
 }
 
+/// Node's `(address, port)` as herd writes an address: `HOST:PORT`,
+/// `[V6]:PORT`, or `:PORT` for every interface.
+pub(crate) fn host_port(address: Option<&str>, port: u16) -> String {
+    match address {
+        None => format!(":{port}"),
+        Some(h) if h.contains(':') => format!("[{h}]:{port}"),
+        Some(h) => format!("{h}:{port}"),
+    }
+}
+
 /// An internal cluster message for a Node worker: `fields` plus
 /// `cmd: 'NODE_CLUSTER'` and `seq`. With `handle`, wrapped as Node sends a
 /// message whose descriptor travels alongside (`NODE_HANDLE`, `net.Native`);

@@ -34,7 +34,7 @@ pub(super) enum ChannelEvent {
     /// A Node worker's `server.listen()`.
     NodeQuery(NodeQuery),
     /// A Node worker's server is listening on this address.
-    NodeListening(String),
+    NodeListening { address: Option<String>, port: u16 },
     /// The worker broke the protocol; its channel is closed.
     Malformed(String),
     /// The worker closed its end (or exited).
@@ -113,12 +113,7 @@ impl WireDecoder for NodeDecoder {
                     fd,
                 }),
                 ClusterMessage::Listening { address, port } => {
-                    let host = match address.as_deref() {
-                        None => String::new(),
-                        Some(h) if h.contains(':') => format!("[{h}]"),
-                        Some(h) => h.to_string(),
-                    };
-                    ChannelEvent::NodeListening(format!("{host}:{port}"))
+                    ChannelEvent::NodeListening { address, port }
                 }
                 ClusterMessage::Accepted { id, accepted: true } => ChannelEvent::Taken { id },
                 ClusterMessage::Accepted {

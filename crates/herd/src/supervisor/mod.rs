@@ -647,8 +647,8 @@ impl Supervisor {
                 }
             }
             ChannelEvent::NodeQuery(query) => self.on_node_query(slot, from, query),
-            ChannelEvent::NodeListening(address) => {
-                let address = self.resolve_listening(address);
+            ChannelEvent::NodeListening { address, port } => {
+                let address = self.resolve_listening(address, port);
                 self.report_listening(slot, from, &address)
             }
             ChannelEvent::Closed => {
@@ -747,7 +747,7 @@ impl Supervisor {
         let stop_signal = self.config.stop_signal;
         let kill_at = Instant::now() + self.config.stop_timeout;
         let node = self.config.ipc == Ipc::Node;
-        let seq = self.node_seq + 1;
+        let seq = self.next_node_seq();
         let Some(Slot {
             state:
                 SlotState::Running {
@@ -777,7 +777,6 @@ impl Supervisor {
                     bytes: node::encode_cluster(fields, seq, false),
                     fd: None,
                 });
-                self.node_seq = seq;
             }
             _ => {
                 self.close_channel(slot, pid);

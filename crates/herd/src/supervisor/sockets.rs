@@ -82,7 +82,7 @@ impl Supervisor {
             return;
         };
         let seq = query.seq;
-        let answer = match self.node_spec(slot, &query) {
+        let answer = match self.node_spec(&query) {
             Ok(spec) => self.socket_for(slot, &spec, true),
             Err(e) => Err(e),
         };
@@ -160,34 +160,40 @@ impl Supervisor {
     /// names the N-3rd socket herd handed the worker; `listen(port)` with no
     /// host is the configured spec with that port, whatever its host, since
     /// herd's `-l` decides where to listen.
-    pub(super) fn node_spec(&self, slot: usize, q: &NodeQuery) -> Result<String, (String, i32)> {
+    pub(super) fn node_spec(&self, q: &NodeQuery) -> Result<String, (String, i32)> {
         if let Some(fd) = q.fd {
-            let handed = self.listeners.sockets_for_slot(slot).len();
-            let index = (fd as usize).checked_sub(sys::LISTEN_FDS_START as usize);
-            let configured: Vec<usize> = (0..self.listeners.specs().len())
+            // The sockets handed to workers, in LISTEN_FDS order.
+            let handed: Vec<&ListenSpec> = (0..self.listeners.specs().len())
                 .filter(|i| !self.listeners.primary_accepts(*i))
+                .map(|i| &self.listeners.specs()[i])
                 .collect();
-            return match index.filter(|i| *i < handed) {
-                Some(i) => Ok(self.listeners.specs()[configured[i]].to_string()),
+            let index = (fd as usize).checked_sub(sys::LISTEN_FDS_START as usize);
+            return match index.and_then(|i| handed.get(i)) {
+                Some(spec) => Ok(spec.to_string()),
                 None => Err((format!("fd {fd} is not a socket herd passed"), libc::EBADF)),
             };
         }
         let port = q.port.unwrap_or(0);
         if q.address.is_none() && port != 0 {
-            if let Some(spec) = self.listeners.specs().iter().find(|s| match &s.address {
-                ListenAddress::Tcp(a) => !q.udp && a.port == port,
-                ListenAddress::Udp(a) => q.udp && a.port == port,
-                ListenAddress::Unix(_) => false,
-            }) {
+            if let Some(spec) = self.configured_on_port(port, q.udp) {
                 return Ok(spec.to_string());
             }
         }
-        let host = match q.address.as_deref() {
-            None => String::new(),
-            Some(h) if h.contains(':') => format!("[{h}]"),
-            Some(h) => h.to_string(),
-        };
-        Ok(format!("{}{host}:{port}", if q.udp { "udp:" } else { "" }))
+        let address = node::host_port(q.address.as_deref(), port);
+        Ok(if q.udp {
+            format!("udp:{address}")
+        } else {
+            address
+        })
+    }
+
+    /// The configured spec listening on `port` (UDP or TCP), whatever its host.
+    fn configured_on_port(&self, port: u16, udp: bool) -> Option<&ListenSpec> {
+        self.listeners.specs().iter().find(|s| match &s.address {
+            ListenAddress::Tcp(a) => !udp && a.port == port,
+            ListenAddress::Udp(a) => udp && a.port == port,
+            ListenAddress::Unix(_) => false,
+        })
     }
 
     pub(super) fn next_node_seq(&mut self) -> u64 {
@@ -211,22 +217,22 @@ impl Supervisor {
         }
     }
 
-    /// A Node worker reports `:PORT` for a server that asked for no host:
-    /// name the socket herd gave it instead.
-    pub(super) fn resolve_listening(&self, address: String) -> String {
-        let Some(port) = address
-            .strip_prefix(':')
-            .and_then(|p| p.parse::<u16>().ok())
-        else {
-            return address;
+    /// How to name a Node worker's listening server: as it reports it, or,
+    /// for one that asked for no host, as the socket herd gave it.
+    pub(super) fn resolve_listening(&self, address: Option<String>, port: u16) -> String {
+        if address.is_some() {
+            return node::host_port(address.as_deref(), port);
+        }
+        let on_demand = || {
+            self.on_demand
+                .iter()
+                .map(|(_, l)| &l.specs()[0])
+                .find(|s| matches!(&s.address, ListenAddress::Tcp(a) if a.port == port))
         };
-        let ours = self
-            .listeners
-            .specs()
-            .iter()
-            .chain(self.on_demand.iter().map(|(_, l)| &l.specs()[0]))
-            .find(|s| matches!(&s.address, ListenAddress::Tcp(a) if a.port == port));
-        ours.map_or(address, |s| s.to_string())
+        match self.configured_on_port(port, false).or_else(on_demand) {
+            Some(spec) => spec.to_string(),
+            None => node::host_port(None, port),
+        }
     }
 
     pub(super) fn report_listening(&self, slot: usize, pid: u32, address: &str) {
