@@ -24,10 +24,9 @@ use crate::{sys, Error};
 pub(super) enum SocketReply {
     /// With the socket itself.
     Socket { fd: OwnedFd, address: String },
-    /// The primary accepts on it and hands connections over (`key` names
-    /// the server to a Node worker).
+    /// The primary accepts on it and hands connections over (`address` is
+    /// also the key that names the server to a Node worker).
     RoundRobin {
-        key: String,
         address: String,
         sockname: Option<std::net::SocketAddr>,
         /// The listener's id (what `Accepted::listener` holds).
@@ -104,7 +103,6 @@ impl Supervisor {
                 }
             }
             Ok(SocketReply::RoundRobin {
-                key,
                 address,
                 sockname,
                 listener,
@@ -119,7 +117,7 @@ impl Supervisor {
                         rr_servers.push(listener);
                     }
                 }
-                fields.insert("key".into(), key.into());
+                fields.insert("key".into(), address.into());
                 fields.insert("errno".into(), serde_json::Value::Null);
                 if let Some(addr) = sockname {
                     fields.insert(
@@ -297,21 +295,11 @@ impl Supervisor {
         };
         let address = listeners.specs()[index].to_string();
         if listeners.primary_accepts(index) {
-            if !round_robin {
-                return Ok(SocketReply::RoundRobin {
-                    key: address.clone(),
-                    address,
-                    sockname: None,
-                    listener: id,
-                });
-            }
             let sockname = match &listeners.specs()[index].address {
                 ListenAddress::Tcp(a) => Some(a.socket_addr()),
                 _ => None,
             };
-            debug!(listener = id, "round-robin listener {address}");
             return Ok(SocketReply::RoundRobin {
-                key: self.rr_keys[id].clone(),
                 address,
                 sockname,
                 listener: id,
