@@ -213,7 +213,7 @@ impl Channel {
     /// picker.
     pub async fn accept(&mut self) -> Result<Option<Conn>, ChannelError> {
         loop {
-            self.queue_closed()?;
+            self.queue_closed(Vec::new())?;
             if let Some((id, fd)) = self.conns.pop_front() {
                 // Tell the primary at once, before serving: until then it keeps
                 // its own copy and would give the connection to another worker.
@@ -239,9 +239,7 @@ impl Channel {
             let next = match next {
                 Ok(next) => next?,
                 Err(id) => {
-                    let ids = vec![id];
-                    self.out
-                        .extend(frame::encode_control(&Control::Closed { ids }, false)?);
+                    self.queue_closed(vec![id])?;
                     continue;
                 }
             };
@@ -253,9 +251,9 @@ impl Channel {
         }
     }
 
-    /// Queues one report of every connection closed since the last.
-    fn queue_closed(&mut self) -> Result<(), ChannelError> {
-        let mut ids = Vec::new();
+    /// Queues one report of `ids` and every connection closed since the
+    /// last report.
+    fn queue_closed(&mut self, mut ids: Vec<u64>) -> Result<(), ChannelError> {
         if let Some(rx) = self.closed_rx.as_mut() {
             while let Ok(id) = rx.try_recv() {
                 ids.push(id);
