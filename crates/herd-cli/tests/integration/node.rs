@@ -395,6 +395,10 @@ fn round_robin_connections_to_an_address_no_worker_serves_block_nothing() {
     let _waiting: Vec<std::net::TcpStream> = (0..3)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", idle)).unwrap())
         .collect();
-    // …and the app's own address is still served, by both workers.
+    // …and the app's own address is still served, by both workers…
     both_answer(served);
+    // …and the queued ones were never offered to a worker that would refuse
+    // them (the primary would pass them back and forth).
+    let refused = herd.stderr.count(|l| l.contains(" refused connection "));
+    assert_eq!(refused, 0, "{:?}", herd.stderr.all());
 }

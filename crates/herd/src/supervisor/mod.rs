@@ -639,6 +639,7 @@ impl Supervisor {
             ChannelEvent::ConnsClosed(n) => self.rr.closed(from, n),
             ChannelEvent::Refused { id } => {
                 if let Some(listener) = self.rr.refuse(id, from) {
+                    debug!(slot, pid = from, "worker {from} refused connection {id}");
                     // Its server for that listener closed: no more from it.
                     if let SlotState::Running { rr_servers, .. } = &mut self.slots[slot].state {
                         rr_servers.retain(|l| *l != listener);
