@@ -17,7 +17,7 @@ Exit status:
   0    stopped by SIGINT/SIGTERM, or every worker finished with status 0
   1    every worker finished and one failed (--restart never/on-failure), or an internal error
   2    bad input: flags, listen specs, address in use or not permitted
-  3    crash loop under --on-crash-loop exit
+  3    crash loop under --on-crash-loop exit, or no worker ever started (every slot crash-looped)
   126  the worker command is not executable
   127  the worker command was not found";
 
@@ -43,7 +43,11 @@ pub enum Command {
 /// `herd run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Number of workers, or `auto` for one per CPU.
+    /// Number of workers, or `auto` for one per CPU. Each worker costs herd
+    /// about 4 open files (its stdout and stderr pipes, its IPC channel, a
+    /// reuseport socket per address); herd raises its own soft open-file limit
+    /// to the hard limit at start, and workers get the limit herd was started
+    /// with.
     #[arg(short, long, default_value = "2", value_parser = parse_workers, value_name = "N|auto")]
     pub workers: usize,
 
@@ -82,6 +86,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub stable: Duration,
 
+    /// A worker up this long (or that said it is ready) started successfully: when it dies
+    /// it is restarted at once and is no crash-loop strike. Faster failures back off and
+    /// count; a cluster whose workers never get this far gives up (exit 3).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub min_uptime: Duration,
+
     /// First backoff delay after repeated quick failures (doubles each time).
     #[arg(long, default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
     pub backoff_initial: Duration,
@@ -90,7 +100,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub backoff_max: Duration,
 
-    /// Crash loop: more than this many restarts of one slot…
+    /// Crash loop: more than this many quick failures of one slot…
     #[arg(long, default_value = "5", value_name = "R")]
     pub max_restarts: u32,
 
@@ -114,6 +124,11 @@ pub struct RunArgs {
     /// marks it ready: auto = when the command is node.
     #[arg(long, value_enum, default_value_t = NodeIpc::Auto)]
     pub node_ipc: NodeIpc,
+
+    /// The longest IPC message accepted from a worker (bytes, or with KiB/MiB); a longer one
+    /// is skipped and counted, and the worker keeps its channel.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub ipc_max_message: usize,
 
     /// Log format for herd's events and worker output.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
@@ -175,6 +190,8 @@ impl RunArgs {
             stable: self.stable,
         };
         config.max_restarts = self.max_restarts;
+        config.min_uptime = self.min_uptime;
+        config.ipc_max_message = self.ipc_max_message;
         config.within = self.within;
         config.on_crash_loop = self.on_crash_loop;
         config.stop_signal = self.stop_signal;
@@ -192,6 +209,32 @@ impl RunArgs {
             LogFormatArg::Json => LogFormat::Json,
         };
         config
+    }
+}
+
+/// `1048576`, `64KiB`, `64MiB`, `1GiB` (also `K`/`M`/`G`, powers of 1024).
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("expected a size like 64MiB, got {text:?}"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "unknown size unit in {text:?} (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("the size must be at least 1 byte".into()),
+        Some(n) if n <= u32::MAX as usize => Ok(n),
+        _ => Err(format!("{text:?} is too large (at most 4GiB)")),
     }
 }
 

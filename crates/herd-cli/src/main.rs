@@ -7,7 +7,7 @@
 //! | 0   | stopped on request (SIGINT/SIGTERM), or every worker finished with status 0 |
 //! | 1   | every worker finished and at least one failed (`--restart never/on-failure`), or an internal error |
 //! | 2   | bad input: flags, listen specs, an address in use or not permitted |
-//! | 3   | crash loop under `--on-crash-loop exit` |
+//! | 3   | crash loop under `--on-crash-loop exit`, or no worker ever started and every slot crash-looped |
 //! | 126 | the worker command is not executable |
 //! | 127 | the worker command was not found |
 
@@ -44,9 +44,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints one line on stderr and returns `status`.
+/// Prints one line on stderr and returns `status`. A closed or broken
+/// stderr loses the line, never panics.
 fn fail(status: u8, message: &str) -> ExitCode {
-    eprintln!("herd: {message}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "herd: {message}");
     ExitCode::from(status)
 }
 
@@ -82,6 +84,23 @@ fn run(args: RunArgs) -> ExitCode {
             EXIT_CRASH_LOOP,
             &format!("slot {slot} is in a crash loop; exiting (--on-crash-loop exit)"),
         ),
+        Ok(Outcome::BootFailed { slot, exit, stderr }) => {
+            let mut text = format!(
+                "no worker ever started: every slot crash-looped (slot {slot}'s last worker: {exit})"
+            );
+            if stderr.is_empty() {
+                text.push_str("; it wrote nothing to stderr");
+            } else {
+                text.push_str("; its last stderr lines:");
+                for line in stderr {
+                    text.push_str("\n  | ");
+                    text.push_str(&line);
+                }
+            }
+            fail(EXIT_CRASH_LOOP, &text)
+        }
+        Err(herd::Error::Exec(e)) if e.not_found() => fail(EXIT_NOT_FOUND, &e.to_string()),
+        Err(herd::Error::Exec(e)) => fail(EXIT_NOT_EXECUTABLE, &e.to_string()),
         Err(herd::Error::Bind(e)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e @ herd::Error::Config(_)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e) => fail(1, &e.to_string()),
@@ -103,9 +122,11 @@ fn run_cluster(config: ClusterConfig) -> Result<Outcome, herd::Error> {
 fn init_tracing(format: LogFormatArg) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // herd's own lines never block the supervisor: they are queued for
+    // stderr's writer thread, and dropped (and counted) when it is stalled.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(herd::output::LogWriter::default)
         .with_target(false);
     match format {
         LogFormatArg::Text => builder

@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClusterConfig, Ipc, Signal};
+use crate::events::{EventSender, Events};
 use crate::ipc::frame::{self, Codec, FrameError};
 use crate::socket::Listeners;
 use crate::supervisor::{Outgoing, Supervisor};
@@ -27,6 +28,18 @@ pub enum Outcome {
     CrashLoop {
         /// The slot that looped.
         slot: usize,
+    },
+    /// No worker ever started successfully (none stayed up for
+    /// [`ClusterConfig::min_uptime`] or said it was ready) and every slot hit
+    /// the crash-loop limit: the cluster gave up (gunicorn's "worker failed
+    /// to boot").
+    BootFailed {
+        /// The slot whose worker failed last.
+        slot: usize,
+        /// How its last worker ended (`exit code 1`, `killed by SIGSEGV`).
+        exit: String,
+        /// The last lines that worker wrote to stderr (at most 10).
+        stderr: Vec<String>,
     },
 }
 
@@ -60,27 +73,42 @@ impl Cluster {
     /// handle to it and the stream of [`Event`]s. The runtime's threads must
     /// live as long as the cluster (see the supervisor's docs): a
     /// current-thread runtime on the main thread is the simplest.
-    pub fn start(self) -> Result<(ClusterHandle, mpsc::UnboundedReceiver<Event>), Error> {
+    ///
+    /// # Events
+    ///
+    /// The event queue is bounded and the supervisor never waits on it: it
+    /// holds at most [`ClusterConfig::event_queue`] events and
+    /// [`ClusterConfig::event_queue_bytes`] bytes of message payload. A
+    /// program that stops reading loses events, not memory: each event that
+    /// does not fit is dropped and counted, and the next one that fits comes
+    /// after an [`Event::Lagged`] carrying the count (a warning is logged
+    /// too). Dropping the [`Events`] receiver stops event delivery entirely.
+    pub fn start(self) -> Result<(ClusterHandle, Events), Error> {
+        let (events_tx, events_rx) =
+            EventSender::bounded(self.config.event_queue, self.config.event_queue_bytes);
+        let handle = self.start_with(events_tx)?;
+        Ok((handle, events_rx))
+    }
+
+    fn start_with(self, events: EventSender) -> Result<ClusterHandle, Error> {
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let ipc = self.config.ipc;
         let codec = self.config.codec;
-        let supervisor = Supervisor::new(self, commands_rx, events_tx)?;
+        let supervisor = Supervisor::new(self, commands_rx, events)?;
         let task = tokio::spawn(supervisor.run());
-        let handle = ClusterHandle {
+        Ok(ClusterHandle {
             commands: commands_tx,
             task,
             ipc,
             codec,
-        };
-        Ok((handle, events_rx))
+        })
     }
 
     /// Runs the cluster until it stops (SIGINT/SIGTERM, or every worker
-    /// finished under the restart policy).
+    /// finished under the restart policy). No events are produced: nothing
+    /// queues for a reader that does not exist.
     pub async fn run(self) -> Result<Outcome, Error> {
-        let (handle, _events) = self.start()?;
-        handle.wait().await
+        self.start_with(EventSender::none())?.wait().await
     }
 
     pub(crate) fn into_parts(self) -> (ClusterConfig, Listeners) {
@@ -91,6 +119,12 @@ impl Cluster {
 /// Something that happened to a worker.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The event queue was full: this many events were dropped before the
+    /// next one (see [`Cluster::start`]).
+    Lagged {
+        /// How many events were dropped.
+        dropped: u64,
+    },
     /// A worker process started in a slot (Node's `fork`).
     Spawned {
         /// The slot.
@@ -534,10 +568,7 @@ mod tests {
         config
     }
 
-    async fn next(
-        events: &mut mpsc::UnboundedReceiver<Event>,
-        pred: impl Fn(&Event) -> bool,
-    ) -> Event {
+    async fn next(events: &mut crate::events::Events, pred: impl Fn(&Event) -> bool) -> Event {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let e = events.recv().await.expect("cluster ended early");

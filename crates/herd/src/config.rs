@@ -232,6 +232,17 @@ pub struct ClusterConfig {
     pub ipc: Ipc,
     /// How the primary encodes messages on herd's channel.
     pub codec: crate::ipc::frame::Codec,
+    /// A worker that stayed up this long (or said it was ready) started
+    /// successfully: when it dies it is replaced at once and the death is not
+    /// a crash-loop strike. Only faster failures back off and count.
+    pub min_uptime: Duration,
+    /// The longest IPC message accepted from a worker; a longer one is
+    /// skipped (counted, logged once per worker) and the channel stays open.
+    pub ipc_max_message: usize,
+    /// The most events [`Cluster::start`](crate::Cluster::start)'s queue holds.
+    pub event_queue: usize,
+    /// The most message payload bytes that queue holds.
+    pub event_queue_bytes: usize,
 }
 
 /// The IPC channel between the primary and each worker, if any.
@@ -267,6 +278,10 @@ impl ClusterConfig {
             log_format: LogFormat::default(),
             ipc: Ipc::None,
             codec: crate::ipc::frame::Codec::Json,
+            min_uptime: Duration::from_secs(1),
+            ipc_max_message: crate::ipc::MAX_MESSAGE,
+            event_queue: 4096,
+            event_queue_bytes: 16 * 1024 * 1024,
         }
     }
 }

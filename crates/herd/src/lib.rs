@@ -58,6 +58,7 @@ pub mod activation;
 pub mod backoff;
 mod cluster;
 pub mod config;
+mod events;
 pub mod ipc;
 pub mod listen;
 pub mod output;
@@ -74,6 +75,7 @@ pub use cluster::{
 };
 pub use config::Ipc;
 pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
+pub use events::Events;
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};
 pub use socket::{Balance, BindError, Listeners, Picker};
 pub use worker::{role, Role};
@@ -96,4 +98,28 @@ pub enum Error {
     /// The configuration asks for something impossible.
     #[error("{0}")]
     Config(String),
+    /// A worker's program could not be executed (`execve` failed in the
+    /// child: a missing `#!` interpreter, no `#!` line, a broken binary).
+    #[error("{0}")]
+    Exec(#[from] ExecError),
+}
+
+/// Why `execve` of the worker command failed, as the child reported it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot execute {path}: {reason}")]
+pub struct ExecError {
+    /// The program herd tried to execute.
+    pub path: String,
+    /// What went wrong, in words (e.g. "interpreter /usr/bin/nodee not found").
+    pub reason: String,
+    /// The errno `execve` returned.
+    pub errno: i32,
+}
+
+impl ExecError {
+    /// Whether a file was missing (a shell's exit 127) rather than present
+    /// but not executable (126).
+    pub fn not_found(&self) -> bool {
+        self.errno == libc::ENOENT
+    }
 }

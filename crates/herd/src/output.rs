@@ -1,19 +1,50 @@
-//! Worker stdout/stderr, read line by line and written with a `[slot pid]`
-//! prefix (coloured on a terminal) or as one JSON object per line.
+//! herd's output: worker stdout/stderr, read line by line and written with a
+//! `[slot pid]` prefix (coloured on a terminal) or as one JSON object per
+//! line, and herd's own log lines.
 //!
-//! Reading happens on the runtime (one small task per stream); writing happens
-//! on one dedicated thread fed by a bounded channel. A slow consumer of herd's
-//! own stdout therefore back-pressures the chatty worker's pipe, never the
-//! supervisor task.
+//! # Theory of operation
+//!
+//! Each of herd's two streams has its own writer thread fed by its own
+//! bounded queue, so a stalled stdout never holds up stderr (or the other
+//! way round), and nothing on the supervisor's thread ever calls `write(2)`
+//! on them:
+//!
+//! * A worker's line is queued by the task reading that worker's pipe. While
+//!   the queue is full the reader waits: a worker is back-pressured when
+//!   herd's output is *slow*. If the queue stays full for [`STALL`] (the
+//!   reader of herd's output has stopped), the stream is marked blocked and
+//!   lines are dropped and counted instead, without waiting, until the
+//!   writer thread gets a write through again.
+//! * herd's own log lines ([`LogWriter`], given to `tracing`) never wait at
+//!   all: a line that does not fit is dropped and counted.
+//! * A line the writer cannot write (a closed pipe: `herd | head`) is dropped
+//!   and counted too. The count is reported on the stream before the next
+//!   line that gets through (`herd: 4,211 lines dropped while stdout was
+//!   blocked`) and, for what is left, on stderr when the cluster finishes
+//!   ([`flush`]).
+//!
+//! The two streams are process-wide, as stdout and stderr are.
 
 use std::io::{IsTerminal, Write};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// The longest line forwarded whole; longer ones are split at this size.
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// Lines queued per stream before writers wait (or drop).
+const QUEUE: usize = 4096;
+
+/// How long a worker's reader waits for room before the stream counts as
+/// blocked and its lines are dropped instead.
+pub const STALL: Duration = Duration::from_secs(1);
+
+/// How many of a worker's last stderr lines are kept for error reports.
+pub const TAIL_LINES: usize = 10;
 
 /// How worker output and herd's own events are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,52 +65,214 @@ pub enum Stream {
     Stderr,
 }
 
-struct Line {
-    stream: Stream,
-    bytes: Vec<u8>,
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+enum Item {
+    Line(Vec<u8>),
+    /// Answer once everything queued before is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// One of herd's output streams: its queue, and what was dropped.
+struct Writer {
+    tx: mpsc::Sender<Item>,
+    /// Lines dropped and not yet reported.
+    dropped: AtomicU64,
+    /// Set when a reader waited [`STALL`] for room; cleared by the writer
+    /// thread after each write that gets through.
+    blocked: AtomicBool,
+    terminal: bool,
+}
+
+fn writers() -> &'static [Writer; 2] {
+    static WRITERS: OnceLock<[Writer; 2]> = OnceLock::new();
+    WRITERS.get_or_init(|| [Writer::start(Stream::Stdout), Writer::start(Stream::Stderr)])
+}
+
+fn writer(stream: Stream) -> &'static Writer {
+    &writers()[stream as usize]
+}
+
+impl Writer {
+    fn start(stream: Stream) -> Writer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let terminal = match stream {
+            Stream::Stdout => std::io::stdout().is_terminal(),
+            Stream::Stderr => std::io::stderr().is_terminal(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("herd-{}", stream.name()))
+            .spawn(move || write_loop(stream, rx));
+        // Without the thread every line is dropped (and counted): the queue
+        // fills and nothing drains it. herd keeps supervising.
+        drop(spawned);
+        Writer {
+            tx,
+            dropped: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
+            terminal,
+        }
+    }
+
+    fn count_drop(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues a line without waiting; drops and counts it if there is no room.
+    fn try_line(&self, bytes: Vec<u8>) {
+        if self.tx.try_send(Item::Line(bytes)).is_err() {
+            self.count_drop();
+        }
+    }
+
+    /// Queues a worker's line: waits while herd's output is slow, drops once
+    /// it is blocked.
+    async fn line(&self, bytes: Vec<u8>) {
+        if self.blocked.load(Ordering::Relaxed) {
+            return self.try_line(bytes);
+        }
+        match self.tx.send_timeout(Item::Line(bytes), STALL).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.blocked.store(true, Ordering::Relaxed);
+                self.count_drop();
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => self.count_drop(),
+        }
+    }
+}
+
+fn write_loop(stream: Stream, mut rx: mpsc::Receiver<Item>) {
+    let me = writer(stream);
+    while let Some(item) = rx.blocking_recv() {
+        let line = match item {
+            Item::Line(line) => line,
+            Item::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        let mut out: Box<dyn Write> = match stream {
+            Stream::Stdout => Box::new(std::io::stdout().lock()),
+            Stream::Stderr => Box::new(std::io::stderr().lock()),
+        };
+        let dropped = me.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let notice = dropped_notice(dropped, stream);
+            if out.write_all(notice.as_bytes()).is_err() {
+                me.dropped.fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
+        // A closed or broken stream must not take the cluster down: count
+        // the line and go on.
+        match out.write_all(&line).and_then(|()| out.flush()) {
+            Ok(()) => me.blocked.store(false, Ordering::Relaxed),
+            Err(_) => me.count_drop(),
+        }
+    }
+}
+
+fn dropped_notice(n: u64, stream: Stream) -> String {
+    format!(
+        "herd: {} line{} dropped while {} was blocked\n",
+        thousands(n),
+        if n == 1 { "" } else { "s" },
+        stream.name()
+    )
+}
+
+/// `4211` as `4,211`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Lines of `stream` dropped and not yet reported.
+pub fn dropped(stream: Stream) -> u64 {
+    writer(stream).dropped.load(Ordering::Relaxed)
+}
+
+/// Waits (at most `timeout`) for both streams to write what is queued, then
+/// reports on stderr any lines dropped and not yet reported. Called when a
+/// cluster finishes; never blocks longer than `timeout`.
+pub async fn flush(timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for stream in [Stream::Stdout, Stream::Stderr] {
+        let w = writer(stream);
+        let (done, wait) = oneshot::channel();
+        if w.tx.try_send(Item::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout_at(deadline, wait).await;
+        }
+    }
+    let err = writer(Stream::Stderr);
+    for stream in [Stream::Stdout, Stream::Stderr] {
+        let n = writer(stream).dropped.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            err.try_line(dropped_notice(n, stream).into_bytes());
+        }
+    }
+    let (done, wait) = oneshot::channel();
+    if err.tx.try_send(Item::Flush(done)).is_ok() {
+        let _ = tokio::time::timeout_at(deadline, wait).await;
+    }
+}
+
+/// herd's own log lines, for `tracing_subscriber::fmt().with_writer(LogWriter::default)`:
+/// each write is queued on stderr's writer thread and never waits; what
+/// does not fit is dropped and counted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        writer(Stream::Stderr).try_line(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The handle tasks use to emit worker lines; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct OutputSink {
-    tx: mpsc::Sender<Line>,
     format: LogFormat,
-    color: [bool; 2],
 }
 
 impl OutputSink {
-    /// Starts the writer thread.
+    /// Starts the writer threads (once per process).
     pub(crate) fn start(format: LogFormat) -> std::io::Result<Self> {
-        let (tx, mut rx) = mpsc::channel::<Line>(1024);
-        std::thread::Builder::new()
-            .name("herd-output".into())
-            .spawn(move || {
-                while let Some(line) = rx.blocking_recv() {
-                    // A closed stdout (herd piped into `head`) must not kill the
-                    // cluster: drop the line.
-                    let _ = match line.stream {
-                        Stream::Stdout => std::io::stdout().lock().write_all(&line.bytes),
-                        Stream::Stderr => std::io::stderr().lock().write_all(&line.bytes),
-                    };
-                }
-            })?;
-        let color = [
-            std::io::stdout().is_terminal(),
-            std::io::stderr().is_terminal(),
-        ];
-        Ok(OutputSink { tx, format, color })
+        let _ = writers();
+        Ok(OutputSink { format })
     }
 
-    /// Forwards `reader` line by line until EOF.
+    /// Forwards `reader` line by line until EOF. Returns the last
+    /// `keep` lines (for error reports).
     pub(crate) async fn forward(
         self,
         reader: impl AsyncRead + Unpin,
         stream: Stream,
         slot: usize,
         pid: u32,
-    ) {
-        // Small: one per worker stream, and a pipe delivers at most a page or so per read.
-        let mut reader = BufReader::with_capacity(4 * 1024, reader);
+        keep: usize,
+    ) -> Vec<String> {
+        let mut tail = std::collections::VecDeque::new();
+        // One per worker stream; a pipe delivers at most its buffer per read.
+        let mut reader = BufReader::with_capacity(16 * 1024, reader);
         let mut pending: Vec<u8> = Vec::new();
         loop {
             let chunk = match reader.fill_buf().await {
@@ -99,24 +292,39 @@ impl OutputSink {
                 if pending.last() == Some(&b'\n') {
                     pending.pop();
                 }
-                if !self.emit(stream, slot, pid, &pending).await {
-                    return;
-                }
+                self.emit(stream, slot, pid, &pending, keep, &mut tail)
+                    .await;
                 pending.clear();
             }
         }
         if !pending.is_empty() {
-            self.emit(stream, slot, pid, &pending).await;
+            self.emit(stream, slot, pid, &pending, keep, &mut tail)
+                .await;
         }
+        tail.into()
     }
 
-    async fn emit(&self, stream: Stream, slot: usize, pid: u32, line: &[u8]) -> bool {
+    async fn emit(
+        &self,
+        stream: Stream,
+        slot: usize,
+        pid: u32,
+        line: &[u8],
+        keep: usize,
+        tail: &mut std::collections::VecDeque<String>,
+    ) {
         let line = String::from_utf8_lossy(line);
         let line = line.strip_suffix('\r').unwrap_or(&line);
+        if keep > 0 {
+            if tail.len() == keep {
+                tail.pop_front();
+            }
+            tail.push_back(line.chars().take(512).collect());
+        }
+        let w = writer(stream);
         let bytes = match self.format {
             LogFormat::Text => {
-                let colored = self.color[stream as usize];
-                if colored {
+                if w.terminal {
                     let c = 31 + (slot % 6);
                     format!("\x1b[{c}m[{slot} {pid}]\x1b[0m {line}\n")
                 } else {
@@ -124,28 +332,19 @@ impl OutputSink {
                 }
             }
             LogFormat::Json => {
-                let name = match stream {
-                    Stream::Stdout => "stdout",
-                    Stream::Stderr => "stderr",
-                };
                 let mut s = String::with_capacity(line.len() + 96);
                 s.push_str("{\"timestamp\":\"");
                 s.push_str(&rfc3339_now());
                 s.push_str(&format!(
-                    "\",\"slot\":{slot},\"pid\":{pid},\"stream\":\"{name}\",\"line\":"
+                    "\",\"slot\":{slot},\"pid\":{pid},\"stream\":\"{}\",\"line\":",
+                    stream.name()
                 ));
                 json_string(&mut s, line);
                 s.push_str("}\n");
                 s
             }
         };
-        self.tx
-            .send(Line {
-                stream,
-                bytes: bytes.into_bytes(),
-            })
-            .await
-            .is_ok()
+        w.line(bytes.into_bytes()).await;
     }
 }
 
@@ -201,6 +400,18 @@ mod tests {
         let mut s = String::new();
         json_string(&mut s, "a\"b\\c\n\u{1}é");
         assert_eq!(s, r#""a\"b\\c\n\u0001é""#);
+    }
+
+    #[test]
+    fn counts_read_with_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(4211), "4,211");
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(
+            dropped_notice(1, Stream::Stdout),
+            "herd: 1 line dropped while stdout was blocked\n"
+        );
     }
 
     #[test]

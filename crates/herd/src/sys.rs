@@ -40,6 +40,79 @@ pub(crate) struct ExecPlan {
     fds: Vec<RawFd>,
     scratch: Vec<RawFd>,
     parent: i32,
+    /// Where a failed execve's errno is written (close-on-exec pipe).
+    exec_err: Option<RawFd>,
+    /// The open-file limit to give the worker back.
+    nofile: Option<NoFile>,
+}
+
+/// An RLIMIT_NOFILE value (soft, hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NoFile {
+    soft: libc::rlim_t,
+    hard: libc::rlim_t,
+}
+
+/// Raises this process's soft open-file limit to its hard limit (what Go's
+/// runtime does at start); returns the limit as it was, for workers.
+pub(crate) fn raise_nofile_limit() -> io::Result<NoFile> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write or read the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let original = NoFile {
+            soft: lim.rlim_cur,
+            hard: lim.rlim_max,
+        };
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(original)
+    }
+}
+
+/// A pipe for a worker's stdout or stderr: (read end, write end), both
+/// close-on-exec, its buffer as large as `/proc/sys/fs/pipe-max-size`
+/// allows (best effort: the per-user pipe budget may refuse it).
+pub(crate) fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags};
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let max = *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(1 << 20)
+    });
+    let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
+    let _ = fcntl_setpipe_size(&read, max);
+    Ok((read, write))
+}
+
+/// After spawning with an [`ExecPlan`]: reads the errno a failed execve
+/// wrote, or `None` at EOF (the exec succeeded and the pipe closed).
+pub(crate) fn read_exec_errno(pipe: OwnedFd) -> Option<i32> {
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match rustix::io::read(&pipe, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+    }
+    (got == 4).then(|| i32::from_ne_bytes(buf))
 }
 
 impl ExecPlan {
@@ -47,11 +120,17 @@ impl ExecPlan {
     /// (`KEY=VALUE` pairs, LISTEN_PID excluded: it is filled in by the child).
     /// `fds` become descriptors 3, 4, … in order; when `fds` is not empty
     /// `LISTEN_PID` is set to the worker's own pid.
+    ///
+    /// `exec_err` is the write end of a close-on-exec pipe: a failed execve
+    /// writes its errno there ([`read_exec_errno`]). `nofile`, if given, is
+    /// the open-file limit the worker gets.
     pub(crate) fn new(
         path: &Path,
         argv: Vec<CString>,
         env: Vec<CString>,
         fds: Vec<RawFd>,
+        exec_err: Option<RawFd>,
+        nofile: Option<NoFile>,
     ) -> io::Result<Self> {
         let path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
@@ -79,6 +158,8 @@ impl ExecPlan {
             fds,
             scratch,
             parent: std::process::id() as i32,
+            exec_err,
+            nofile,
         })
     }
 
@@ -128,6 +209,15 @@ impl ExecPlan {
             // target range, so no source is overwritten), then into place.
             // dup2 leaves the targets without CLOEXEC, as they must be.
             let first_free = LISTEN_FDS_START + self.fds.len() as RawFd;
+            // The exec-error pipe, out of the range about to be overwritten
+            // (it stays close-on-exec).
+            let exec_err = match self.exec_err {
+                Some(fd) => libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free),
+                None => -1,
+            };
+            if self.exec_err.is_some() && exec_err < 0 {
+                return Err(io::Error::last_os_error());
+            }
             for (i, &src) in self.fds.iter().enumerate() {
                 let tmp = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, first_free);
                 if tmp < 0 {
@@ -150,6 +240,14 @@ impl ExecPlan {
                 CLOSE_RANGE_CLOEXEC,
             );
 
+            if let Some(n) = self.nofile {
+                let lim = libc::rlimit {
+                    rlim_cur: n.soft,
+                    rlim_max: n.hard,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+
             if let Some(idx) = self.listen_pid_entry {
                 let entry = &mut self.env[idx];
                 let digits = &mut entry[LISTEN_PID_PREFIX.len()..];
@@ -162,15 +260,14 @@ impl ExecPlan {
                 self.env_ptrs.as_ptr() as *const *const libc::c_char,
             );
             // exec failed. std's error pipe may have been replaced by the fd
-            // shuffle above, so report on the worker's stderr (herd logs it)
-            // and exit like a shell does.
+            // shuffle above, so report the errno on our own pipe (the
+            // primary turns it into an error naming the file) and exit like
+            // a shell does.
             let errno = *libc::__errno_location();
-            let mut msg = [0u8; 48];
-            let prefix = b"herd: exec failed with errno ";
-            msg[..prefix.len()].copy_from_slice(prefix);
-            let n = write_decimal(&mut msg[prefix.len()..], errno as u64);
-            msg[prefix.len() + n] = b'\n';
-            libc::write(2, msg.as_ptr().cast(), prefix.len() + n + 1);
+            if exec_err >= 0 {
+                let bytes = errno.to_ne_bytes();
+                libc::write(exec_err, bytes.as_ptr().cast(), bytes.len());
+            }
             let code = if errno == libc::ENOENT { 127 } else { 126 };
             libc::_exit(code);
         }
@@ -207,12 +304,16 @@ fn write_decimal(buf: &mut [u8], mut value: u64) -> usize {
 /// daemons that left the group with setsid), then exits.
 ///
 /// Returns the guardian process and the pipe's (non-blocking) write end.
+///
+/// It names itself `herd: guardian of <pid>` (its process title, what `ps`
+/// shows) and `herd-guardian` (its comm), so nobody takes it for a worker.
 pub(crate) fn spawn_guardian(marker: &str) -> io::Result<(tokio::process::Child, OwnedFd)> {
     use rustix::pipe::{pipe_with, PipeFlags};
     let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
     rustix::io::ioctl_fionbio(&write, true)?;
     let mut marker = marker.as_bytes().to_vec();
     marker.push(0);
+    let title = Title::prepare(&format!("herd: guardian of {}", std::process::id()));
     let mut cmd = tokio::process::Command::new("/proc/self/exe");
     cmd.stdin(Stdio::from(read))
         .stdout(Stdio::null())
@@ -221,10 +322,69 @@ pub(crate) fn spawn_guardian(marker: &str) -> io::Result<(tokio::process::Child,
     // SAFETY: `guardian_main` only makes async-signal-safe syscalls on stack
     // buffers and on `marker`, allocated before the fork; it never returns.
     unsafe {
-        cmd.pre_exec(move || guardian_main(&marker));
+        cmd.pre_exec(move || {
+            title.apply();
+            guardian_main(&marker)
+        });
     }
     let child = cmd.spawn()?;
     Ok((child, write))
+}
+
+/// A process title prepared in the parent and written in a forked child
+/// that never execs: its `comm` (PR_SET_NAME) and the memory its
+/// `/proc/PID/cmdline` shows (the argv area inherited from herd).
+struct Title {
+    text: Vec<u8>,
+    /// herd's argv area, from /proc/self/stat (fields arg_start, arg_end).
+    area: Option<(usize, usize)>,
+}
+
+impl Title {
+    fn prepare(text: &str) -> Title {
+        let area = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| {
+                // Fields after the command name, which may hold spaces.
+                let rest = stat.rsplit_once(") ")?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                // arg_start and arg_end are fields 48 and 49 (1-based, comm is 2).
+                let start = fields.get(48 - 3)?.parse().ok()?;
+                let end = fields.get(49 - 3)?.parse().ok()?;
+                (end > start).then_some((start, end))
+            });
+        let mut text = text.as_bytes().to_vec();
+        text.push(0);
+        Title { text, area }
+    }
+
+    // fork-safe
+    fn apply(&self) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15
+        // bytes by the kernel). The argv area [start, end) is memory of this
+        // process (this forked child's private copy of herd's), mapped and
+        // writable for the life of the process, and nothing in this child
+        // reads it again: the child never returns to Rust code.
+        unsafe {
+            libc::prctl(
+                libc::PR_SET_NAME,
+                c"herd-guardian".as_ptr() as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            if let Some((start, end)) = self.area {
+                let len = end - start;
+                let dst = start as *mut u8;
+                let n = self.text.len().min(len);
+                std::ptr::copy_nonoverlapping(self.text.as_ptr(), dst, n);
+                std::ptr::write_bytes(dst.add(n), 0, len - n);
+                if n == len {
+                    *dst.add(len - 1) = 0;
+                }
+            }
+        }
+    }
 }
 
 const GUARDIAN_MAX_GROUPS: usize = 4096;
@@ -242,6 +402,10 @@ fn guardian_main(marker: &[u8]) -> ! {
             libc::SIGTTIN,
             libc::SIGTTOU,
             libc::SIGPIPE,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGALRM,
+            libc::SIGWINCH,
         ] {
             libc::signal(sig, libc::SIG_IGN);
         }

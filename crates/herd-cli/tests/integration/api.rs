@@ -5,12 +5,12 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use herd::Events;
 use herd::{
     Cluster, ClusterConfig, ClusterHandle, Event, HandleError, Ipc, Outcome, WorkerCommand,
     WorkerStatus,
 };
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::util::*;
 
@@ -27,7 +27,7 @@ fn config(workers: usize) -> ClusterConfig {
 
 /// Starts a cluster; stops it (and so its workers) when the test ends, even
 /// when it fails: the guardian removes the workers once the test process dies.
-fn start(config: ClusterConfig) -> (ClusterHandle, UnboundedReceiver<Event>) {
+fn start(config: ClusterConfig) -> (ClusterHandle, Events) {
     Cluster::bind(config).unwrap().start().unwrap()
 }
 
@@ -40,7 +40,7 @@ async fn stop(cluster: ClusterHandle) {
 /// The next event matching `pred`, within [`WAIT`]; the events skipped are
 /// returned too, in order, for assertions on what came before.
 async fn until(
-    events: &mut UnboundedReceiver<Event>,
+    events: &mut Events,
     what: &str,
     pred: impl Fn(&Event) -> bool,
 ) -> (Event, Vec<Event>) {
@@ -61,7 +61,7 @@ async fn until(
     }
 }
 
-async fn ready(events: &mut UnboundedReceiver<Event>, slot: usize) -> (u32, Vec<Event>) {
+async fn ready(events: &mut Events, slot: usize) -> (u32, Vec<Event>) {
     let (e, before) = until(
         events,
         "ready",
@@ -76,7 +76,7 @@ async fn ready(events: &mut UnboundedReceiver<Event>, slot: usize) -> (u32, Vec<
 
 /// The pids of the first ready worker of each of slots `0..n`, by slot,
 /// whatever order they become ready in.
-async fn all_ready(events: &mut UnboundedReceiver<Event>, n: usize) -> Vec<u32> {
+async fn all_ready(events: &mut Events, n: usize) -> Vec<u32> {
     let mut pids = vec![None; n];
     while pids.iter().any(Option::is_none) {
         let (e, _) = until(events, "ready", |e| matches!(e, Event::Ready { .. })).await;
@@ -87,7 +87,7 @@ async fn all_ready(events: &mut UnboundedReceiver<Event>, n: usize) -> Vec<u32> 
     pids.into_iter().flatten().collect()
 }
 
-async fn reply(events: &mut UnboundedReceiver<Event>, from: u32) -> Value {
+async fn reply(events: &mut Events, from: u32) -> Value {
     let (e, _) = until(
         events,
         "a message",
@@ -102,7 +102,7 @@ async fn reply(events: &mut UnboundedReceiver<Event>, from: u32) -> Value {
 
 /// Worker `pid`'s `Exited` event, with the events before it; checks that
 /// its `Disconnected` came first, as it must for a worker with a channel.
-async fn exit_of(events: &mut UnboundedReceiver<Event>, pid: u32) -> (Event, Vec<Event>) {
+async fn exit_of(events: &mut Events, pid: u32) -> (Event, Vec<Event>) {
     let (exited, before) = until(
         events,
         "exit",
@@ -383,13 +383,7 @@ async fn workers_get_tcp_unix_and_udp_sockets_from_the_primary() {
 }
 
 /// A round-robin cluster of `--rr` fixture workers on a kernel-chosen port.
-fn start_rr(
-    picker: herd::Picker,
-) -> (
-    ClusterHandle,
-    UnboundedReceiver<Event>,
-    std::net::SocketAddr,
-) {
+fn start_rr(picker: herd::Picker) -> (ClusterHandle, Events, std::net::SocketAddr) {
     let command =
         WorkerCommand::resolve(vec![example_bin("herd-ipc-fixture").into(), "--rr".into()])
             .unwrap();

@@ -115,13 +115,14 @@ fn without_the_channel_process_send_is_absent() {
 }
 
 #[test]
-fn a_worker_breaking_the_ipc_protocol_loses_only_its_channel() {
-    // Slot 0 writes garbage, slot 1 an endless line (over the 16 MiB cap);
-    // slot 2 behaves. herd must stay up and slot 2 must still be heard.
+fn messages_over_the_cap_or_malformed_are_skipped_and_the_channel_stays_open() {
+    // Slot 0 writes garbage, slot 1 a line over the cap (--ipc-max-message
+    // 1MiB); each then says ready on the same channel, which must still be
+    // open. Slot 2 behaves. herd must stay up and hear all three.
     let script = format!(
         "case $HERD_WORKER_ID in \
-           0) printf '{{bad json\\n' >&$NODE_CHANNEL_FD ;; \
-           1) head -c 17000000 /dev/zero | tr '\\0' a >&$NODE_CHANNEL_FD ;; \
+           0) printf '{{bad json\\n\"ready\"\\n' >&$NODE_CHANNEL_FD ;; \
+           1) {{ head -c 3000000 /dev/zero | tr '\\0' a; printf '\\n\"ready\"\\n'; }} >&$NODE_CHANNEL_FD ;; \
            2) sleep 0.3; printf '\"ready\"\\n' >&$NODE_CHANNEL_FD ;; \
          esac; exec {}",
         fixture_bin().display()
@@ -133,6 +134,8 @@ fn a_worker_breaking_the_ipc_protocol_loses_only_its_channel() {
         "--no-listen",
         "--node-ipc",
         "on",
+        "--ipc-max-message",
+        "1MiB",
         "--",
         "sh",
         "-c",
@@ -140,18 +143,21 @@ fn a_worker_breaking_the_ipc_protocol_loses_only_its_channel() {
     ]);
     let pids: Vec<u32> = (1..=3).map(|n| herd.nth_spawned(n)).collect();
     herd.stderr.wait_for("malformed JSON", STARTUP, |l| {
-        l.contains("broke the IPC protocol (malformed JSON")
+        l.contains("IPC message herd skipped (malformed JSON")
     });
     herd.stderr.wait_for("oversized message", STARTUP, |l| {
-        l.contains("broke the IPC protocol (message longer than 16777216 bytes)")
+        l.contains("IPC message herd skipped (message longer than 1048576 bytes)")
     });
-    herd.stderr
-        .wait_for("the good worker's ready", STARTUP, |l| l.contains(" ready"));
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    for pid in &pids {
+        herd.stderr.wait_for("every worker ready", STARTUP, |l| {
+            l.contains(&format!("worker {pid} ready"))
+        });
+    }
     for pid in &pids {
         assert!(alive(*pid), "worker {pid} should still run");
     }
-    assert!(herd.stderr.count(|l| l.contains(" died")) == 0);
+    assert_eq!(herd.stderr.count(|l| l.contains(" died")), 0);
+    assert_eq!(herd.stderr.count(|l| l.contains("closed its channel")), 0);
 }
 
 /// The library as a primary of Node workers: messages both ways over Node's
@@ -210,7 +216,7 @@ async fn a_rust_primary_talks_to_node_workers_over_their_own_channel() {
     assert_eq!(outcome.unwrap().unwrap(), herd::Outcome::Stopped);
 }
 
-async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<herd::Event>) -> herd::Event {
+async fn next(events: &mut herd::Events) -> herd::Event {
     let e = tokio::time::timeout(STARTUP, events.recv()).await;
     e.expect("an event in time").expect("cluster running")
 }

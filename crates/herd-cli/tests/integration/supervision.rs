@@ -134,10 +134,20 @@ fn crash_loop_can_exit_non_zero() {
 
 #[test]
 fn crash_loop_marks_slot_failed_and_keeps_retrying_at_the_cap() {
+    // The first worker runs past --min-uptime (the cluster served); every
+    // later one fails at start.
+    let dir = TempDir::new("served-then-loop");
+    let marker = dir.path().join("served");
+    let script = format!(
+        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 0.4; exit 1",
+        m = marker.display()
+    );
     let mut herd = Herd::start(run_args(
         &[
             "-w",
             "1",
+            "--min-uptime",
+            "200ms",
             "--max-restarts",
             "2",
             "--within",
@@ -147,7 +157,7 @@ fn crash_loop_marks_slot_failed_and_keeps_retrying_at_the_cap() {
             "--backoff-max",
             "200ms",
         ],
-        "exit 1",
+        &script,
     ));
     herd.stderr
         .wait_for("crash loop", STARTUP, |l| l.contains("CRASH LOOP: slot 0"));

@@ -168,6 +168,9 @@ pub(crate) fn encode_into<T: Serialize>(
     Ok(())
 }
 
+/// A decoder's buffer bigger than this is released once it empties.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
 /// An incremental frame decoder.
 #[derive(Debug)]
 pub struct FrameDecoder {
@@ -177,6 +180,8 @@ pub struct FrameDecoder {
     /// small frames would otherwise shift the buffer once per frame.
     start: usize,
     max: usize,
+    /// Bytes of a rejected frame still to be discarded as they arrive.
+    skip: usize,
 }
 
 impl Default for FrameDecoder {
@@ -192,20 +197,34 @@ impl FrameDecoder {
             buf: Vec::new(),
             start: 0,
             max,
+            skip: 0,
         }
     }
 
     /// Appends bytes read from the channel.
-    pub fn push(&mut self, bytes: &[u8]) {
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if self.skip > 0 {
+            let n = self.skip.min(bytes.len());
+            self.skip -= n;
+            bytes = &bytes[n..];
+        }
         if self.start > 0 {
             self.buf.drain(..self.start);
             self.start = 0;
+            // A big frame's buffer is not kept for the life of the channel.
+            if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+                self.buf = Vec::new();
+            }
         }
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete frame, `None` if more bytes are needed. After an
-    /// error the stream is unusable: disconnect the peer.
+    /// The next complete frame, `None` if more bytes are needed.
+    ///
+    /// A frame longer than the limit or with unknown flags is an error, but
+    /// not a fatal one: the length prefix still frames the stream, so the
+    /// frame is skipped (without being buffered) and the next call goes on
+    /// with the frame after it.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let buf = &self.buf[self.start..];
         if buf.len() < HEADER_LEN {
@@ -213,16 +232,23 @@ impl FrameDecoder {
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         let flags = buf[4];
-        if len > self.max {
-            return Err(FrameError::TooLong { len, max: self.max });
-        }
-        if flags & !KNOWN_FLAGS != 0 {
-            return Err(FrameError::BadFlags(flags));
-        }
         let codec = match (flags & CODEC_MASK) >> CODEC_SHIFT {
-            0 => Codec::Json,
-            1 => Codec::Postcard,
-            _ => return Err(FrameError::BadFlags(flags)),
+            _ if len > self.max => Err(FrameError::TooLong { len, max: self.max }),
+            _ if flags & !KNOWN_FLAGS != 0 => Err(FrameError::BadFlags(flags)),
+            0 => Ok(Codec::Json),
+            1 => Ok(Codec::Postcard),
+            _ => Err(FrameError::BadFlags(flags)),
+        };
+        let codec = match codec {
+            Ok(codec) => codec,
+            Err(e) => {
+                // Drop what is buffered of the frame; the rest is skipped as it comes.
+                let whole = HEADER_LEN + len;
+                let have = buf.len().min(whole);
+                self.start += have;
+                self.skip = whole - have;
+                return Err(e);
+            }
         };
         if buf.len() < HEADER_LEN + len {
             return Ok(None);
@@ -239,7 +265,7 @@ impl FrameDecoder {
 
     /// Call at end of stream: an unfinished frame is an error.
     pub fn finish(&self) -> Result<(), FrameError> {
-        match self.buf.len() - self.start {
+        match self.buf.len() - self.start + self.skip {
             0 => Ok(()),
             left => Err(FrameError::Truncated(left)),
         }
@@ -284,6 +310,50 @@ mod tests {
             }
             prop_assert!(d.finish().is_ok());
             prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn rejected_frames_are_skipped_and_the_rest_decoded(
+            msgs in proptest::collection::vec((msg(), any::<bool>()), 1..12),
+            chunk in 1usize..300,
+        ) {
+            // Every other frame is over the limit or has unknown flags; the
+            // good ones must all come out, in order, whatever the read sizes.
+            let mut wire = Vec::new();
+            let mut good = Vec::new();
+            let mut bad = 0;
+            for (i, (m, oversized)) in msgs.iter().enumerate() {
+                if i % 2 == 1 {
+                    bad += 1;
+                    if *oversized {
+                        wire.extend((5000u32).to_be_bytes());
+                        wire.push(0);
+                        wire.extend([b'z'; 5000]);
+                    } else {
+                        wire.extend((3u32).to_be_bytes());
+                        wire.extend([0x80, 1, 2, 3]);
+                    }
+                } else {
+                    wire.extend(encode(m, Codec::Json, false).unwrap());
+                    good.push(m.clone());
+                }
+            }
+            let mut d = FrameDecoder::new(4096);
+            let mut got = Vec::new();
+            let mut errors = 0;
+            for piece in wire.chunks(chunk) {
+                d.push(piece);
+                loop {
+                    match d.next_frame() {
+                        Ok(Some(f)) => got.push(f.decode::<Msg>().unwrap()),
+                        Ok(None) => break,
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            prop_assert!(d.finish().is_ok());
+            prop_assert_eq!(errors, bad);
+            prop_assert_eq!(got, good);
         }
 
         #[test]

@@ -20,7 +20,7 @@ pub mod frame;
 pub mod node;
 
 /// The largest message accepted from a worker, in bytes (16 MiB).
-pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// herd's own control messages (frames with the control flag), always JSON.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

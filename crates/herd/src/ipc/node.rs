@@ -19,6 +19,9 @@ pub enum NodeIpcError {
     Truncated(usize),
 }
 
+/// A decoder's buffer bigger than this is released once it empties.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
 /// An incremental decoder of newline-delimited JSON.
 #[derive(Debug)]
 pub struct NodeDecoder {
@@ -29,6 +32,8 @@ pub struct NodeDecoder {
     /// Bytes of `buf` already searched for a newline (from `start`).
     scanned: usize,
     max: usize,
+    /// Inside a line that was too long: discard up to its newline.
+    skipping: bool,
 }
 
 impl Default for NodeDecoder {
@@ -45,6 +50,7 @@ impl NodeDecoder {
             start: 0,
             scanned: 0,
             max,
+            skipping: false,
         }
     }
 
@@ -54,23 +60,44 @@ impl NodeDecoder {
             self.buf.drain(..self.start);
             self.scanned -= self.start;
             self.start = 0;
+            // A big message's buffer is not kept for the life of the channel.
+            if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+                self.buf = Vec::new();
+            }
         }
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete message, `None` if more bytes are needed. After an
-    /// error the stream is unusable: disconnect the peer.
+    /// The next complete message, `None` if more bytes are needed.
+    ///
+    /// Errors are not fatal: a line over the limit is skipped up to its
+    /// newline (without being buffered), a line that is not JSON is skipped,
+    /// and the next call goes on with the line after it.
     pub fn next_message(&mut self) -> Result<Option<serde_json::Value>, NodeIpcError> {
         loop {
             let Some(nl) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') else {
                 self.scanned = self.buf.len();
-                if self.buf.len() - self.start > self.max {
-                    return Err(NodeIpcError::TooLong { max: self.max });
+                if self.skipping || self.buf.len() - self.start > self.max {
+                    // Drop what we have of the long line and skip the rest.
+                    self.buf.clear();
+                    self.start = 0;
+                    self.scanned = 0;
+                    if !std::mem::replace(&mut self.skipping, true) {
+                        return Err(NodeIpcError::TooLong { max: self.max });
+                    }
                 }
                 return Ok(None);
             };
             let end = self.scanned + nl;
+            if self.skipping {
+                self.skipping = false;
+                self.start = end + 1;
+                self.scanned = self.start;
+                continue;
+            }
             if end - self.start > self.max {
+                self.start = end + 1;
+                self.scanned = self.start;
                 return Err(NodeIpcError::TooLong { max: self.max });
             }
             let line = &self.buf[self.start..end];
@@ -86,7 +113,7 @@ impl NodeDecoder {
     /// Call at end of stream: an unfinished message is an error.
     pub fn finish(&self) -> Result<(), NodeIpcError> {
         let left = &self.buf[self.start..];
-        if left.iter().all(u8::is_ascii_whitespace) {
+        if !self.skipping && left.iter().all(u8::is_ascii_whitespace) {
             Ok(())
         } else {
             Err(NodeIpcError::Truncated(left.len()))
@@ -267,6 +294,37 @@ mod tests {
             d.next_message(),
             Err(NodeIpcError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn skips_bad_lines_and_goes_on() {
+        // An over-long line arriving in pieces is skipped without being
+        // buffered; garbage is skipped; what follows each is decoded.
+        let mut d = NodeDecoder::new(16);
+        d.push(b"\"ok1\"\n\"0123456789");
+        assert_eq!(d.next_message().unwrap(), Some(json!("ok1")));
+        assert_eq!(d.next_message().unwrap(), None);
+        d.push(b"0123456789");
+        assert!(matches!(
+            d.next_message(),
+            Err(NodeIpcError::TooLong { .. })
+        ));
+        for _ in 0..100 {
+            d.push(&[b'x'; 1000]);
+            assert_eq!(d.next_message().unwrap(), None);
+            assert!(d.buf.len() < 1000, "a skipped line is not buffered");
+        }
+        d.push(b"tail\"\n{bad\n\"ok2\"\n");
+        assert!(matches!(d.next_message(), Err(NodeIpcError::Malformed(_))));
+        assert_eq!(d.next_message().unwrap(), Some(json!("ok2")));
+        assert!(d.finish().is_ok());
+        // A whole over-long line in one read.
+        d.push(b"\"01234567890123456789\"\n\"ok3\"\n");
+        assert!(matches!(
+            d.next_message(),
+            Err(NodeIpcError::TooLong { .. })
+        ));
+        assert_eq!(d.next_message().unwrap(), Some(json!("ok3")));
     }
 
     #[test]

@@ -35,8 +35,9 @@ pub(super) enum ChannelEvent {
     NodeQuery(NodeQuery),
     /// A Node worker's server is listening on this address.
     NodeListening { address: Option<String>, port: u16 },
-    /// The worker broke the protocol; its channel is closed.
-    Malformed(String),
+    /// The worker sent something that is not a message (over the size
+    /// limit, not JSON, a bad frame): it was skipped; the channel stays open.
+    Skipped(String),
     /// The worker closed its end (or exited).
     Closed,
 }
@@ -69,15 +70,20 @@ pub(super) struct NodeQuery {
 }
 
 /// A wire format as the supervisor reads it: bytes in, channel events out.
-pub(super) trait WireDecoder: Default {
+pub(super) trait WireDecoder {
+    /// A decoder that skips messages longer than `max` bytes.
+    fn with_max(max: usize) -> Self;
     fn push(&mut self, bytes: &[u8]);
-    /// The next event, `None` when more bytes are needed; `Malformed` ends the channel.
+    /// The next event, `None` when more bytes are needed.
     fn next_event(&mut self) -> Option<ChannelEvent>;
     /// At EOF: an error if a message was cut off.
     fn finish(&self) -> Result<(), String>;
 }
 
 impl WireDecoder for NodeDecoder {
+    fn with_max(max: usize) -> Self {
+        NodeDecoder::new(max)
+    }
     fn push(&mut self, bytes: &[u8]) {
         NodeDecoder::push(self, bytes)
     }
@@ -86,7 +92,7 @@ impl WireDecoder for NodeDecoder {
             let message = match self.next_message() {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
-                Err(e) => return Some(ChannelEvent::Malformed(e.to_string())),
+                Err(e) => return Some(ChannelEvent::Skipped(e.to_string())),
             };
             if message.as_str() == Some("ready") {
                 return Some(ChannelEvent::Ready);
@@ -130,6 +136,9 @@ impl WireDecoder for NodeDecoder {
 }
 
 impl WireDecoder for FrameDecoder {
+    fn with_max(max: usize) -> Self {
+        FrameDecoder::new(max)
+    }
     fn push(&mut self, bytes: &[u8]) {
         FrameDecoder::push(self, bytes)
     }
@@ -141,12 +150,12 @@ impl WireDecoder for FrameDecoder {
                 Ok(Control::Listen { seq, spec }) => ChannelEvent::Listen { seq, spec },
                 Ok(Control::Taken { id }) => ChannelEvent::Taken { id },
                 Ok(Control::Closed { ids }) => ChannelEvent::ConnsClosed(ids.len()),
-                Ok(other) => ChannelEvent::Malformed(format!("unexpected {other:?}")),
-                Err(e) => ChannelEvent::Malformed(e.to_string()),
+                Ok(other) => ChannelEvent::Skipped(format!("unexpected {other:?}")),
+                Err(e) => ChannelEvent::Skipped(e.to_string()),
             },
             Ok(Some(frame)) => ChannelEvent::Message(Message::new(frame.codec, frame.payload)),
             Ok(None) => return None,
-            Err(e) => ChannelEvent::Malformed(e.to_string()),
+            Err(e) => ChannelEvent::Skipped(e.to_string()),
         })
     }
     fn finish(&self) -> Result<(), String> {
@@ -154,26 +163,34 @@ impl WireDecoder for FrameDecoder {
     }
 }
 
-/// Reads a worker's IPC channel in wire format `D` until EOF or a protocol
-/// error, sending what it decodes to the supervisor.
+/// What the readers send the supervisor: one read's events from one worker.
+pub(super) type Batch = (usize, u32, Vec<ChannelEvent>);
+
+/// Reads a worker's IPC channel in wire format `D` until EOF, sending what
+/// it decodes to the supervisor. The queue to the supervisor is bounded: a
+/// worker that writes faster than the supervisor handles its messages waits
+/// (its socket buffer fills, its writes block) instead of growing the
+/// primary's memory.
 pub(super) async fn read_channel<D: WireDecoder>(
     mut read: OwnedReadHalf,
     slot: usize,
     pid: u32,
-    tx: mpsc::UnboundedSender<(usize, u32, Vec<ChannelEvent>)>,
+    max_message: usize,
+    tx: mpsc::Sender<Batch>,
     // Dropped on return: tells the exit watcher everything was passed on.
     _done: oneshot::Sender<()>,
 ) {
-    let mut decoder = D::default();
+    let mut decoder = D::with_max(max_message);
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match read.read(&mut buf).await {
             Ok(0) | Err(_) => {
-                let last = match decoder.finish() {
-                    Err(e) => ChannelEvent::Malformed(e),
-                    Ok(()) => ChannelEvent::Closed,
-                };
-                let _ = tx.send((slot, pid, vec![last]));
+                let mut last = Vec::new();
+                if let Err(e) = decoder.finish() {
+                    last.push(ChannelEvent::Skipped(e));
+                }
+                last.push(ChannelEvent::Closed);
+                let _ = tx.send((slot, pid, last)).await;
                 return;
             }
             Ok(n) => n,
@@ -182,15 +199,10 @@ pub(super) async fn read_channel<D: WireDecoder>(
         // One send per read, not per message: a burst of small messages
         // costs the supervisor one queue operation.
         let mut batch = Vec::new();
-        let mut fatal = false;
         while let Some(event) = decoder.next_event() {
-            fatal = matches!(event, ChannelEvent::Malformed(_));
             batch.push(event);
-            if fatal {
-                break;
-            }
         }
-        if !batch.is_empty() && tx.send((slot, pid, batch)).is_err() || fatal {
+        if !batch.is_empty() && tx.send((slot, pid, batch)).await.is_err() {
             return;
         }
     }
@@ -290,9 +302,16 @@ mod tests {
     async fn events_for(bytes: &[u8]) -> Vec<ChannelEvent> {
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let (read, _write) = ours.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(1000);
         let (done, _) = oneshot::channel();
-        let reader = tokio::spawn(read_channel::<FrameDecoder>(read, 0, 42, tx, done));
+        let reader = tokio::spawn(read_channel::<FrameDecoder>(
+            read,
+            0,
+            42,
+            crate::ipc::MAX_MESSAGE,
+            tx,
+            done,
+        ));
         theirs.write_all(bytes).await.unwrap();
         drop(theirs);
         reader.await.unwrap();
@@ -304,29 +323,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn herd_channel_reports_ready_messages_and_stops_at_garbage() {
+    async fn herd_channel_reports_ready_messages_and_skips_garbage() {
         let mut wire = frame::encode_control(&Control::Ready, false).unwrap();
         wire.extend(frame::encode(&"hi", Codec::Postcard, false).unwrap());
         wire.extend([0, 0, 0, 2, 0x80, b'x', b'y']); // unknown flag
-        wire.extend(frame::encode(&"never read", Codec::Json, false).unwrap());
+        wire.extend(frame::encode(&"read after it", Codec::Json, false).unwrap());
         let events = events_for(&wire).await;
         assert!(matches!(events[0], ChannelEvent::Ready));
         match &events[1] {
             ChannelEvent::Message(m) => assert_eq!(m.decode::<String>().unwrap(), "hi"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&events[2], ChannelEvent::Malformed(why) if why.contains("flags")));
-        assert_eq!(events.len(), 3, "nothing is read after a protocol error");
+        assert!(matches!(&events[2], ChannelEvent::Skipped(why) if why.contains("flags")));
+        match &events[3] {
+            ChannelEvent::Message(m) => assert_eq!(m.decode::<String>().unwrap(), "read after it"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(events[4], ChannelEvent::Closed));
+        assert_eq!(events.len(), 5);
     }
 
     #[tokio::test]
     async fn herd_channel_reports_a_truncated_frame_and_bad_control() {
         let events = events_for(&[0, 0, 0, 9, 0, b'{']).await;
         assert!(
-            matches!(&events[..], [ChannelEvent::Malformed(why)] if why.contains("middle of a frame"))
+            matches!(&events[..], [ChannelEvent::Skipped(why), ChannelEvent::Closed] if why.contains("middle of a frame"))
         );
         let bad_control = frame::encode_control(&"launch", false).unwrap();
         let events = events_for(&bad_control).await;
-        assert!(matches!(&events[..], [ChannelEvent::Malformed(_)]));
+        assert!(matches!(
+            &events[..],
+            [ChannelEvent::Skipped(_), ChannelEvent::Closed]
+        ));
     }
 }

@@ -35,6 +35,7 @@ use crate::backoff::{Backoff, Intensity, Jitter};
 use crate::cluster::{Cluster, Command, Event, Outcome, WorkerInfo, WorkerLink, WorkerStatus};
 use crate::config::Ipc;
 use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
+use crate::events::EventSender;
 use crate::ipc::frame::FrameDecoder;
 use crate::ipc::node::{self, NodeDecoder};
 use crate::output::{OutputSink, Stream};
@@ -42,13 +43,13 @@ use crate::round_robin::RoundRobin;
 use crate::socket::Listeners;
 use crate::spawn::{argv_cstrings, env_entry};
 use crate::sys::{self, ExecPlan};
-use crate::Error;
+use crate::{Error, ExecError};
 
 mod channel;
 mod sockets;
 
 pub(crate) use channel::Outgoing;
-use channel::{read_channel, write_channel, ChannelEvent};
+use channel::{read_channel, write_channel, Batch, ChannelEvent};
 
 #[derive(Debug)]
 enum SlotState {
@@ -69,6 +70,8 @@ enum SlotState {
         rr_servers: Vec<usize>,
         /// Set by a disconnect: when the worker gets SIGKILL if still alive.
         disconnecting: Option<Instant>,
+        /// Messages skipped (over the size limit, malformed); the first is logged.
+        skipped: u64,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -83,7 +86,47 @@ struct Slot {
     backoff: Backoff,
     intensity: Intensity,
     failed: bool,
+    /// How its last worker ended, and the last lines it wrote to stderr.
+    last_exit: Option<(String, Vec<String>)>,
 }
+
+impl Slot {
+    fn new(config: &ClusterConfig, env: Vec<CString>) -> Slot {
+        Slot {
+            state: SlotState::Done { succeeded: true },
+            env,
+            backoff: Backoff::new(config.backoff),
+            intensity: Intensity::new(config.max_restarts, config.within),
+            failed: false,
+            last_exit: None,
+        }
+    }
+}
+
+/// What is left of a dead worker's process group (KillMode=control-group):
+/// it got the stop signal when the worker exited and gets SIGKILL at `kill_at`.
+struct Remnant {
+    pgid: u32,
+    kill_at: Instant,
+}
+
+/// Why a worker could not be started.
+enum SpawnError {
+    /// fork, pipes, descriptors: resources (EMFILE, EAGAIN, ENOMEM).
+    Io(std::io::Error),
+    /// `execve` failed in the child.
+    Exec(ExecError),
+}
+
+impl From<std::io::Error> for SpawnError {
+    fn from(e: std::io::Error) -> Self {
+        SpawnError::Io(e)
+    }
+}
+
+/// A spawn that failed for lack of resources is retried no sooner than this,
+/// whatever the backoff says (zero delays must not become a busy loop).
+const SPAWN_RETRY_MIN: Duration = Duration::from_millis(100);
 
 enum Phase {
     Running,
@@ -94,6 +137,8 @@ struct Exit {
     slot: usize,
     pid: u32,
     status: std::io::Result<ExitStatus>,
+    /// The last lines it wrote to stderr.
+    stderr: Vec<String>,
 }
 
 /// A worker just spawned, before it is installed in its slot.
@@ -104,6 +149,8 @@ struct NewWorker {
     channel: Option<mpsc::UnboundedSender<Outgoing>>,
     /// Completes when its channel reader has passed on everything.
     reader: Option<oneshot::Receiver<()>>,
+    /// Its stderr forwarder, which returns the last lines.
+    stderr: Option<tokio::task::JoinHandle<Vec<String>>>,
 }
 
 /// How long an exit waits for the channel reader to reach EOF.
@@ -127,12 +174,24 @@ pub(crate) struct Supervisor {
     base_env: Vec<CString>,
     argv: Vec<CString>,
     /// From the workers' reader tasks: what one read decoded, in order.
-    channel_tx: mpsc::UnboundedSender<(usize, u32, Vec<ChannelEvent>)>,
-    channel_rx: mpsc::UnboundedReceiver<(usize, u32, Vec<ChannelEvent>)>,
+    /// Bounded: a flooding worker waits, the primary does not grow.
+    channel_tx: mpsc::Sender<Batch>,
+    channel_rx: mpsc::Receiver<Batch>,
     /// Requests from the ClusterHandle.
     commands: mpsc::UnboundedReceiver<Command>,
-    /// What the library user sees; sends never block, a dropped receiver is fine.
-    events: mpsc::UnboundedSender<Event>,
+    /// What the library user sees; bounded, sends never block.
+    events: EventSender,
+    /// Whether a worker has ever started successfully (up for `min_uptime`,
+    /// or ready). Until then a cluster whose every slot crash-loops gives up.
+    served: bool,
+    /// An error that ends the cluster (the worker command cannot be executed).
+    fatal: Option<Error>,
+    /// Dead workers' process groups that still have members.
+    remnants: Vec<Remnant>,
+    /// Signals already logged as ignored (bit per signal number).
+    ignored_logged: u64,
+    /// RLIMIT_NOFILE as herd was started, restored in each worker.
+    worker_nofile: Option<sys::NoFile>,
     /// Sockets bound on a worker's request, with the spec text it sent.
     on_demand: Vec<(String, Listeners)>,
     /// Round-robin: connections accepted by the primary and where they went.
@@ -156,9 +215,19 @@ impl Supervisor {
     pub(crate) fn new(
         cluster: Cluster,
         commands: mpsc::UnboundedReceiver<Command>,
-        events: mpsc::UnboundedSender<Event>,
+        events: EventSender,
     ) -> Result<Self, Error> {
         let (config, listeners) = cluster.into_parts();
+        // Each worker costs herd a few descriptors (pipes, its channel):
+        // take the hard limit, as Go's runtime does; workers get back the
+        // soft limit herd was started with.
+        let worker_nofile = match sys::raise_nofile_limit() {
+            Ok(original) => Some(original),
+            Err(e) => {
+                warn!("cannot raise the open-file limit: {e}");
+                None
+            }
+        };
         // Orphaned grandchildren are reparented to us, so we can reap them.
         if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
             warn!("cannot become child subreaper: {e}");
@@ -175,15 +244,9 @@ impl Supervisor {
             .collect();
         let argv = argv_cstrings(&config.command);
         let slots = (0..config.workers)
-            .map(|_| Slot {
-                state: SlotState::Done { succeeded: true },
-                env: Vec::new(),
-                backoff: Backoff::new(config.backoff),
-                intensity: Intensity::new(config.max_restarts, config.within),
-                failed: false,
-            })
+            .map(|_| Slot::new(&config, Vec::new()))
             .collect();
-        let (channel_tx, channel_rx) = mpsc::unbounded_channel();
+        let (channel_tx, channel_rx) = mpsc::channel(256);
         let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
         let config_picker = config.picker;
         Ok(Supervisor {
@@ -209,6 +272,11 @@ impl Supervisor {
             rr_keys: Vec::new(),
             node_seq: 0,
             node_ids: 0,
+            served: false,
+            fatal: None,
+            remnants: Vec::new(),
+            ignored_logged: 0,
+            worker_nofile,
         })
     }
 
@@ -218,6 +286,16 @@ impl Supervisor {
         let mut sigterm = sig(SignalKind::terminate())?;
         let mut sigchld = sig(SignalKind::child())?;
         let mut sighup = sig(SignalKind::hangup())?;
+        let mut sigquit = sig(SignalKind::quit())?;
+        // What an operator may send a process manager by habit; none of
+        // these may end herd (their default action would).
+        let mut sigusr1 = sig(SignalKind::user_defined1())?;
+        let mut sigusr2 = sig(SignalKind::user_defined2())?;
+        let mut sigttin = sig(SignalKind::from_raw(libc::SIGTTIN))?;
+        let mut sigttou = sig(SignalKind::from_raw(libc::SIGTTOU))?;
+        let mut sigwinch = sig(SignalKind::window_change())?;
+        let mut sigalrm = sig(SignalKind::alarm())?;
+        let mut sigpipe = sig(SignalKind::pipe())?;
 
         self.start_guardian();
         self.start_acceptors()?;
@@ -237,13 +315,25 @@ impl Supervisor {
         loop {
             if let Some(outcome) = self.finished() {
                 self.stop_guardian().await;
-                return Ok(outcome);
+                crate::output::flush(Duration::from_secs(1)).await;
+                return match self.fatal.take() {
+                    Some(e) => Err(e),
+                    None => Ok(outcome),
+                };
             }
             let deadline = self.next_deadline();
             tokio::select! {
                 _ = sigint.recv() => self.on_stop_request("SIGINT"),
                 _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
-                _ = sighup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
+                _ = sigquit.recv() => self.on_stop_request("SIGQUIT"),
+                _ = sighup.recv() => self.ignore_signal(libc::SIGHUP, "SIGHUP", "reload is not supported yet"),
+                _ = sigusr1.recv() => self.ignore_signal(libc::SIGUSR1, "SIGUSR1", "herd writes no log files yet"),
+                _ = sigusr2.recv() => self.ignore_signal(libc::SIGUSR2, "SIGUSR2", "it has no meaning to herd"),
+                _ = sigttin.recv() => self.ignore_signal(libc::SIGTTIN, "SIGTTIN", "scaling is not supported yet"),
+                _ = sigttou.recv() => self.ignore_signal(libc::SIGTTOU, "SIGTTOU", "scaling is not supported yet"),
+                _ = sigwinch.recv() => self.ignore_signal(libc::SIGWINCH, "SIGWINCH", "it has no meaning to herd"),
+                _ = sigalrm.recv() => self.ignore_signal(libc::SIGALRM, "SIGALRM", "it has no meaning to herd"),
+                _ = sigpipe.recv() => self.ignore_signal(libc::SIGPIPE, "SIGPIPE", "a closed pipe is handled where it is written"),
                 _ = sigchld.recv() => self.reap_strays(),
                 Some((slot, pid, batch)) = self.channel_rx.recv() => {
                     self.on_channel_events(slot, pid, batch);
@@ -287,13 +377,22 @@ impl Supervisor {
         }
     }
 
+    /// Logs, once per signal, that `sig` was received and ignored.
+    fn ignore_signal(&mut self, sig: i32, name: &str, why: &str) {
+        let bit = 1u64 << (sig as u32 % 64);
+        if self.ignored_logged & bit == 0 {
+            self.ignored_logged |= bit;
+            info!("{name} received and ignored: {why} (logged once)");
+        }
+    }
+
     /// The cluster's result once nothing runs and nothing will.
     fn finished(&self) -> Option<Outcome> {
         let all_done = self
             .slots
             .iter()
             .all(|s| matches!(s.state, SlotState::Done { .. }));
-        if !all_done {
+        if !all_done || !self.remnants.is_empty() {
             return None;
         }
         Some(match &self.phase {
@@ -308,7 +407,8 @@ impl Supervisor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        match &self.phase {
+        let remnants = self.remnants.iter().map(|r| r.kill_at).min();
+        let phase = match &self.phase {
             Phase::Stopping { kill_at, .. } => Some(*kill_at),
             Phase::Running => self
                 .slots
@@ -322,10 +422,49 @@ impl Supervisor {
                     _ => None,
                 })
                 .min(),
+        };
+        phase.into_iter().chain(remnants).min()
+    }
+
+    /// SIGKILLs the remnants whose time is up.
+    fn kill_remnants(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        self.remnants.retain(|r| {
+            if r.kill_at > now {
+                return true;
+            }
+            warn!(
+                "processes of exited worker {} outlived the stop timeout; killing its group",
+                r.pgid
+            );
+            signal_group(r.pgid, Signal::KILL);
+            gone.push(r.pgid);
+            false
+        });
+        for pgid in gone {
+            self.tell_guardian(-(pgid as i32));
+        }
+    }
+
+    /// Forgets remnants whose group has no member left.
+    fn prune_remnants(&mut self) {
+        let mut gone = Vec::new();
+        self.remnants.retain(|r| {
+            let alive = group_alive(r.pgid);
+            if !alive {
+                debug!("the group of exited worker {} is empty", r.pgid);
+                gone.push(r.pgid);
+            }
+            alive
+        });
+        for pgid in gone {
+            self.tell_guardian(-(pgid as i32));
         }
     }
 
     fn on_timer(&mut self, now: Instant) {
+        self.prune_remnants();
+        self.kill_remnants(now);
         match &self.phase {
             Phase::Stopping { kill_at, .. } if now >= *kill_at => {
                 warn!(
@@ -396,16 +535,62 @@ impl Supervisor {
     }
 
     fn begin_stop(&mut self, outcome: Outcome) {
-        self.phase = Phase::Stopping {
-            kill_at: Instant::now() + self.config.stop_timeout,
-            outcome,
-        };
+        let kill_at = Instant::now() + self.config.stop_timeout;
+        self.phase = Phase::Stopping { kill_at, outcome };
         for slot in &mut self.slots {
             if let SlotState::Waiting { .. } = slot.state {
                 slot.state = SlotState::Done { succeeded: true };
             }
         }
+        // Remnants of dead workers go by the same deadline.
+        for r in &mut self.remnants {
+            r.kill_at = r.kill_at.min(kill_at);
+        }
         self.signal_all(self.config.stop_signal);
+        if self.config.ipc == Ipc::Node {
+            self.release_node_workers();
+        }
+    }
+
+    /// On stop, lets Node workers' event loops end: herd's channel would
+    /// keep them alive after their stop handler cleaned up. A cluster worker
+    /// (NODE_UNIQUE_ID) gets Node's own `{act: 'disconnect'}`, as Node's
+    /// primary sends it (closing its channel instead would make Node's
+    /// cluster module exit at once, cutting requests short); any other Node
+    /// worker has its channel closed.
+    fn release_node_workers(&mut self) {
+        let cluster_worker = self.config.command.runs_node_script();
+        let running: Vec<(usize, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.state {
+                SlotState::Running {
+                    pid,
+                    channel: Some(_),
+                    ..
+                } => Some((i, pid)),
+                _ => None,
+            })
+            .collect();
+        for (slot, pid) in running {
+            if cluster_worker {
+                let seq = self.next_node_seq();
+                if let SlotState::Running {
+                    channel: Some(tx), ..
+                } = &self.slots[slot].state
+                {
+                    let mut fields = serde_json::Map::new();
+                    fields.insert("act".into(), "disconnect".into());
+                    let _ = tx.send(Outgoing::Frame {
+                        bytes: node::encode_cluster(fields, seq, false),
+                        fd: None,
+                    });
+                }
+            } else {
+                self.close_channel(slot, pid);
+            }
+        }
     }
 
     /// Signals every live worker's process group.
@@ -418,14 +603,43 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, slot: usize) {
+        let now = Instant::now();
         match self.try_spawn(slot) {
             Ok(new) => self.install(slot, new),
+            Err(SpawnError::Exec(e)) if !self.has_served(now) => {
+                // The command cannot run at all: an error, not a crash loop.
+                error!(slot, "{e}");
+                self.slots[slot].state = SlotState::Done { succeeded: false };
+                self.fatal = Some(Error::Exec(e));
+                self.begin_stop(Outcome::Stopped);
+            }
             Err(e) => {
-                error!(slot, "cannot spawn a worker for slot {slot}: {e}");
-                let now = Instant::now();
-                self.schedule_restart(slot, Duration::ZERO, now);
+                let why = match e {
+                    SpawnError::Exec(e) => e.to_string(),
+                    SpawnError::Io(e) => format!("cannot spawn a worker: {e}"),
+                };
+                error!(slot, "slot {slot}: {why}");
+                self.slots[slot].last_exit = Some((why, Vec::new()));
+                // Backed off like a crash at start, and never sooner than
+                // SPAWN_RETRY_MIN: resources rarely come back in microseconds.
+                self.schedule_restart(slot, Duration::ZERO, false, now);
+                if let SlotState::Waiting { until } = &mut self.slots[slot].state {
+                    *until = (*until).max(now + SPAWN_RETRY_MIN);
+                }
             }
         }
+    }
+
+    /// Whether a worker has ever started successfully, counting live
+    /// workers that have been up for `min_uptime` or said they are ready.
+    fn has_served(&self, now: Instant) -> bool {
+        self.served
+            || self.slots.iter().any(|s| match s.state {
+                SlotState::Running { started, ready, .. } => {
+                    ready || now - started >= self.config.min_uptime
+                }
+                _ => false,
+            })
     }
 
     /// Makes a freshly spawned worker the slot's own and watches for its exit.
@@ -435,9 +649,10 @@ impl Supervisor {
             child,
             channel,
             reader,
+            stderr,
         } = new;
         info!(slot, pid, "worker {pid} spawned in slot {slot}");
-        let _ = self.events.send(Event::Spawned { slot, pid });
+        self.events.send(Event::Spawned { slot, pid });
         let (status, _) = watch::channel(if channel.is_some() {
             WorkerStatus::Connected
         } else {
@@ -452,6 +667,7 @@ impl Supervisor {
             online: false,
             rr_servers: Vec::new(),
             disconnecting: None,
+            skipped: 0,
         };
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
@@ -461,10 +677,25 @@ impl Supervisor {
             // everything the worker sent before it died (a result written
             // just before exit must not be lost). The bound covers a
             // descendant that kept the channel open.
+            let grace = tokio::time::sleep(READER_GRACE);
+            tokio::pin!(grace);
             if let Some(reader) = reader {
-                let _ = tokio::time::timeout(READER_GRACE, reader).await;
+                let _ = tokio::time::timeout_at(grace.deadline(), reader).await;
             }
-            Exit { slot, pid, status }
+            let stderr = match stderr {
+                Some(tail) => tokio::time::timeout_at(grace.deadline(), tail)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            Exit {
+                slot,
+                pid,
+                status,
+                stderr,
+            }
         });
     }
 
@@ -504,14 +735,14 @@ impl Supervisor {
         if let Some(tx) = channel.take() {
             let _ = tx.send(Outgoing::Close);
             status.send_replace(WorkerStatus::Disconnected);
-            let _ = self.events.send(Event::Disconnected { slot, pid });
+            self.events.send(Event::Disconnected { slot, pid });
         }
         // Connections it was handed and has not taken stay its own until it
         // exits: it reads every frame queued before the close and may still
         // take them (its acks are still heard).
     }
 
-    fn try_spawn(&mut self, slot: usize) -> std::io::Result<NewWorker> {
+    fn try_spawn(&mut self, slot: usize) -> Result<NewWorker, SpawnError> {
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
         env.extend(self.slots[slot].env.iter().cloned());
@@ -551,23 +782,58 @@ impl Supervisor {
         if let Some((_, theirs)) = &ipc {
             fds.push(theirs.as_raw_fd());
         }
-        let plan = ExecPlan::new(&self.config.command.program, self.argv.clone(), env, fds)?;
+        // The child reports a failed execve on this pipe (std's own error
+        // pipe may be overwritten by the descriptor shuffle).
+        let (exec_err_read, exec_err_write) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(std::io::Error::from)?;
+        let plan = ExecPlan::new(
+            &self.config.command.program,
+            self.argv.clone(),
+            env,
+            fds,
+            Some(exec_err_write.as_raw_fd()),
+            self.worker_nofile,
+        )?;
+        // Output pipes as large as the system allows: a worker that prints a
+        // lot and exits at once (Node drops writes still queued at exit)
+        // keeps its last words.
+        let (out_read, out_write) = sys::output_pipe()?;
+        let (err_read, err_write) = sys::output_pipe()?;
         let mut cmd = tokio::process::Command::new(&self.config.command.program);
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(out_write))
+            .stderr(Stdio::from(err_write))
             .process_group(0);
         plan.install(cmd.as_std_mut());
-        let mut child = cmd.spawn()?;
+        let spawned = cmd.spawn();
+        drop(exec_err_write);
+        let mut child = spawned?;
+        // EOF at exec (close-on-exec), or the errno of a failed execve.
+        if let Some(errno) = sys::read_exec_errno(exec_err_read) {
+            tokio::spawn(async move {
+                let _ = child.wait().await; // reap it
+            });
+            return Err(SpawnError::Exec(exec_error(
+                &self.config.command.program,
+                errno,
+            )));
+        }
         let pid = child.id().unwrap_or(0);
-        if let Some(out) = child.stdout.take() {
-            let sink = self.output.clone();
-            tokio::spawn(sink.forward(out, Stream::Stdout, slot, pid));
-        }
-        if let Some(err) = child.stderr.take() {
-            let sink = self.output.clone();
-            tokio::spawn(sink.forward(err, Stream::Stderr, slot, pid));
-        }
+        let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read)?;
+        let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_read)?;
+        tokio::spawn(
+            self.output
+                .clone()
+                .forward(out, Stream::Stdout, slot, pid, 0),
+        );
+        let stderr = Some(tokio::spawn(self.output.clone().forward(
+            err,
+            Stream::Stderr,
+            slot,
+            pid,
+            crate::output::TAIL_LINES,
+        )));
         let mut reader = None;
         let channel = match ipc {
             Some((ours, theirs)) => {
@@ -577,10 +843,11 @@ impl Supervisor {
                 let tx = self.channel_tx.clone();
                 let (done, reader_done) = oneshot::channel();
                 reader = Some(reader_done);
+                let max = self.config.ipc_max_message;
                 if self.config.ipc == Ipc::Node {
-                    tokio::spawn(read_channel::<NodeDecoder>(read, slot, pid, tx, done));
+                    tokio::spawn(read_channel::<NodeDecoder>(read, slot, pid, max, tx, done));
                 } else {
-                    tokio::spawn(read_channel::<FrameDecoder>(read, slot, pid, tx, done));
+                    tokio::spawn(read_channel::<FrameDecoder>(read, slot, pid, max, tx, done));
                 }
                 let (frames, queue) = mpsc::unbounded_channel();
                 tokio::spawn(write_channel(write, queue));
@@ -593,6 +860,7 @@ impl Supervisor {
             child,
             channel,
             reader,
+            stderr,
         })
     }
 
@@ -630,7 +898,7 @@ impl Supervisor {
         if !*online && (matches!(event, ChannelEvent::Online) || self.config.ipc == Ipc::Node) {
             *online = true;
             debug!(slot, pid = from, "worker {from} online");
-            let _ = self.events.send(Event::Online { slot, pid: from });
+            self.events.send(Event::Online { slot, pid: from });
         }
         match event {
             ChannelEvent::Online => {}
@@ -659,27 +927,33 @@ impl Supervisor {
             ChannelEvent::Ready => {
                 if !*ready {
                     *ready = true;
+                    self.served = true;
                     info!(slot, pid = from, "worker {from} ready");
-                    let _ = self.events.send(Event::Ready { slot, pid: from });
+                    self.events.send(Event::Ready { slot, pid: from });
                 }
                 self.dispatch();
             }
             ChannelEvent::Message(message) => {
                 let bytes = message.bytes().len();
                 debug!(slot, pid = from, bytes, "message from worker {from}");
-                let _ = self.events.send(Event::Message {
+                self.events.send(Event::Message {
                     slot,
                     pid: from,
                     message,
                 });
             }
-            ChannelEvent::Malformed(why) => {
-                warn!(
-                    slot,
-                    pid = from,
-                    "worker {from} broke the IPC protocol ({why}); channel closed"
-                );
-                self.close_channel(slot, from);
+            ChannelEvent::Skipped(why) => {
+                if let SlotState::Running { skipped, .. } = &mut self.slots[slot].state {
+                    *skipped += 1;
+                    if *skipped == 1 {
+                        warn!(
+                            slot,
+                            pid = from,
+                            "worker {from} sent an IPC message herd skipped ({why}); \
+                             its channel stays open (further ones are counted, not logged)"
+                        );
+                    }
+                }
             }
         }
     }
@@ -792,16 +1066,11 @@ impl Supervisor {
             return Err("the cluster is stopping".into());
         }
         let slot = self.slots.len();
-        self.slots.push(Slot {
-            state: SlotState::Done { succeeded: true },
-            env: env
-                .iter()
-                .filter_map(|(k, v)| env_entry(k.as_ref(), v.as_ref()))
-                .collect(),
-            backoff: Backoff::new(self.config.backoff),
-            intensity: Intensity::new(self.config.max_restarts, self.config.within),
-            failed: false,
-        });
+        let env = env
+            .iter()
+            .filter_map(|(k, v)| env_entry(k.as_ref(), v.as_ref()))
+            .collect();
+        self.slots.push(Slot::new(&self.config, env));
         match self.try_spawn(slot) {
             Ok(new) => {
                 self.install(slot, new);
@@ -809,14 +1078,22 @@ impl Supervisor {
             }
             Err(e) => {
                 self.slots.pop();
-                Err(e.to_string())
+                Err(match e {
+                    SpawnError::Io(e) => e.to_string(),
+                    SpawnError::Exec(e) => e.to_string(),
+                })
             }
         }
     }
 
     fn on_exit(&mut self, exit: Exit) {
-        let Exit { slot, pid, status } = exit;
-        self.tell_guardian(-(pid as i32));
+        let Exit {
+            slot,
+            pid,
+            status,
+            stderr,
+        } = exit;
+        self.contain_remnants(pid);
         // Nothing more is handed to it; what it never took goes elsewhere.
         self.close_channel(slot, pid);
         self.requeue(pid);
@@ -832,21 +1109,33 @@ impl Supervisor {
             }
         }
         let now = Instant::now();
-        let (uptime, exited_after_disconnect) = match self.slots[slot].state {
+        let (uptime, exited_after_disconnect, ready, skipped) = match self.slots[slot].state {
             SlotState::Running {
                 pid: p,
                 started,
                 disconnecting,
+                ready,
+                skipped,
                 ..
-            } if p == pid => (now - started, disconnecting.is_some()),
+            } if p == pid => (now - started, disconnecting.is_some(), ready, skipped),
             _ => {
                 debug!(slot, pid, "exit of a worker no longer tracked");
                 return;
             }
         };
+        if skipped > 1 {
+            info!(slot, pid, "worker {pid} had {skipped} IPC messages skipped");
+        }
         let how = describe(&status);
+        // Up long enough (or ready): it started successfully, and its death
+        // is not a crash-loop strike (an OOM kill, an operator's kill -9).
+        let healthy = ready || uptime >= self.config.min_uptime;
+        if healthy {
+            self.served = true;
+        }
+        self.slots[slot].last_exit = Some((how.clone(), stderr));
         let succeeded = matches!(&status, Ok(s) if s.success());
-        let _ = self.events.send(Event::Exited {
+        self.events.send(Event::Exited {
             slot,
             pid,
             code: status.as_ref().ok().and_then(|s| s.code()),
@@ -880,55 +1169,113 @@ impl Supervisor {
             self.slots[slot].state = SlotState::Done { succeeded };
             return;
         }
-        self.schedule_restart(slot, uptime, now);
+        self.schedule_restart(slot, uptime, healthy, now);
     }
 
-    /// Decides when slot `slot` gets its next worker after one ran for `uptime`.
-    fn schedule_restart(&mut self, slot: usize, uptime: Duration, now: Instant) {
-        let stable = uptime >= self.config.backoff.stable;
+    /// What is left of an exited worker's process group (its children, and
+    /// their children that stayed in the group, even with a scrubbed
+    /// environment) gets the stop signal now and SIGKILL after the stop
+    /// timeout: a worker is its whole process tree (systemd's
+    /// KillMode=control-group), so nothing of it serves beside its
+    /// replacement.
+    fn contain_remnants(&mut self, pid: u32) {
+        if !group_alive(pid) {
+            self.tell_guardian(-(pid as i32));
+            return;
+        }
+        let kill_at = match self.phase {
+            Phase::Stopping { kill_at, .. } => kill_at,
+            Phase::Running => Instant::now() + self.config.stop_timeout,
+        };
+        info!(
+            "worker {pid} exited but processes remain in its group; sending them {}",
+            signal_name(self.config.stop_signal.as_raw())
+        );
+        signal_group(pid, self.config.stop_signal);
+        // A stopped process acts on the stop signal only once continued.
+        signal_group(pid, Signal::CONT);
+        self.remnants.push(Remnant { pgid: pid, kill_at });
+    }
+
+    /// Decides when slot `slot` gets its next worker after one ran for
+    /// `uptime` (`healthy`: it started successfully). Never spawns itself:
+    /// even a zero delay goes round the supervisor's loop (through the
+    /// timer), so a spawn that keeps failing cannot recurse.
+    fn schedule_restart(&mut self, slot: usize, uptime: Duration, healthy: bool, now: Instant) {
         let jitter = self.jitter.sample();
         let s = &mut self.slots[slot];
-        if stable {
+        let delay = if healthy {
+            // At once, and no strike against the slot.
             s.intensity.reset();
+            if uptime >= self.config.backoff.stable {
+                s.backoff = Backoff::new(self.config.backoff);
+            }
             if s.failed {
                 info!(slot, "slot {slot} recovered");
             }
             s.failed = false;
-        }
-        let looping = s.intensity.record(now);
-        let mut delay = s.backoff.next_delay(uptime, jitter);
-        if looping && !s.failed {
-            error!(
-                slot,
-                "CRASH LOOP: slot {slot} restarted more than {} times within {:?}",
-                self.config.max_restarts,
-                self.config.within
-            );
-            if self.config.on_crash_loop == CrashLoopAction::Exit {
-                s.state = SlotState::Done { succeeded: false };
-                self.begin_stop(Outcome::CrashLoop { slot });
-                return;
-            }
-            s.failed = true;
-            error!(
-                slot,
-                "slot {slot} marked failed; retrying every {:?}",
-                s.backoff.cap()
-            );
-        }
-        if s.failed {
-            delay = s.backoff.cap();
-        }
-        if delay.is_zero() {
-            self.spawn(slot);
+            Duration::ZERO
         } else {
+            let looping = s.intensity.record(now);
+            let mut delay = s.backoff.next_delay(uptime, jitter);
+            if looping && !s.failed {
+                error!(
+                    slot,
+                    "CRASH LOOP: slot {slot} failed more than {} times within {:?}, each time within {:?} of starting",
+                    self.config.max_restarts,
+                    self.config.within,
+                    self.config.min_uptime
+                );
+                if self.config.on_crash_loop == CrashLoopAction::Exit {
+                    s.state = SlotState::Done { succeeded: false };
+                    self.begin_stop(Outcome::CrashLoop { slot });
+                    return;
+                }
+                s.failed = true;
+                if self.gave_up_booting(slot, now) {
+                    return;
+                }
+                let s = &self.slots[slot];
+                error!(
+                    slot,
+                    "slot {slot} marked failed; retrying every {:?}",
+                    s.backoff.cap()
+                );
+            }
+            let s = &self.slots[slot];
+            if s.failed {
+                delay = s.backoff.cap();
+            }
+            delay
+        };
+        if !delay.is_zero() {
             info!(
                 slot,
                 delay_ms = delay.as_millis() as u64,
                 "restarting slot {slot} in {delay:?}"
             );
-            self.slots[slot].state = SlotState::Waiting { until: now + delay };
         }
+        self.slots[slot].state = SlotState::Waiting { until: now + delay };
+    }
+
+    /// A cluster in which no worker ever started and every slot is in a
+    /// crash loop stops (gunicorn's "worker failed to boot") instead of
+    /// holding a dead port open. Returns whether it did.
+    fn gave_up_booting(&mut self, slot: usize, now: Instant) -> bool {
+        if self.has_served(now) {
+            return false;
+        }
+        let all_failed = self.slots.iter().enumerate().all(|(i, s)| {
+            i == slot || s.failed || matches!(s.state, SlotState::Done { succeeded: false })
+        });
+        if !all_failed {
+            return false;
+        }
+        let (exit, stderr) = self.slots[slot].last_exit.clone().unwrap_or_default();
+        error!("no worker ever started, and every slot is in a crash loop: giving up");
+        self.slots[slot].state = SlotState::Done { succeeded: false };
+        self.begin_stop(Outcome::BootFailed { slot, exit, stderr });
+        true
     }
 
     /// Reaps zombies that are not our workers: orphaned grandchildren
@@ -958,6 +1305,7 @@ impl Supervisor {
                 debug!(pid, "reaped orphaned descendant ({status:?})");
             }
         }
+        self.prune_remnants();
     }
 
     fn start_guardian(&mut self) {
@@ -1004,6 +1352,14 @@ fn send_to_guardian(g: &Guardian, message: i32) {
     let _ = rustix::io::write(g.pipe.as_fd(), &message.to_ne_bytes());
 }
 
+/// Whether process group `pgid` has any member left.
+fn group_alive(pgid: u32) -> bool {
+    match Pid::from_raw(pgid as i32) {
+        Some(p) => rustix::process::test_kill_process_group(p).is_ok(),
+        None => false,
+    }
+}
+
 fn signal_group(pid: u32, sig: Signal) {
     if let Some(p) = Pid::from_raw(pid as i32) {
         // The group may be gone already (the worker exited); that is fine.
@@ -1026,6 +1382,40 @@ fn children_of_self() -> Vec<u32> {
         }
     }
     out
+}
+
+/// Names what a failed `execve` of `program` means, in words.
+fn exec_error(program: &std::path::Path, errno: i32) -> ExecError {
+    let path = program.display().to_string();
+    // The first line, for a script's interpreter.
+    let head = std::fs::File::open(program).ok().and_then(|f| {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        let n = f.take(256).read(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    });
+    let interpreter = head.as_deref().and_then(|h| {
+        let line = h.strip_prefix(b"#!")?;
+        let line = line.split(|b| *b == b'\n').next()?;
+        let text = String::from_utf8_lossy(line);
+        text.split_whitespace().next().map(str::to_string)
+    });
+    let reason = match (errno, interpreter) {
+        (libc::ENOENT, Some(interp)) => format!("interpreter {interp} not found (its #! line)"),
+        (libc::ENOENT, None) => "file not found".to_string(),
+        (libc::EACCES, Some(interp)) => {
+            format!("permission denied (the file or its interpreter {interp})")
+        }
+        (libc::ENOEXEC, _) => {
+            "not an executable format: no #! line, and not a program for this machine".to_string()
+        }
+        (errno, _) => std::io::Error::from_raw_os_error(errno).to_string(),
+    };
+    ExecError {
+        path,
+        reason,
+        errno,
+    }
 }
 
 fn describe(status: &std::io::Result<ExitStatus>) -> String {

@@ -233,9 +233,9 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn report_listening(&self, slot: usize, pid: u32, address: &str) {
+    pub(super) fn report_listening(&mut self, slot: usize, pid: u32, address: &str) {
         info!(slot, pid, "worker {pid} listening on {address}");
-        let _ = self.events.send(Event::Listening {
+        self.events.send(Event::Listening {
             slot,
             pid,
             address: address.to_string(),
