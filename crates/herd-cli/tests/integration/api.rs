@@ -486,3 +486,47 @@ async fn sticky_keeps_one_client_on_one_worker() {
     assert_eq!(pids.len(), 2, "{pids:?}");
     stop(cluster).await;
 }
+
+/// Events nobody reads are bounded: a full queue drops and counts, and the
+/// next event that fits is `Lagged` with the count. (Before: an unbounded
+/// queue; 1.6 M unread messages cost the primary 320 MB.)
+#[tokio::test]
+async fn unread_events_are_dropped_counted_and_reported() {
+    const QUEUE: usize = 64;
+    const BURST: u64 = 5000;
+    let mut config = config(1);
+    config.event_queue = QUEUE;
+    let (cluster, mut events) = start(config);
+    let (pid, _) = ready(&mut events, 0).await;
+    let worker = cluster.worker(0).await.unwrap().unwrap();
+    worker.send(&json!({"op": "burst", "n": BURST})).unwrap();
+    // Do not read while the worker sends its burst and exits.
+    tokio::time::timeout(WAIT, worker.exited())
+        .await
+        .expect("the worker exits");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        queued.push(e);
+    }
+    assert!(queued.len() <= QUEUE, "{} events were queued", queued.len());
+    let messages = queued
+        .iter()
+        .filter(|e| matches!(e, Event::Message { pid: p, .. } if *p == pid))
+        .count() as u64;
+    // Something happens next (the stop); its events come after the count.
+    cluster.stop().unwrap();
+    let (lagged, _) = until(&mut events, "the drop count", |e| {
+        matches!(e, Event::Lagged { .. })
+    })
+    .await;
+    let Event::Lagged { dropped } = lagged else {
+        unreachable!()
+    };
+    assert!(
+        dropped + messages >= BURST,
+        "dropped {dropped}, received {messages} of {BURST}"
+    );
+    let outcome = tokio::time::timeout(WAIT, cluster.wait()).await;
+    assert_eq!(outcome.expect("stops in time").unwrap(), Outcome::Stopped);
+}

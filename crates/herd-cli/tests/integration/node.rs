@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::util::*;
 
@@ -32,14 +32,6 @@ fn two_node_workers() -> (TempDir, Herd) {
         app.to_str().unwrap(),
     ]);
     (dir, herd)
-}
-
-fn node_missing() -> bool {
-    if Command::new("node").arg("--version").output().is_err() {
-        eprintln!("skipped: node is not installed");
-        return true;
-    }
-    false
 }
 
 #[test]
@@ -407,4 +399,133 @@ fn round_robin_connections_to_an_address_no_worker_serves_block_nothing() {
     // them (the primary would pass them back and forth).
     let refused = herd.stderr.count(|l| l.contains(" refused connection "));
     assert_eq!(refused, 0, "{:?}", herd.stderr.all());
+}
+
+/// An unchanged Node app: `listen(PORT)` through herd's cluster protocol.
+/// Its SIGTERM handler only cleans up (clears its timer, closes its server).
+const CLUSTER_APP: &str = r#"
+const http = require('http');
+const server = http.createServer((q, r) => r.end('node ' + process.pid + '\n'))
+    .listen(+process.env.PORT, () => console.log('listening'));
+const timer = setInterval(() => {}, 1000);
+process.on('SIGTERM', () => { clearInterval(timer); server.close(); });
+"#;
+
+fn cluster_app(tag: &str, balance: &str) -> (TempDir, Herd, u16) {
+    let dir = TempDir::new(tag);
+    let app = dir.path().join("app.js");
+    std::fs::write(&app, CLUSTER_APP).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(herd_bin());
+    cmd.args([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        &format!("127.0.0.1:{port}"),
+        "--balance",
+        balance,
+        "--stop-timeout",
+        "20s",
+        "--",
+        "node",
+        app.to_str().unwrap(),
+    ])
+    .env("PORT", port.to_string());
+    let herd = Herd::spawn(cmd);
+    herd.stdout
+        .wait_for_nth("both listening", STARTUP, 2, |l| l.ends_with("] listening"));
+    (dir, herd, port)
+}
+
+/// The inodes of the listening TCP sockets on `port` (/proc/net/tcp*).
+fn listening_inodes(port: u16) -> HashSet<String> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1].rsplit(':').next().unwrap();
+            if u16::from_str_radix(local_port, 16) == Ok(port) && f[3] == "0A" {
+                inodes.insert(f[9].to_string());
+            }
+        }
+    }
+    inodes
+}
+
+/// Every socket herd hands a Node worker is non-blocking, as Node's own
+/// primary hands it: two workers race for each connection, and the loser
+/// must get EAGAIN, not sleep in accept() with its timers and SIGTERM
+/// handler stalled (before: 1–4 of 10 trials left a request hanging).
+#[test]
+fn sockets_handed_to_node_workers_are_non_blocking() {
+    if node_missing() {
+        return;
+    }
+    let (_dir, herd, port) = cluster_app("nonblock", "shared");
+    let inodes = listening_inodes(port);
+    assert!(!inodes.is_empty());
+    for worker in workers_of(herd.pid()) {
+        let mut checked = 0;
+        for fd in std::fs::read_dir(format!("/proc/{worker}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy().to_string();
+            let Some(inode) = link
+                .strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'))
+            else {
+                continue;
+            };
+            if !inodes.contains(inode) {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{worker}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+                .unwrap();
+            assert_ne!(flags & 0o4000, 0, "worker {worker}'s {link} is blocking");
+            checked += 1;
+        }
+        assert!(checked > 0, "worker {worker} holds the listening socket");
+    }
+    let resp = http_get(port).unwrap();
+    assert!(body(&resp).starts_with("node "), "{resp}");
+}
+
+/// On stop, herd lets Node workers' event loops end (Node's own
+/// `disconnect`): a worker whose SIGTERM handler only cleans up exits by
+/// itself, in every balance mode. (Before: herd's channel kept it alive
+/// until SIGKILL at the stop timeout.)
+#[test]
+fn node_workers_that_clean_up_on_sigterm_exit_without_the_kill() {
+    if node_missing() {
+        return;
+    }
+    for balance in ["shared", "round-robin"] {
+        let (_dir, mut herd, _port) = cluster_app("cleanup", balance);
+        let started = Instant::now();
+        herd.signal("TERM");
+        let status = herd.wait(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{balance}: stop took {:?}",
+            started.elapsed()
+        );
+        let log = herd.stderr.all().join("\n");
+        assert!(!log.contains("stop timeout"), "{balance}: {log}");
+        assert!(!log.contains("killed by SIGKILL"), "{balance}: {log}");
+    }
 }

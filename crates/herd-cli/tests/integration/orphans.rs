@@ -168,3 +168,78 @@ fn as_pid_1_herd_reaps_every_zombie() {
     send_signal(outer, "TERM");
     assert_eq!(herd.wait(Duration::from_secs(10)).code(), Some(0));
 }
+
+/// A worker is its whole process tree (systemd's KillMode=control-group):
+/// when it dies, what it started goes too — a child in its group, one that
+/// scrubbed its environment (`env -i`), and one that ignores SIGTERM (after
+/// the stop timeout) — while the replacement serves. (Before: a killed
+/// worker's child kept serving beside the replacement, and a child with a
+/// scrubbed environment outlived herd.)
+#[test]
+fn a_dead_workers_processes_go_with_it() {
+    let dir = TempDir::new("tree");
+    let d = dir.path().display();
+    let script = format!(
+        "if [ ! -e {d}/first ]; then touch {d}/first; \
+           sleep 1000 & echo $! > {d}/child; \
+           env -i sleep 1001 & echo $! > {d}/scrubbed; \
+           sh -c 'trap \"\" TERM; exec sleep 1002' & echo $! > {d}/stubborn; \
+         fi; exec {fixture}",
+        fixture = fixture_bin().display()
+    );
+    let mut herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "-l",
+        "127.0.0.1:0",
+        "--stop-timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let port = herd.port();
+    let worker = herd.nth_spawned(1);
+    let pids: Vec<u32> = ["child", "scrubbed", "stubborn"]
+        .iter()
+        .map(|f| read_pid(&dir.path().join(f)))
+        .collect();
+    assert!(pids.iter().all(|p| alive(*p)));
+    send_signal(worker, "KILL");
+    let replacement = herd.nth_spawned(2);
+    // SIGTERM at once for the first two; SIGKILL after the stop timeout (1 s).
+    assert!(
+        eventually(Duration::from_secs(3), || pids.iter().all(|p| !alive(*p))),
+        "still alive: {:?}",
+        pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+    );
+    let resp = http_get(port).expect("the replacement serves");
+    assert!(
+        body(&resp).contains(&format!("pid={replacement}")),
+        "{resp}"
+    );
+    herd.signal("TERM");
+    assert_eq!(herd.wait(Duration::from_secs(15)).code(), Some(0));
+    assert!(!alive(replacement));
+}
+
+/// The guardian does not look like a worker in `ps`: its own title and comm.
+#[test]
+fn the_guardian_has_its_own_name() {
+    let herd = Herd::start(["run", "-w", "1", "--no-listen", "--", "sleep", "1000"]);
+    herd.nth_spawned(1);
+    let mut guardian = None;
+    assert!(eventually(STARTUP, || {
+        guardian = children(herd.pid())
+            .into_iter()
+            .find(|p| comm(*p) == "herd-guardian");
+        guardian.is_some()
+    }));
+    let g = guardian.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{g}/cmdline")).unwrap();
+    let title = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap());
+    assert_eq!(title, format!("herd: guardian of {}", herd.pid()));
+    assert!(!String::from_utf8_lossy(&cmdline).contains("sleep"));
+}

@@ -110,3 +110,40 @@ fn stop_signal_is_configurable_and_sent_to_the_process_group() {
         "the group got the signal"
     );
 }
+
+/// Signals an operator may send a process manager by habit never end herd
+/// (before: SIGUSR1, which logrotate sends, killed it at once, workers too);
+/// SIGQUIT is a graceful stop (unicorn's and nginx's convention).
+#[test]
+fn operator_signals_do_not_kill_herd_and_quit_stops_it_gracefully() {
+    let mut herd = Herd::start(["run", "-w", "2", "--no-listen", "--", "sleep", "1000"]);
+    let workers = [herd.nth_spawned(1), herd.nth_spawned(2)];
+    for sig in [
+        "USR1", "USR2", "HUP", "TTIN", "TTOU", "WINCH", "PIPE", "ALRM", "USR1",
+    ] {
+        herd.signal(sig);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    for sig in [
+        "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGWINCH", "SIGPIPE", "SIGALRM",
+    ] {
+        let prefix = format!("{sig} received and ignored");
+        herd.stderr
+            .wait_for(&prefix, STARTUP, |l| l.contains(&prefix));
+    }
+    assert_eq!(
+        herd.stderr.count(|l| l.contains("SIGUSR1 received")),
+        1,
+        "logged once"
+    );
+    assert!(alive(herd.pid()));
+    assert!(workers.iter().all(|w| alive(*w)));
+    assert_eq!(herd.spawned().len(), 2, "no worker was replaced");
+    herd.signal("QUIT");
+    assert_eq!(herd.wait(Duration::from_secs(15)).code(), Some(0));
+    assert!(herd
+        .stderr
+        .all()
+        .iter()
+        .any(|l| l.contains("SIGQUIT received; stopping workers")));
+}

@@ -223,3 +223,148 @@ fn workers_auto_means_one_per_cpu() {
         "{stderr}"
     );
 }
+
+/// A worker that ran past --min-uptime and was killed (an OOM kill, an
+/// operator's kill -9) is replaced at once and is no crash-loop strike.
+/// (Before: six kills within 30 s parked the slot as failed for 30 s.)
+#[test]
+fn healthy_workers_killed_again_and_again_are_not_a_crash_loop() {
+    let mut herd = Herd::start(run_args(
+        &["-w", "1", "--min-uptime", "200ms", "--max-restarts", "2"],
+        "exec sleep 1000",
+    ));
+    for n in 1..=8 {
+        let pid = herd.nth_spawned(n);
+        std::thread::sleep(Duration::from_millis(250));
+        send_signal(pid, "KILL");
+        let next = herd.nth_spawned(n + 1);
+        assert!(alive(next));
+    }
+    let log = herd.stderr.all().join("\n");
+    assert!(!log.contains("CRASH LOOP"), "{log}");
+    assert!(
+        !log.contains("restarting slot 0 in"),
+        "replaced at once: {log}"
+    );
+    herd.signal("TERM");
+    assert_eq!(herd.wait(END).code(), Some(0));
+}
+
+/// A cluster in which no worker ever started gives up with exit 3 and the
+/// worker's last stderr lines, like gunicorn's "worker failed to boot".
+/// (Before: CRASH LOOP, then the port held open and retries every 30 s.)
+#[test]
+fn a_cluster_that_never_started_exits_3_with_the_workers_last_words() {
+    let (status, stderr) = run_to_end(
+        [
+            "run",
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--backoff-initial",
+            "5ms",
+            "--",
+            "sh",
+            "-c",
+            "echo 'Error: Cannot find module /srv/app.js' >&2; exit 1",
+        ],
+        END,
+    );
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    let last = stderr.lines().rev().take(3).collect::<Vec<_>>().join("\n");
+    assert!(last.contains("no worker ever started"), "{last}");
+    assert!(last.contains("exit code 1"), "{last}");
+    assert!(
+        last.contains("| Error: Cannot find module /srv/app.js"),
+        "{last}"
+    );
+}
+
+/// After the cluster has served, the retry policy holds: a slot that
+/// starts failing is retried, the cluster does not exit.
+#[test]
+fn a_cluster_that_served_keeps_retrying_a_failing_slot() {
+    let dir = TempDir::new("served");
+    let marker = dir.path().join("m");
+    let script = format!(
+        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 0.3; exit 1",
+        m = marker.display()
+    );
+    let mut herd = Herd::start(run_args(
+        &[
+            "-w",
+            "1",
+            "--min-uptime",
+            "100ms",
+            "--max-restarts",
+            "2",
+            "--backoff-initial",
+            "5ms",
+            "--backoff-max",
+            "50ms",
+        ],
+        &script,
+    ));
+    herd.stderr
+        .wait_for("crash loop", STARTUP, |l| l.contains("CRASH LOOP: slot 0"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(herd.pid()), "herd must keep retrying");
+    herd.signal("TERM");
+    assert_eq!(herd.wait(END).code(), Some(0));
+}
+
+/// execve failing in the child (after the PATH check passed) is an error
+/// naming the file and the reason, exit 126/127, never a respawn loop.
+#[test]
+fn exec_failures_in_the_child_are_errors_not_loops() {
+    let dir = TempDir::new("exec");
+    let write = |name: &str, bytes: &[u8]| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let cases = [
+        (
+            write("bad-interp", b"#!/usr/bin/nodee\nconsole.log(1)\n"),
+            127,
+            "interpreter /usr/bin/nodee not found",
+        ),
+        (
+            write("no-shebang", b"echo hi\n"),
+            126,
+            "not an executable format",
+        ),
+        (
+            write("broken-elf", b"\x7fELF\x02\x01\x01garbage"),
+            126,
+            "not an executable format",
+        ),
+    ];
+    for (path, code, reason) in cases {
+        let (status, stderr) = run_to_end(
+            [
+                "run",
+                "-w",
+                "2",
+                "--no-listen",
+                "--",
+                path.to_str().unwrap(),
+            ],
+            END,
+        );
+        assert_eq!(status.code(), Some(code), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("herd: cannot execute ") && last.contains(reason),
+            "{last}"
+        );
+        assert!(last.contains(path.to_str().unwrap()), "{last}");
+        assert!(
+            stderr.matches("cannot execute").count() <= 3,
+            "no respawn loop: {stderr}"
+        );
+    }
+}

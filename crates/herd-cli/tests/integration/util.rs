@@ -122,6 +122,8 @@ pub struct Herd {
     pub child: Child,
     pub stdout: Lines,
     pub stderr: Lines,
+    /// herd's stdout, held open and never read (`spawn_with_stdout(_, 0)`).
+    _unread: Option<std::process::ChildStdout>,
 }
 
 pub const STARTUP: Duration = Duration::from_secs(10);
@@ -153,6 +155,36 @@ impl Herd {
             child,
             stdout,
             stderr,
+            _unread: None,
+        }
+    }
+
+    /// Starts a prepared command whose stdout is read for `read` bytes and
+    /// then closed (as `herd | head -c N` would); stderr is captured.
+    pub fn spawn_with_stdout(mut cmd: Command, read: usize) -> Herd {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("HERD_LOG", "debug");
+        let mut child = cmd.spawn().expect("spawn herd");
+        let mut out = child.stdout.take().unwrap();
+        let unread = if read > 0 {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; read];
+                let _ = out.read_exact(&mut buf);
+                drop(out);
+            });
+            None
+        } else {
+            Some(out)
+        };
+        let stderr = Lines::default();
+        stderr.clone().capture(child.stderr.take().unwrap());
+        Herd {
+            child,
+            stdout: Lines::default(),
+            stderr,
+            _unread: unread,
         }
     }
 
@@ -309,4 +341,78 @@ pub fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
             let (k, v) = l.split_once(':')?;
             k.eq_ignore_ascii_case(name).then(|| v.trim())
         })
+}
+
+/// The live children of `pid` (from /proc, every thread's list).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out.retain(|p| alive(*p));
+    out
+}
+
+/// A process's `comm` (its short name).
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// herd's worker processes: its children but the guardian.
+pub fn workers_of(herd: u32) -> Vec<u32> {
+    children(herd)
+        .into_iter()
+        .filter(|p| comm(*p) != "herd-guardian")
+        .collect()
+}
+
+/// Open descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+pub fn accepts(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A port that was free a moment ago (bound to :0 and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `node` can be run; says so when it cannot (the test then skips).
+pub fn node_missing() -> bool {
+    if Command::new("node").arg("--version").output().is_err() {
+        eprintln!("skipped: node is not installed");
+        return true;
+    }
+    false
 }

@@ -164,7 +164,13 @@ pub enum ClusterMessage {
         /// Whether the worker took it (false: its server has closed).
         accepted: bool,
     },
-    /// Any other internal message (handle acks, `close`, …): nothing to do.
+    /// `{act: 'close', key}`: the worker closed its server for `key` (the
+    /// key herd's `queryServer` answer gave it).
+    Close {
+        /// The server's key.
+        key: String,
+    },
+    /// Any other internal message (handle acks, …): nothing to do.
     Other,
 }
 
@@ -195,6 +201,10 @@ impl ClusterMessage {
                         .and_then(|fd| i32::try_from(fd).ok())
                         .filter(|fd| *fd >= 0),
                 },
+                None => ClusterMessage::Other,
+            },
+            Some("close") => match str_of("key") {
+                Some(key) => ClusterMessage::Close { key },
                 None => ClusterMessage::Other,
             },
             Some("listening") => ClusterMessage::Listening {
@@ -377,6 +387,12 @@ mod tests {
         assert_eq!(
             parse(json!({"cmd":"NODE_HANDLE_ACK"})),
             Some(ClusterMessage::Other)
+        );
+        assert_eq!(
+            parse(json!({"cmd":"NODE_CLUSTER","act":"close","key":"127.0.0.1:9000","seq":4})),
+            Some(ClusterMessage::Close {
+                key: "127.0.0.1:9000".into()
+            })
         );
     }
 

@@ -33,6 +33,8 @@ pub(super) enum ChannelEvent {
     Refused { id: u64 },
     /// A Node worker's `server.listen()`.
     NodeQuery(NodeQuery),
+    /// A Node worker closed its server for this key.
+    NodeClose { key: String },
     /// A Node worker's server is listening on this address.
     NodeListening { address: Option<String>, port: u16 },
     /// The worker sent something that is not a message (over the size
@@ -118,6 +120,7 @@ impl WireDecoder for NodeDecoder {
                     udp,
                     fd,
                 }),
+                ClusterMessage::Close { key } => ChannelEvent::NodeClose { key },
                 ClusterMessage::Listening { address, port } => {
                     ChannelEvent::NodeListening { address, port }
                 }

@@ -192,8 +192,10 @@ pub(crate) struct Supervisor {
     ignored_logged: u64,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
-    /// Sockets bound on a worker's request, with the spec text it sent.
-    on_demand: Vec<(String, Listeners)>,
+    /// Sockets bound on a worker's request, by id (their round-robin
+    /// listener id less the configured count); closed ones are `None` and
+    /// their places reused.
+    on_demand: Vec<Option<sockets::OnDemand>>,
     /// Round-robin: connections accepted by the primary and where they went.
     rr: RoundRobin,
     /// From the acceptor tasks: each connection with its client's hash.
@@ -916,6 +918,7 @@ impl Supervisor {
                 }
             }
             ChannelEvent::NodeQuery(query) => self.on_node_query(slot, from, query),
+            ChannelEvent::NodeClose { key } => self.on_node_close(slot, from, &key),
             ChannelEvent::NodeListening { address, port } => {
                 let address = self.resolve_listening(address, port);
                 self.report_listening(slot, from, &address)
@@ -1094,6 +1097,8 @@ impl Supervisor {
             stderr,
         } = exit;
         self.contain_remnants(pid);
+        // A dead worker holds no socket.
+        self.release_sockets(pid, None);
         // Nothing more is handed to it; what it never took goes elsewhere.
         self.close_channel(slot, pid);
         self.requeue(pid);

@@ -20,6 +20,19 @@ use crate::round_robin::client_hash;
 use crate::socket::Listeners;
 use crate::{sys, Error};
 
+/// A socket bound on a worker's request (not in the configuration). It is
+/// kept while a live worker holds it and closed when the last one lets go:
+/// a Node worker's server closes (`{act: 'close'}`), or the worker exits.
+pub(super) struct OnDemand {
+    /// The spec text as the first worker sent it.
+    text: String,
+    listeners: Listeners,
+    /// The workers (pids) that were given it and have not let go.
+    holders: std::collections::HashSet<u32>,
+    /// The acceptor task, under round-robin (it holds a copy of the socket).
+    acceptor: Option<tokio::task::JoinHandle<()>>,
+}
+
 /// How a worker's request for a socket is answered.
 pub(super) enum SocketReply {
     /// With the socket itself.
@@ -40,7 +53,7 @@ impl Supervisor {
         let Some(tx) = self.channel_of(slot, from) else {
             return;
         };
-        let reply = match self.socket_for(slot, spec, false) {
+        let reply = match self.socket_for(slot, from, spec, false) {
             Ok(SocketReply::Socket { fd, address }) => {
                 self.report_listening(slot, from, &address);
                 Outgoing::Frame {
@@ -82,7 +95,7 @@ impl Supervisor {
         };
         let seq = query.seq;
         let answer = match self.node_spec(&query) {
-            Ok(spec) => self.socket_for(slot, &spec, true),
+            Ok(spec) => self.socket_for(slot, from, &spec, true),
             Err(e) => Err(e),
         };
         let mut fields = serde_json::Map::new();
@@ -95,6 +108,12 @@ impl Supervisor {
                     pid = from,
                     "node worker {from} gets the socket of {address}"
                 );
+                // Non-blocking, as Node's primary hands it: workers race for
+                // each connection, and the loser must get EAGAIN, not sleep
+                // inside accept() with its event loop stalled.
+                if let Err(e) = rustix::io::ioctl_fionbio(&fd, true) {
+                    warn!("cannot make the socket of {address} non-blocking: {e}");
+                }
                 fields.insert("key".into(), address.into());
                 fields.insert("errno".into(), serde_json::Value::Null);
                 Outgoing::Frame {
@@ -224,7 +243,8 @@ impl Supervisor {
         let on_demand = || {
             self.on_demand
                 .iter()
-                .map(|(_, l)| &l.specs()[0])
+                .flatten()
+                .map(|d| &d.listeners.specs()[0])
                 .find(|s| matches!(&s.address, ListenAddress::Tcp(a) if a.port == port))
         };
         match self.configured_on_port(port, false).or_else(on_demand) {
@@ -250,6 +270,7 @@ impl Supervisor {
     pub(super) fn socket_for(
         &mut self,
         slot: usize,
+        pid: u32,
         text: &str,
         round_robin: bool,
     ) -> Result<SocketReply, (String, i32)> {
@@ -269,13 +290,18 @@ impl Supervisor {
                     .iter()
                     .position(|s| s.address == spec.address)
             });
-        let earlier = self
-            .on_demand
-            .iter()
-            .position(|(t, l)| t == text || l.specs()[0].address == spec.address);
+        let earlier = self.on_demand.iter().position(|d| {
+            d.as_ref()
+                .is_some_and(|d| d.text == text || d.listeners.specs()[0].address == spec.address)
+        });
+        let configured_count = self.listeners.specs().len();
         let (id, listeners, index) = match (configured, earlier) {
             (Some(i), _) => (i, &self.listeners, i),
-            (None, Some(k)) => (self.listeners.specs().len() + k, &self.on_demand[k].1, 0),
+            (None, Some(k)) => {
+                let d = self.on_demand[k].as_mut().expect("found above");
+                d.holders.insert(pid);
+                (configured_count + k, &d.listeners, 0)
+            }
             (None, None) => {
                 let balance = match self.config.balance {
                     crate::Balance::RoundRobin if !round_robin => crate::Balance::Shared,
@@ -283,14 +309,33 @@ impl Supervisor {
                 };
                 let bound = Listeners::bind(&[spec], balance, self.slots.len())
                     .map_err(|e| (e.to_string(), e.errno()))?;
-                let id = self.listeners.specs().len() + self.on_demand.len();
-                if bound.primary_accepts(0) {
-                    self.start_acceptor(id, bound.specs()[0].to_string(), bound.socket(0, 0))
-                        .map_err(|e| (e.to_string(), libc::EMFILE))?;
-                }
-                self.on_demand.push((text.to_string(), bound));
-                let k = self.on_demand.len() - 1;
-                (id, &self.on_demand[k].1, 0)
+                // A closed socket's place is reused, so the list stays as
+                // long as the most sockets ever open at once.
+                let k = match self.on_demand.iter().position(Option::is_none) {
+                    Some(k) => k,
+                    None => {
+                        self.on_demand.push(None);
+                        self.on_demand.len() - 1
+                    }
+                };
+                let id = configured_count + k;
+                let acceptor = if bound.primary_accepts(0) {
+                    Some(
+                        self.start_acceptor(id, bound.specs()[0].to_string(), bound.socket(0, 0))
+                            .map_err(|e| (e.to_string(), libc::EMFILE))?,
+                    )
+                } else {
+                    None
+                };
+                debug!("bound {} on request of worker {pid}", bound.specs()[0]);
+                self.on_demand[k] = Some(OnDemand {
+                    text: text.to_string(),
+                    listeners: bound,
+                    holders: [pid].into(),
+                    acceptor,
+                });
+                let d = self.on_demand[k].as_ref().expect("just stored");
+                (id, &d.listeners, 0)
             }
         };
         let address = listeners.specs()[index].to_string();
@@ -334,6 +379,46 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A Node worker closed its server for `key`: it no longer holds that
+    /// socket (if it was bound on request).
+    pub(super) fn on_node_close(&mut self, slot: usize, from: u32, key: &str) {
+        debug!(
+            slot,
+            pid = from,
+            "node worker {from} closed its server {key}"
+        );
+        self.release_sockets(from, Some(key));
+    }
+
+    /// Worker `pid` lets go of the on-request socket named `key` (all of
+    /// them: `None`, when it exits). A socket no live worker holds is closed:
+    /// clients are refused instead of hanging, and the address is free again.
+    pub(super) fn release_sockets(&mut self, pid: u32, key: Option<&str>) {
+        let configured = self.listeners.specs().len();
+        for k in 0..self.on_demand.len() {
+            let Some(d) = &mut self.on_demand[k] else {
+                continue;
+            };
+            if key.is_some_and(|key| d.listeners.specs()[0].to_string() != key && d.text != key) {
+                continue;
+            }
+            if !d.holders.remove(&pid) || !d.holders.is_empty() {
+                continue;
+            }
+            let d = self.on_demand[k].take().expect("checked above");
+            if let Some(acceptor) = &d.acceptor {
+                acceptor.abort();
+            }
+            // Connections accepted for it and not handed out are closed.
+            let id = configured + k;
+            self.rr.waiting.retain(|a| a.listener != id);
+            info!(
+                "closing {}: no live worker holds it any more",
+                d.listeners.specs()[0]
+            );
+        }
+    }
+
     /// An acceptor task for round-robin listener `id`: it only accepts and
     /// forwards; which worker gets a connection is the supervisor's decision.
     pub(super) fn start_acceptor(
@@ -341,7 +426,7 @@ impl Supervisor {
         id: usize,
         spec: String,
         fd: std::os::fd::BorrowedFd<'_>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         use rustix::net::{acceptfrom_with, SocketAddrAny, SocketFlags};
         let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
         rustix::io::ioctl_fionbio(&fd, true)?;
@@ -355,13 +440,16 @@ impl Supervisor {
         self.rr_keys[id] = spec.clone();
         let tx = self.accepted_tx.clone();
         info!("round-robin: the primary accepts on {spec}");
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 let Ok(mut ready) = listener.readable().await else {
                     return;
                 };
+                // Non-blocking, as Node's primary hands connections: a
+                // worker must never sleep in a read its event loop did not
+                // expect to block (herd workers set it themselves anyway).
                 let got = ready.try_io(|fd| {
-                    acceptfrom_with(fd.get_ref(), SocketFlags::CLOEXEC)
+                    acceptfrom_with(fd.get_ref(), SocketFlags::CLOEXEC | SocketFlags::NONBLOCK)
                         .map_err(std::io::Error::from)
                 });
                 match got {
@@ -379,7 +467,7 @@ impl Supervisor {
                 }
             }
         });
-        Ok(())
+        Ok(task)
     }
 
     pub(super) fn on_accepted(&mut self, conn: OwnedFd, client: u64, listener: usize) {
