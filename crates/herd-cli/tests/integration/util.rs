@@ -395,8 +395,11 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.
+/// Bounded: a socket nobody accepts on answers until its backlog is full,
+/// then a connect would wait for the kernel's SYN retries.
 pub fn accepts(port: u16) -> bool {
-    TcpStream::connect(("127.0.0.1", port)).is_ok()
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
 }
 
 /// A port that was free a moment ago (bound to :0 and released).
