@@ -3,11 +3,24 @@
 // inherited fd 3; under Node cluster, PM2 and alone it listens on $PORT.
 // Each response names the worker (x-worker: pid). With BENCH_STATS_DIR set it
 // writes PID.ready there once listening, and its request and connection
-// counts (PID.json) twice a second.
+// counts (PID.json) twice a second. The chaos scenario makes the next start
+// crash by leaving `crash-next` there: the first worker to start takes it
+// (unlink is atomic, so only one does), notes `crashed.SLOT.PID` with the
+// time in ms and exits 1 before listening.
 const http = require('http');
 const fs = require('fs');
 
 const pid = String(process.pid);
+const dir = process.env.BENCH_STATS_DIR;
+if (dir) {
+  let took = false;
+  try { fs.unlinkSync(`${dir}/crash-next`); took = true; } catch (_) { /* no flag */ }
+  if (took) {
+    const slot = process.env.HERD_WORKER_ID || 'none';
+    fs.writeFileSync(`${dir}/crashed.${slot}.${pid}`, String(Date.now()));
+    process.exit(1);
+  }
+}
 let requests = 0;
 let connections = 0;
 const server = http.createServer((req, res) => {
@@ -17,7 +30,6 @@ const server = http.createServer((req, res) => {
 });
 server.on('connection', () => { connections++; });
 
-const dir = process.env.BENCH_STATS_DIR;
 if (dir) {
   const write = () => {
     const tmp = `${dir}/${pid}.tmp`;

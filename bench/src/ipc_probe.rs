@@ -146,7 +146,7 @@ async fn primary(codec: Codec, count: u64, rtt: u64) -> Result<()> {
     Ok(())
 }
 
-async fn next_message(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<Msg> {
+async fn next_message(events: &mut herd::Events) -> Result<Msg> {
     loop {
         match events.recv().await {
             Some(Event::Message { message, .. }) => return Ok(message.decode::<Msg>()?),

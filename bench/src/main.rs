@@ -69,6 +69,9 @@ struct SuiteArgs {
     /// Repetitions of each measurement.
     #[arg(short, long, default_value_t = 3)]
     reps: usize,
+    /// Seconds of chaos (kills, stops, crashing starts) per system, run once.
+    #[arg(long, default_value_t = 180)]
+    chaos_duration: u64,
     /// wrk connections.
     #[arg(short, long, default_value_t = 64)]
     connections: usize,
@@ -78,7 +81,7 @@ struct SuiteArgs {
     /// Seconds an idle cluster is watched for CPU use.
     #[arg(long, default_value_t = 10)]
     idle: u64,
-    /// Scenarios to run (comma-separated): throughput, roundrobin, memory, recovery, coldstart, ipc.
+    /// Scenarios to run (comma-separated): throughput, roundrobin, memory, recovery, coldstart, ipc, chaos.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// CPUs for wrk, as for `taskset -c`.
@@ -243,6 +246,7 @@ fn suite(a: SuiteArgs) -> Result<()> {
         workers: a.workers,
         many_workers: a.many_workers,
         duration: Duration::from_secs(a.duration),
+        chaos: Duration::from_secs(a.chaos_duration),
         reps: a.reps.max(1),
         connections: a.connections,
         threads: a.threads,

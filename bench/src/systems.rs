@@ -36,6 +36,8 @@ pub struct Ctx {
     pub many_workers: usize,
     /// Length of each load run.
     pub duration: Duration,
+    /// How long the chaos scenario disturbs each system.
+    pub chaos: Duration,
     /// Repetitions of each measurement.
     pub reps: usize,
     /// wrk connections.
@@ -285,6 +287,12 @@ impl Running {
                 .and_then(|s| s.trim().parse().ok()),
             None => self.child.as_ref().map(|c| c.id()),
         }
+    }
+
+    /// The directory the Node app writes its readiness and counts into
+    /// (`BENCH_STATS_DIR`); the chaos scenario also leaves its flag there.
+    pub fn stats_dir(&self) -> &Path {
+        &self.stats_dir
     }
 
     /// What the system wrote to stdout (herd's worker lines, Node cluster's events).

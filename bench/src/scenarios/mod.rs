@@ -7,6 +7,7 @@ use anyhow::Result;
 use crate::report::Results;
 use crate::systems::Ctx;
 
+pub mod chaos;
 pub mod coldstart;
 pub mod ipc;
 pub mod memory;
@@ -25,4 +26,5 @@ pub const ALL: &[Scenario] = &[
     ("recovery", recovery::run),
     ("coldstart", coldstart::run),
     ("ipc", ipc::run),
+    ("chaos", chaos::run),
 ];
