@@ -9,7 +9,8 @@ use herd::backoff::BackoffPolicy;
 use herd::config::{parse_duration, parse_signal, Signal, MAX_WORKERS};
 use herd::output::LogFormat;
 use herd::{
-    Balance, ClusterConfig, CrashLoopAction, ListenSpec, Picker, RestartPolicy, WorkerCommand,
+    Balance, ClusterConfig, Containment, CrashLoopAction, ListenSpec, Picker, RestartPolicy,
+    WorkerCommand,
 };
 
 const EXIT_STATUSES: &str = "\
@@ -116,6 +117,13 @@ pub struct RunArgs {
     #[arg(long, default_value = "SIGTERM", value_parser = parse_signal, value_name = "SIGNAL")]
     pub stop_signal: Signal,
 
+    /// How each worker's process tree is kept together, so that what it started dies with it
+    /// (systemd's KillMode=control-group): a cgroup (v2) per worker, which catches processes
+    /// that leave the process group and scrub their environment; or its process group only.
+    /// auto = a cgroup where herd can create one (root, or systemd's Delegate=yes).
+    #[arg(long, default_value_t = Containment::Auto, value_name = "auto|cgroup|process-group")]
+    pub contain: Containment,
+
     /// Time stopping workers get before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub stop_timeout: Duration,
@@ -196,6 +204,7 @@ impl RunArgs {
         config.on_crash_loop = self.on_crash_loop;
         config.stop_signal = self.stop_signal;
         config.stop_timeout = self.stop_timeout;
+        config.containment = self.contain;
         let node_ipc = match self.node_ipc {
             NodeIpc::On => true,
             NodeIpc::Off => false,

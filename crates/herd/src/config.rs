@@ -243,6 +243,45 @@ pub struct ClusterConfig {
     pub event_queue: usize,
     /// The most message payload bytes that queue holds.
     pub event_queue_bytes: usize,
+    /// How each worker's process tree is contained.
+    pub containment: Containment,
+}
+
+/// How a worker's whole process tree is kept together, so that it can be
+/// stopped with the worker (systemd's KillMode=control-group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Containment {
+    /// A cgroup per worker where herd can create one, process groups otherwise.
+    #[default]
+    Auto,
+    /// A cgroup per worker; starting fails if herd cannot create cgroups.
+    Cgroup,
+    /// Process groups only.
+    ProcessGroup,
+}
+
+impl std::str::FromStr for Containment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Containment::Auto),
+            "cgroup" => Ok(Containment::Cgroup),
+            "process-group" => Ok(Containment::ProcessGroup),
+            other => Err(format!(
+                "expected auto, cgroup or process-group, got {other:?}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Containment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Containment::Auto => "auto",
+            Containment::Cgroup => "cgroup",
+            Containment::ProcessGroup => "process-group",
+        })
+    }
 }
 
 /// The IPC channel between the primary and each worker, if any.
@@ -282,6 +321,7 @@ impl ClusterConfig {
             ipc_max_message: crate::ipc::MAX_MESSAGE,
             event_queue: 4096,
             event_queue_bytes: 16 * 1024 * 1024,
+            containment: Containment::Auto,
         }
     }
 }
@@ -386,6 +426,18 @@ mod node_script_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containment_parses_and_prints() {
+        for c in [
+            Containment::Auto,
+            Containment::Cgroup,
+            Containment::ProcessGroup,
+        ] {
+            assert_eq!(c.to_string().parse::<Containment>(), Ok(c));
+        }
+        assert!("cgroups".parse::<Containment>().is_err());
+    }
 
     #[test]
     fn durations() {

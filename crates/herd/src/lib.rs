@@ -74,7 +74,9 @@ pub use cluster::{
     WorkerStatus,
 };
 pub use config::Ipc;
-pub use config::{ClusterConfig, CommandError, CrashLoopAction, RestartPolicy, WorkerCommand};
+pub use config::{
+    ClusterConfig, CommandError, Containment, CrashLoopAction, RestartPolicy, WorkerCommand,
+};
 pub use events::Events;
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};
 pub use socket::{Balance, BindError, Listeners, Picker};

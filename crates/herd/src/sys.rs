@@ -44,6 +44,8 @@ pub(crate) struct ExecPlan {
     exec_err: Option<RawFd>,
     /// The open-file limit to give the worker back.
     nofile: Option<NoFile>,
+    /// `<its cgroup>/cgroup.procs`: the child writes "0" there to enter it.
+    cgroup_procs: Option<CString>,
 }
 
 /// An RLIMIT_NOFILE value (soft, hard).
@@ -131,7 +133,16 @@ impl ExecPlan {
         fds: Vec<RawFd>,
         exec_err: Option<RawFd>,
         nofile: Option<NoFile>,
+        cgroup: Option<&Path>,
     ) -> io::Result<Self> {
+        let cgroup_procs = match cgroup {
+            Some(dir) => Some(
+                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in cgroup path")
+                })?,
+            ),
+            None => None,
+        };
         let path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
         let mut env: Vec<Vec<u8>> = env.into_iter().map(|c| c.into_bytes_with_nul()).collect();
@@ -160,6 +171,7 @@ impl ExecPlan {
             parent: std::process::id() as i32,
             exec_err,
             nofile,
+            cgroup_procs,
         })
     }
 
@@ -203,6 +215,17 @@ impl ExecPlan {
             if libc::getppid() != self.parent {
                 // The primary died between fork and prctl.
                 libc::_exit(1);
+            }
+
+            // Enter the worker's own cgroup before anything else runs, so
+            // every descendant is born in it. Best effort: the process group
+            // still contains the worker if this fails.
+            if let Some(procs) = &self.cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
             }
 
             // Move the sockets to 3, 4, …: first out of the way (above the
@@ -305,9 +328,17 @@ fn write_decimal(buf: &mut [u8], mut value: u64) -> usize {
 ///
 /// Returns the guardian process and the pipe's (non-blocking) write end.
 ///
+/// With `cgroup` (herd's cgroup, parent of every worker's), it first
+/// writes `cgroup.kill` there, which ends every process of every worker
+/// whatever it did to escape, and removes the emptied cgroups.
+///
 /// It names itself `herd: guardian of <pid>` (its process title, what `ps`
 /// shows) and `herd-guardian` (its comm), so nobody takes it for a worker.
-pub(crate) fn spawn_guardian(marker: &str) -> io::Result<(tokio::process::Child, OwnedFd)> {
+pub(crate) fn spawn_guardian(
+    marker: &str,
+    cgroup: Option<&Path>,
+) -> io::Result<(tokio::process::Child, OwnedFd)> {
+    let cgroup = cgroup.and_then(|c| CString::new(c.as_os_str().as_bytes()).ok());
     use rustix::pipe::{pipe_with, PipeFlags};
     let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
     rustix::io::ioctl_fionbio(&write, true)?;
@@ -324,7 +355,7 @@ pub(crate) fn spawn_guardian(marker: &str) -> io::Result<(tokio::process::Child,
     unsafe {
         cmd.pre_exec(move || {
             title.apply();
-            guardian_main(&marker)
+            guardian_main(&marker, cgroup.as_deref())
         });
     }
     let child = cmd.spawn()?;
@@ -390,7 +421,7 @@ impl Title {
 const GUARDIAN_MAX_GROUPS: usize = 4096;
 
 // fork-safe
-fn guardian_main(marker: &[u8]) -> ! {
+fn guardian_main(marker: &[u8], cgroup: Option<&std::ffi::CStr>) -> ! {
     // SAFETY: raw syscalls on stack buffers in a forked child; see module docs.
     unsafe {
         for sig in [
@@ -450,6 +481,9 @@ fn guardian_main(marker: &[u8]) -> ! {
             have -= whole;
         }
 
+        if let Some(dir) = cgroup {
+            cgroup_kill_all(dir);
+        }
         for &g in groups.iter().filter(|g| **g > 0) {
             libc::kill(-g, libc::SIGKILL);
         }
@@ -464,8 +498,86 @@ fn guardian_main(marker: &[u8]) -> ! {
             };
             libc::nanosleep(&pause, std::ptr::null_mut());
         }
+        if let Some(dir) = cgroup {
+            // The killed are gone in a moment; their cgroups can go then.
+            for _ in 0..20 {
+                if cgroup_remove_all(dir) {
+                    break;
+                }
+                let pause = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 10_000_000,
+                };
+                libc::nanosleep(&pause, std::ptr::null_mut());
+            }
+        }
         libc::_exit(0);
     }
+}
+
+/// Writes "1" to `<dir>/cgroup.kill`: SIGKILL to every process in the
+/// cgroup and its descendants.
+// fork-safe
+unsafe fn cgroup_kill_all(dir: &std::ffi::CStr) {
+    let mut path = [0u8; 4096];
+    if let Some(p) = join_path(&mut path, dir.to_bytes(), b"cgroup.kill") {
+        let fd = libc::open(p.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"1".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
+/// Removes every (empty) child cgroup of `dir`, then `dir`; true when done.
+// fork-safe
+unsafe fn cgroup_remove_all(dir: &std::ffi::CStr) -> bool {
+    let d = libc::open(
+        dir.as_ptr(),
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+    );
+    if d < 0 {
+        return true; // already gone
+    }
+    let mut dents = [0u8; 8192];
+    let mut path = [0u8; 4096];
+    loop {
+        let n = libc::syscall(libc::SYS_getdents64, d, dents.as_mut_ptr(), dents.len());
+        if n <= 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            let reclen = u16::from_ne_bytes([dents[off + 16], dents[off + 17]]) as usize;
+            let kind = dents[off + 18];
+            let name = &dents[off + 19..off + reclen];
+            off += reclen;
+            let len = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            let name = &name[..len];
+            if kind != libc::DT_DIR || name == b"." || name == b".." {
+                continue;
+            }
+            if let Some(p) = join_path(&mut path, dir.to_bytes(), name) {
+                libc::rmdir(p.as_ptr().cast());
+            }
+        }
+    }
+    libc::close(d);
+    libc::rmdir(dir.as_ptr()) == 0
+}
+
+/// `dir/name` NUL-terminated in `buf`, if it fits.
+// fork-safe
+fn join_path<'a>(buf: &'a mut [u8], dir: &[u8], name: &[u8]) -> Option<&'a [u8]> {
+    let len = dir.len() + 1 + name.len();
+    if len + 1 > buf.len() {
+        return None;
+    }
+    buf[..dir.len()].copy_from_slice(dir);
+    buf[dir.len()] = b'/';
+    buf[dir.len() + 1..len].copy_from_slice(name);
+    buf[len] = 0;
+    Some(&buf[..=len])
 }
 
 /// SIGKILLs every process whose environment holds `marker` (NUL-terminated,

@@ -177,6 +177,12 @@ fn as_pid_1_herd_reaps_every_zombie() {
 /// scrubbed environment outlived herd.)
 #[test]
 fn a_dead_workers_processes_go_with_it() {
+    for contain in ["process-group", "auto"] {
+        dead_workers_processes_go_with_it(contain);
+    }
+}
+
+fn dead_workers_processes_go_with_it(contain: &str) {
     let dir = TempDir::new("tree");
     let d = dir.path().display();
     let script = format!(
@@ -195,6 +201,8 @@ fn a_dead_workers_processes_go_with_it() {
         "127.0.0.1:0",
         "--stop-timeout",
         "1s",
+        "--contain",
+        contain,
         "--",
         "sh",
         "-c",
@@ -212,7 +220,7 @@ fn a_dead_workers_processes_go_with_it() {
     // SIGTERM at once for the first two; SIGKILL after the stop timeout (1 s).
     assert!(
         eventually(Duration::from_secs(3), || pids.iter().all(|p| !alive(*p))),
-        "still alive: {:?}",
+        "{contain}: still alive: {:?}",
         pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
     );
     let resp = http_get(port).expect("the replacement serves");
@@ -223,6 +231,72 @@ fn a_dead_workers_processes_go_with_it() {
     herd.signal("TERM");
     assert_eq!(herd.wait(Duration::from_secs(15)).code(), Some(0));
     assert!(!alive(replacement));
+}
+
+/// Where herd can create cgroups, a worker's descendant that leaves its
+/// process group and scrubs its environment (`setsid env -i`) — invisible
+/// to process groups and to the guardian's environment sweep — still dies
+/// with the worker, and with a SIGKILLed herd; herd's cgroups are removed.
+#[test]
+fn with_cgroups_even_an_escaped_descendant_dies_with_its_worker() {
+    let dir = TempDir::new("cgroup");
+    let d = dir.path().display();
+    let script = format!(
+        "if [ ! -e {d}/first ]; then touch {d}/first; \
+           setsid env -i sleep 1004 & echo $! > {d}/escaped1; fi; \
+         if [ ! -e {d}/second ] && [ -e {d}/go ]; then touch {d}/second; \
+           setsid env -i sleep 1005 & echo $! > {d}/escaped2; fi; \
+         exec sleep 1000",
+    );
+    let mut herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--stop-timeout",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let line = herd.stderr.wait_for("the containment line", STARTUP, |l| {
+        l.contains("each worker ")
+    });
+    if !line.contains("cgroup of its own") {
+        eprintln!("skipped: herd cannot create cgroups here ({line})");
+        return;
+    }
+    let root = line
+        .split("cgroup of its own under ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .unwrap()
+        .to_string();
+    let worker = herd.nth_spawned(1);
+    let escaped = read_pid(&dir.path().join("escaped1"));
+    assert!(alive(escaped));
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    send_signal(worker, "KILL");
+    herd.nth_spawned(2);
+    assert!(
+        eventually(Duration::from_secs(4), || !alive(escaped)),
+        "the escaped descendant outlived its worker"
+    );
+    // And when herd itself is SIGKILLed, its guardian empties its cgroups.
+    let escaped2 = read_pid(&dir.path().join("escaped2"));
+    assert!(alive(escaped2));
+    herd.child.kill().unwrap();
+    herd.child.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(4), || !alive(escaped2)),
+        "the escaped descendant outlived herd"
+    );
+    assert!(
+        eventually(Duration::from_secs(4), || !std::path::Path::new(&root)
+            .exists()),
+        "{root} was not removed"
+    );
 }
 
 /// The guardian does not look like a worker in `ps`: its own title and comm.

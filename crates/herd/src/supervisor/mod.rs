@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::{Backoff, Intensity, Jitter};
 use crate::cluster::{Cluster, Command, Event, Outcome, WorkerInfo, WorkerLink, WorkerStatus};
 use crate::config::Ipc;
-use crate::config::{signal_name, ClusterConfig, CrashLoopAction, RestartPolicy};
+use crate::config::{signal_name, ClusterConfig, Containment, CrashLoopAction, RestartPolicy};
 use crate::events::EventSender;
 use crate::ipc::frame::FrameDecoder;
 use crate::ipc::node::{self, NodeDecoder};
@@ -47,6 +47,7 @@ use crate::{Error, ExecError};
 
 mod channel;
 mod sockets;
+mod tree;
 
 pub(crate) use channel::Outgoing;
 use channel::{read_channel, write_channel, Batch, ChannelEvent};
@@ -72,6 +73,8 @@ enum SlotState {
         disconnecting: Option<Instant>,
         /// Messages skipped (over the size limit, malformed); the first is logged.
         skipped: u64,
+        /// Its own cgroup, when workers are contained by cgroups.
+        cgroup: Option<std::path::PathBuf>,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -107,7 +110,45 @@ impl Slot {
 /// it got the stop signal when the worker exited and gets SIGKILL at `kill_at`.
 struct Remnant {
     pgid: u32,
+    /// The worker's cgroup, if it had one: the authority on what is left.
+    cgroup: Option<std::path::PathBuf>,
     kill_at: Instant,
+    /// SIGKILL was sent; `kill_at` is then when herd stops waiting.
+    killed: bool,
+}
+
+/// How long herd waits for a remnant after its SIGKILL.
+const REMNANT_KILL_GRACE: Duration = Duration::from_secs(2);
+
+impl Remnant {
+    fn alive(&self) -> bool {
+        match &self.cgroup {
+            Some(dir) => tree::populated(dir) || group_alive(self.pgid),
+            None => group_alive(self.pgid),
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        signal_group(self.pgid, sig);
+        if let Some(dir) = &self.cgroup {
+            if sig == Signal::KILL {
+                tree::kill(dir);
+            } else {
+                for pid in tree::procs(dir) {
+                    if let Some(p) = Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::kill_process(p, sig);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Its cgroup is empty: remove it.
+    fn forget(self) {
+        if let Some(dir) = &self.cgroup {
+            tree::remove(dir);
+        }
+    }
 }
 
 /// Why a worker could not be started.
@@ -151,6 +192,8 @@ struct NewWorker {
     reader: Option<oneshot::Receiver<()>>,
     /// Its stderr forwarder, which returns the last lines.
     stderr: Option<tokio::task::JoinHandle<Vec<String>>>,
+    /// Its cgroup, if it has one.
+    cgroup: Option<std::path::PathBuf>,
 }
 
 /// How long an exit waits for the channel reader to reach EOF.
@@ -192,6 +235,10 @@ pub(crate) struct Supervisor {
     ignored_logged: u64,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
+    /// Where workers' cgroups go, when workers are contained by cgroups.
+    cgroups: Option<tree::Cgroups>,
+    /// Why cgroups are not used, for the log line at start.
+    no_cgroups: Option<String>,
     /// Sockets bound on a worker's request, by id (their round-robin
     /// listener id less the configured count); closed ones are `None` and
     /// their places reused.
@@ -245,6 +292,21 @@ impl Supervisor {
             .filter_map(|(k, v)| env_entry(&k, &v))
             .collect();
         let argv = argv_cstrings(&config.command);
+        let (cgroups, no_cgroups) = match config.containment {
+            Containment::ProcessGroup => (None, Some("--contain process-group".to_string())),
+            Containment::Auto => match tree::Cgroups::create() {
+                Ok(c) => (Some(c), None),
+                Err(why) => (None, Some(why)),
+            },
+            Containment::Cgroup => match tree::Cgroups::create() {
+                Ok(c) => (Some(c), None),
+                Err(why) => {
+                    return Err(Error::Config(format!(
+                        "workers cannot be contained by cgroups: {why}"
+                    )))
+                }
+            },
+        };
         let slots = (0..config.workers)
             .map(|_| Slot::new(&config, Vec::new()))
             .collect();
@@ -279,6 +341,8 @@ impl Supervisor {
             remnants: Vec::new(),
             ignored_logged: 0,
             worker_nofile,
+            cgroups,
+            no_cgroups,
         })
     }
 
@@ -310,6 +374,18 @@ impl Supervisor {
         for spec in self.listeners.specs() {
             info!("listening on {spec}");
         }
+        match (&self.cgroups, &self.no_cgroups) {
+            (Some(c), _) => info!(
+                "each worker runs in a cgroup of its own under {}: its whole process tree \
+                 is stopped with it",
+                c.root().display()
+            ),
+            (None, why) => info!(
+                "each worker leads a process group ({}): what stays in the group is stopped \
+                 with it; a descendant that leaves the group is stopped only when herd exits",
+                why.as_deref().unwrap_or("no cgroups")
+            ),
+        }
         for slot in 0..self.slots.len() {
             self.spawn(slot);
         }
@@ -317,6 +393,9 @@ impl Supervisor {
         loop {
             if let Some(outcome) = self.finished() {
                 self.stop_guardian().await;
+                if let Some(c) = self.cgroups.take() {
+                    c.remove();
+                }
                 crate::output::flush(Duration::from_secs(1)).await;
                 return match self.fatal.take() {
                     Some(e) => Err(e),
@@ -428,39 +507,48 @@ impl Supervisor {
         phase.into_iter().chain(remnants).min()
     }
 
-    /// SIGKILLs the remnants whose time is up.
+    /// SIGKILLs the remnants whose time is up; gives up on any that a
+    /// SIGKILL did not end within [`REMNANT_KILL_GRACE`] (a stop must end).
     fn kill_remnants(&mut self, now: Instant) {
-        let mut gone = Vec::new();
-        self.remnants.retain(|r| {
+        let mut given_up = Vec::new();
+        self.remnants.retain_mut(|r| {
             if r.kill_at > now {
                 return true;
             }
+            if r.killed {
+                warn!(
+                    "processes of exited worker {} survived SIGKILL; no longer waiting for them",
+                    r.pgid
+                );
+                given_up.push(r.pgid);
+                return false;
+            }
             warn!(
-                "processes of exited worker {} outlived the stop timeout; killing its group",
+                "processes of exited worker {} outlived the stop timeout; killing them",
                 r.pgid
             );
-            signal_group(r.pgid, Signal::KILL);
-            gone.push(r.pgid);
-            false
+            r.signal(Signal::KILL);
+            // Kept until it is empty (its cgroup is removed then); looked at
+            // once more in a moment, in case no SIGCHLD says so.
+            r.killed = true;
+            r.kill_at = now + REMNANT_KILL_GRACE;
+            true
         });
-        for pgid in gone {
+        for pgid in given_up {
             self.tell_guardian(-(pgid as i32));
         }
     }
 
     /// Forgets remnants whose group has no member left.
     fn prune_remnants(&mut self) {
-        let mut gone = Vec::new();
-        self.remnants.retain(|r| {
-            let alive = group_alive(r.pgid);
-            if !alive {
-                debug!("the group of exited worker {} is empty", r.pgid);
-                gone.push(r.pgid);
-            }
-            alive
-        });
-        for pgid in gone {
-            self.tell_guardian(-(pgid as i32));
+        let (alive, gone): (Vec<Remnant>, Vec<Remnant>) = std::mem::take(&mut self.remnants)
+            .into_iter()
+            .partition(Remnant::alive);
+        self.remnants = alive;
+        for r in gone {
+            debug!("nothing is left of exited worker {}", r.pgid);
+            self.tell_guardian(-(r.pgid as i32));
+            r.forget();
         }
     }
 
@@ -652,6 +740,7 @@ impl Supervisor {
             channel,
             reader,
             stderr,
+            cgroup,
         } = new;
         info!(slot, pid, "worker {pid} spawned in slot {slot}");
         self.events.send(Event::Spawned { slot, pid });
@@ -670,6 +759,7 @@ impl Supervisor {
             rr_servers: Vec::new(),
             disconnecting: None,
             skipped: 0,
+            cgroup,
         };
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
@@ -789,6 +879,18 @@ impl Supervisor {
         let (exec_err_read, exec_err_write) =
             rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                 .map_err(std::io::Error::from)?;
+        // Its own cgroup, which it enters before exec (best effort: without
+        // one it is still contained by its process group).
+        let cgroup = match &mut self.cgroups {
+            Some(c) => match c.create_worker() {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    warn!(slot, "cannot create a cgroup for the worker: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let plan = ExecPlan::new(
             &self.config.command.program,
             self.argv.clone(),
@@ -796,6 +898,7 @@ impl Supervisor {
             fds,
             Some(exec_err_write.as_raw_fd()),
             self.worker_nofile,
+            cgroup.as_deref(),
         )?;
         // Output pipes as large as the system allows: a worker that prints a
         // lot and exits at once (Node drops writes still queued at exit)
@@ -813,8 +916,12 @@ impl Supervisor {
         let mut child = spawned?;
         // EOF at exec (close-on-exec), or the errno of a failed execve.
         if let Some(errno) = sys::read_exec_errno(exec_err_read) {
+            let cgroup = cgroup.clone();
             tokio::spawn(async move {
                 let _ = child.wait().await; // reap it
+                if let Some(dir) = cgroup {
+                    tree::remove(&dir);
+                }
             });
             return Err(SpawnError::Exec(exec_error(
                 &self.config.command.program,
@@ -863,6 +970,7 @@ impl Supervisor {
             channel,
             reader,
             stderr,
+            cgroup,
         })
     }
 
@@ -1096,7 +1204,11 @@ impl Supervisor {
             status,
             stderr,
         } = exit;
-        self.contain_remnants(pid);
+        let cgroup = match &mut self.slots[slot].state {
+            SlotState::Running { pid: p, cgroup, .. } if *p == pid => cgroup.take(),
+            _ => None,
+        };
+        self.contain_remnants(pid, cgroup);
         // A dead worker holds no socket.
         self.release_sockets(pid, None);
         // Nothing more is handed to it; what it never took goes elsewhere.
@@ -1183,23 +1295,30 @@ impl Supervisor {
     /// timeout: a worker is its whole process tree (systemd's
     /// KillMode=control-group), so nothing of it serves beside its
     /// replacement.
-    fn contain_remnants(&mut self, pid: u32) {
-        if !group_alive(pid) {
-            self.tell_guardian(-(pid as i32));
-            return;
-        }
+    fn contain_remnants(&mut self, pid: u32, cgroup: Option<std::path::PathBuf>) {
         let kill_at = match self.phase {
             Phase::Stopping { kill_at, .. } => kill_at,
             Phase::Running => Instant::now() + self.config.stop_timeout,
         };
+        let remnant = Remnant {
+            pgid: pid,
+            cgroup,
+            kill_at,
+            killed: false,
+        };
+        if !remnant.alive() {
+            self.tell_guardian(-(pid as i32));
+            remnant.forget();
+            return;
+        }
         info!(
-            "worker {pid} exited but processes remain in its group; sending them {}",
+            "worker {pid} exited but processes it started remain; sending them {}",
             signal_name(self.config.stop_signal.as_raw())
         );
-        signal_group(pid, self.config.stop_signal);
+        remnant.signal(self.config.stop_signal);
         // A stopped process acts on the stop signal only once continued.
-        signal_group(pid, Signal::CONT);
-        self.remnants.push(Remnant { pgid: pid, kill_at });
+        remnant.signal(Signal::CONT);
+        self.remnants.push(remnant);
     }
 
     /// Decides when slot `slot` gets its next worker after one ran for
@@ -1314,7 +1433,8 @@ impl Supervisor {
     }
 
     fn start_guardian(&mut self) {
-        match sys::spawn_guardian(&self.marker) {
+        let cgroup = self.cgroups.as_ref().map(|c| c.root().to_path_buf());
+        match sys::spawn_guardian(&self.marker, cgroup.as_deref()) {
             Ok((child, pipe)) => {
                 let g = Guardian { child, pipe };
                 for s in &self.slots {
