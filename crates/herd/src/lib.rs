@@ -24,12 +24,23 @@
 //!   `PR_SET_PDEATHSIG`, sockets moved to fds 3.., everything else
 //!   close-on-exec, and `LISTEN_PID` written into a pre-built environment
 //!   block with the child's own pid before it execs.
+//! * A worker is its whole process tree: a cgroup (v2) of its own where herd
+//!   can create one, its process group otherwise; when it exits, what it
+//!   started gets the stop signal, then SIGKILL after the stop timeout.
+//! * Restarts: a worker that stayed up for `min_uptime` (or said it was
+//!   ready) is replaced at once when it dies; faster failures back off
+//!   ([`backoff`]) and count towards the crash-loop limit.
 //! * No orphans: workers die with the primary (`PR_SET_PDEATHSIG`); the
 //!   primary is a child subreaper and reaps reparented grandchildren; and a
 //!   tiny forked **guardian** process, which outlives a SIGKILLed primary,
 //!   kills every worker process group and every process carrying the
 //!   cluster's `HERD_PRIMARY_PID` in its environment.
-//! * [`output`] forwards worker stdout/stderr line by line with a prefix.
+//! * [`output`] forwards worker stdout/stderr line by line with a prefix,
+//!   each of herd's streams on its own writer thread: supervision never
+//!   waits on output, and what cannot be written is dropped and counted.
+//! * Everything a worker or a reader controls is bounded: the [`Events`]
+//!   queue, IPC messages (skipped past `ipc_max_message`), sockets bound on
+//!   request (closed when no live worker holds them).
 //! * [`ipc`] holds the wire formats for talking to workers; with
 //!   `node_ipc` the supervisor opens Node's IPC channel (`NODE_CHANNEL_FD`) to
 //!   each worker, so `process.send('ready')` marks it ready.
