@@ -47,6 +47,19 @@ fn messages_nobody_reads_do_not_grow_the_primary() {
     assert!(alive(herd.pid()));
 }
 
+/// `herd run -w 1 --no-listen -- node APP`.
+fn one_node_worker(app: &std::path::Path) -> Herd {
+    Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--",
+        "node",
+        app.to_str().unwrap(),
+    ])
+}
+
 /// A socket herd bound because a worker asked (not in `-l`) is closed once
 /// no live worker holds it: Node's server.close() sends `{act: 'close'}`.
 /// (Before: 200 opened and closed ports left 200 listening sockets.)
@@ -81,15 +94,7 @@ main();
 "#,
     )
     .unwrap();
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--",
-        "node",
-        app.to_str().unwrap(),
-    ]);
+    let herd = one_node_worker(&app);
     let closed = herd
         .stdout
         .wait_for("closed ports", STARTUP, |l| l.contains("] closed "));
@@ -148,15 +153,7 @@ else {{
         ),
     )
     .unwrap();
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--",
-        "node",
-        app.to_str().unwrap(),
-    ]);
+    let herd = one_node_worker(&app);
     herd.stdout
         .wait_for("first worker listening", STARTUP, |l| {
             l.ends_with("] listening")

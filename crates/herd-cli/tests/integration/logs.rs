@@ -125,21 +125,30 @@ fn a_stalled_stderr_never_blocks_supervision() {
     assert!(eventually(STARTUP, || workers_of(pid).len() == 2));
     // Both workers have written 2 MB to stderr by now or soon; nobody reads.
     std::thread::sleep(Duration::from_secs(2));
-    for round in 0..3 {
-        let before = workers_of(pid);
-        let victim = before[0];
-        send_signal(victim, "KILL");
-        assert!(
-            eventually(STARTUP, || {
-                let now = workers_of(pid);
-                !now.contains(&victim) && now.len() == 2
-            }),
-            "round {round}: worker {victim} not replaced: {:?}",
-            workers_of(pid)
-        );
+    for _ in 0..3 {
+        kill_one_and_see_it_replaced(pid, 2);
     }
-    send_signal(pid, "TERM");
-    let status = wait_child(&mut herd.child, Duration::from_secs(15)).expect("herd stops");
+    stop_with_term(&mut herd.child);
+}
+
+/// SIGKILLs one of herd's `n` workers; waits until another takes its place.
+fn kill_one_and_see_it_replaced(herd: u32, n: usize) {
+    let victim = workers_of(herd)[0];
+    send_signal(victim, "KILL");
+    assert!(
+        eventually(STARTUP, || {
+            let now = workers_of(herd);
+            !now.contains(&victim) && now.len() == n
+        }),
+        "worker {victim} not replaced: {:?}",
+        workers_of(herd)
+    );
+}
+
+/// SIGTERM to herd; it must exit 0 in bounded time.
+fn stop_with_term(herd: &mut std::process::Child) {
+    send_signal(herd.id(), "TERM");
+    let status = wait_child(herd, Duration::from_secs(15)).expect("herd stops");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -198,16 +207,9 @@ fn a_closed_stderr_does_not_kill_herd() {
     let pid = herd.child.id();
     assert!(eventually(STARTUP, || workers_of(pid).len() == 2));
     drop(herd._err.take()); // the reader is gone: writes get EPIPE
-    let victim = workers_of(pid)[0];
-    send_signal(victim, "KILL");
-    assert!(eventually(STARTUP, || {
-        let now = workers_of(pid);
-        !now.contains(&victim) && now.len() == 2
-    }));
+    kill_one_and_see_it_replaced(pid, 2);
     assert!(alive(pid));
-    send_signal(pid, "TERM");
-    let status = wait_child(&mut herd.child, Duration::from_secs(15)).expect("herd stops");
-    assert_eq!(status.code(), Some(0));
+    stop_with_term(&mut herd.child);
 }
 
 /// Each of herd's streams drains on its own: one worker flooding a stalled
