@@ -87,9 +87,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub stable: Duration,
 
-    /// A worker up this long (or that said it is ready) started successfully: when it dies
-    /// it is restarted at once and is no crash-loop strike. Faster failures back off and
-    /// count; a cluster whose workers never get this far gives up (exit 3).
+    /// A worker up this long (or that said it is ready) started successfully: when it is
+    /// killed (an OOM kill, kill -9) or exits 0 it is restarted at once and is no crash-loop
+    /// strike. Faster deaths, and failures of its own (exit status not 0, a crash signal) at
+    /// any age, back off and count; a cluster that never started gives up (exit 3).
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     pub min_uptime: Duration,
 

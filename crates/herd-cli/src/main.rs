@@ -80,31 +80,46 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(Outcome::Finished {
             all_succeeded: false,
         }) => ExitCode::from(1),
-        Ok(Outcome::CrashLoop { slot }) => fail(
+        Ok(Outcome::CrashLoop { slot, exit, stderr }) => fail(
             EXIT_CRASH_LOOP,
-            &format!("slot {slot} is in a crash loop; exiting (--on-crash-loop exit)"),
+            &with_stderr(
+                format!(
+                    "slot {slot} is in a crash loop; exiting (--on-crash-loop exit; its last \
+                     worker: {exit})"
+                ),
+                &stderr,
+            ),
         ),
-        Ok(Outcome::BootFailed { slot, exit, stderr }) => {
-            let mut text = format!(
-                "no worker ever started: every slot crash-looped (slot {slot}'s last worker: {exit})"
-            );
-            if stderr.is_empty() {
-                text.push_str("; it wrote nothing to stderr");
-            } else {
-                text.push_str("; its last stderr lines:");
-                for line in stderr {
-                    text.push_str("\n  | ");
-                    text.push_str(&line);
-                }
-            }
-            fail(EXIT_CRASH_LOOP, &text)
-        }
+        Ok(Outcome::BootFailed { slot, exit, stderr }) => fail(
+            EXIT_CRASH_LOOP,
+            &with_stderr(
+                format!(
+                    "no worker ever started: every slot crash-looped (slot {slot}'s last \
+                     worker: {exit})"
+                ),
+                &stderr,
+            ),
+        ),
         Err(herd::Error::Exec(e)) if e.not_found() => fail(EXIT_NOT_FOUND, &e.to_string()),
         Err(herd::Error::Exec(e)) => fail(EXIT_NOT_EXECUTABLE, &e.to_string()),
         Err(herd::Error::Bind(e)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e @ herd::Error::Config(_)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e) => fail(1, &e.to_string()),
     }
+}
+
+/// `text` and a worker's last stderr lines, as an error report.
+fn with_stderr(mut text: String, stderr: &[String]) -> String {
+    if stderr.is_empty() {
+        text.push_str("; it wrote nothing to stderr");
+    } else {
+        text.push_str("; its last stderr lines:");
+        for line in stderr {
+            text.push_str("\n  | ");
+            text.push_str(line);
+        }
+    }
+    text
 }
 
 fn run_cluster(config: ClusterConfig) -> Result<Outcome, herd::Error> {

@@ -28,6 +28,10 @@ pub enum Outcome {
     CrashLoop {
         /// The slot that looped.
         slot: usize,
+        /// How its last worker ended (`exit code 1`, `killed by SIGSEGV`).
+        exit: String,
+        /// The last lines that worker wrote to stderr (at most 10).
+        stderr: Vec<String>,
     },
     /// No worker ever started successfully (none stayed up for
     /// [`ClusterConfig::min_uptime`] or said it was ready) and every slot hit

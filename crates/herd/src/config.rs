@@ -233,8 +233,10 @@ pub struct ClusterConfig {
     /// How the primary encodes messages on herd's channel.
     pub codec: crate::ipc::frame::Codec,
     /// A worker that stayed up this long (or said it was ready) started
-    /// successfully: when it dies it is replaced at once and the death is not
-    /// a crash-loop strike. Only faster failures back off and count.
+    /// successfully: when it is killed (SIGKILL, SIGTERM: an OOM killer, an
+    /// operator) or exits 0, it is replaced at once and the death is no
+    /// crash-loop strike. Faster deaths, and failures of its own (a non-zero
+    /// exit, a crash signal) at any age, back off and count.
     pub min_uptime: Duration,
     /// The longest IPC message accepted from a worker; a longer one is
     /// skipped (counted, logged once per worker) and the channel stays open.

@@ -220,7 +220,10 @@ pub async fn flush(timeout: Duration) {
     }
     let err = writer(Stream::Stderr);
     for stream in [Stream::Stdout, Stream::Stderr] {
-        let n = writer(stream).dropped.swap(0, Ordering::Relaxed);
+        let w = writer(stream);
+        // Lines still queued now will not be written before herd exits.
+        let unwritten = (w.tx.max_capacity() - w.tx.capacity()) as u64;
+        let n = w.dropped.swap(0, Ordering::Relaxed) + unwritten;
         if n > 0 {
             err.try_line(dropped_notice(n, stream).into_bytes());
         }
@@ -247,6 +250,28 @@ impl Write for LogWriter {
     }
 }
 
+/// A worker's last [`TAIL_LINES`] lines of one stream, shared between its
+/// forwarder (which writes them) and its exit watcher (which reads them for
+/// an error report, without waiting for the stream's EOF).
+#[derive(Clone, Default)]
+pub(crate) struct Tail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl Tail {
+    fn push(&self, line: &str) {
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.chars().take(512).collect());
+    }
+
+    /// The lines so far, oldest first.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().cloned().collect()
+    }
+}
+
 /// The handle tasks use to emit worker lines; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct OutputSink {
@@ -260,17 +285,16 @@ impl OutputSink {
         Ok(OutputSink { format })
     }
 
-    /// Forwards `reader` line by line until EOF. Returns the last
-    /// `keep` lines (for error reports).
+    /// Forwards `reader` line by line until EOF, keeping the last
+    /// [`TAIL_LINES`] in `tail` if given (for error reports).
     pub(crate) async fn forward(
         self,
         reader: impl AsyncRead + Unpin,
         stream: Stream,
         slot: usize,
         pid: u32,
-        keep: usize,
-    ) -> Vec<String> {
-        let mut tail = std::collections::VecDeque::new();
+        tail: Option<Tail>,
+    ) {
         // One per worker stream; a pipe delivers at most its buffer per read.
         let mut reader = BufReader::with_capacity(16 * 1024, reader);
         let mut pending: Vec<u8> = Vec::new();
@@ -292,34 +316,20 @@ impl OutputSink {
                 if pending.last() == Some(&b'\n') {
                     pending.pop();
                 }
-                self.emit(stream, slot, pid, &pending, keep, &mut tail)
-                    .await;
+                self.emit(stream, slot, pid, &pending, tail.as_ref()).await;
                 pending.clear();
             }
         }
         if !pending.is_empty() {
-            self.emit(stream, slot, pid, &pending, keep, &mut tail)
-                .await;
+            self.emit(stream, slot, pid, &pending, tail.as_ref()).await;
         }
-        tail.into()
     }
 
-    async fn emit(
-        &self,
-        stream: Stream,
-        slot: usize,
-        pid: u32,
-        line: &[u8],
-        keep: usize,
-        tail: &mut std::collections::VecDeque<String>,
-    ) {
+    async fn emit(&self, stream: Stream, slot: usize, pid: u32, line: &[u8], tail: Option<&Tail>) {
         let line = String::from_utf8_lossy(line);
         let line = line.strip_suffix('\r').unwrap_or(&line);
-        if keep > 0 {
-            if tail.len() == keep {
-                tail.pop_front();
-            }
-            tail.push_back(line.chars().take(512).collect());
+        if let Some(tail) = tail {
+            tail.push(line);
         }
         let w = writer(stream);
         let bytes = match self.format {

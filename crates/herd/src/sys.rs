@@ -48,6 +48,33 @@ pub(crate) struct ExecPlan {
     cgroup_procs: Option<CString>,
 }
 
+/// Ignores the signals whose default action would end herd but which no
+/// operator means for it (SIGXFSZ when a log file hits `ulimit -f`, SIGPROF,
+/// SIGVTALRM, SIGIO, SIGPWR, SIGXCPU, SIGSYS, SIGSTKFLT, the real-time
+/// signals): a stray one must not take the cluster down. The signals herd
+/// acts on are handled by the supervisor; workers get every disposition
+/// back to the default ([`ExecPlan`]).
+pub(crate) fn ignore_stray_signals() {
+    let mut signals = vec![
+        libc::SIGXFSZ,
+        libc::SIGPROF,
+        libc::SIGVTALRM,
+        libc::SIGIO,
+        libc::SIGPWR,
+        libc::SIGXCPU,
+        libc::SIGSYS,
+        libc::SIGSTKFLT,
+    ];
+    signals.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
+    for sig in signals {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no
+        // handler code; it affects only how the kernel delivers `sig`.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+}
+
 /// An RLIMIT_NOFILE value (soft, hard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct NoFile {
@@ -197,7 +224,13 @@ impl ExecPlan {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // Every disposition back to the default: herd ignores some
+            // signals, and an ignored signal stays ignored across exec.
+            for sig in 1..=libc::SIGRTMAX() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
 
             // Die with the primary. This fires when the *thread* that forked
             // exits; herd spawns from the runtime's main thread, which lives as

@@ -282,3 +282,33 @@ fn last_words_of_exiting_node_workers_all_arrive() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// Everything workers wrote before a cluster finished reaches herd's output:
+/// herd drains their pipes before it exits. (Before: up to a fifth of the
+/// last lines vanished, uncounted, when herd exited right after them.)
+#[test]
+fn output_written_just_before_the_end_is_not_lost() {
+    let mut herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "--no-listen",
+        "--restart",
+        "never",
+        "--",
+        "sh",
+        "-c",
+        "seq 1 40000",
+    ]);
+    assert_eq!(herd.wait(Duration::from_secs(30)).code(), Some(0));
+    let lines = herd
+        .stdout
+        .wait_for_nth("80,000 lines", Duration::from_secs(10), 80_000, |l| {
+            l.starts_with('[')
+        });
+    assert!(lines.ends_with("40000") || !lines.is_empty());
+    for pid in herd.spawned() {
+        let last = format!(" {pid}] 40000");
+        assert_eq!(herd.stdout.count(|l| l.ends_with(&last)), 1, "worker {pid}");
+    }
+}

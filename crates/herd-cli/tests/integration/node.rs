@@ -408,7 +408,11 @@ const http = require('http');
 const server = http.createServer((q, r) => r.end('node ' + process.pid + '\n'))
     .listen(+process.env.PORT, () => console.log('listening'));
 const timer = setInterval(() => {}, 1000);
-process.on('SIGTERM', () => { clearInterval(timer); server.close(); });
+process.on('SIGTERM', () => {
+  require('fs').writeFileSync(__dirname + '/term.' + process.pid, '');
+  clearInterval(timer);
+  server.close();
+});
 "#;
 
 fn cluster_app(tag: &str, balance: &str) -> (TempDir, Herd, u16) {
@@ -513,8 +517,9 @@ fn node_workers_that_clean_up_on_sigterm_exit_without_the_kill() {
     if node_missing() {
         return;
     }
-    for balance in ["shared", "round-robin"] {
-        let (_dir, mut herd, _port) = cluster_app("cleanup", balance);
+    for balance in ["shared", "round-robin", "shared"] {
+        let (dir, mut herd, _port) = cluster_app("cleanup", balance);
+        let workers = workers_of(herd.pid());
         let started = Instant::now();
         herd.signal("TERM");
         let status = herd.wait(Duration::from_secs(30));
@@ -527,5 +532,118 @@ fn node_workers_that_clean_up_on_sigterm_exit_without_the_kill() {
         let log = herd.stderr.all().join("\n");
         assert!(!log.contains("stop timeout"), "{balance}: {log}");
         assert!(!log.contains("killed by SIGKILL"), "{balance}: {log}");
+        // Each worker's handler ran: Node's disconnect did not end an idle
+        // worker's event loop before its SIGTERM handler got its turn.
+        for w in workers {
+            assert!(
+                dir.path().join(format!("term.{w}")).exists(),
+                "{balance}: worker {w}'s SIGTERM handler did not run"
+            );
+        }
     }
+}
+
+/// Node's cluster semantics for a second server in one worker: a second
+/// `listen(0)` gets a port of its own, a second `listen(P)` a catchable
+/// EADDRINUSE. (Before: herd answered with the same socket and key, and
+/// Node's cluster module died on an internal assertion.)
+#[test]
+fn a_node_worker_can_open_two_servers_on_the_same_address() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("listen-twice");
+    let app = dir.path().join("app.js");
+    let port = free_port();
+    std::fs::write(
+        &app,
+        format!(
+            r#"
+const http = require('http');
+const listen = (port) => new Promise((ok) => {{
+  const s = http.createServer((q, r) => r.end('x'));
+  s.on('error', (e) => ok('error ' + e.code));
+  s.listen(port, '127.0.0.1', () => ok('port ' + s.address().port));
+}});
+(async () => {{
+  const a = await listen(0), b = await listen(0);
+  const c = await listen({port}), d = await listen({port});
+  console.log([a, b, c, d].join(' | '));
+}})();
+"#
+        ),
+    )
+    .unwrap();
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--",
+        "node",
+        app.to_str().unwrap(),
+    ]);
+    let line = herd
+        .stdout
+        .wait_for("the results", STARTUP, |l| l.contains(" | "));
+    let parts: Vec<&str> = line.split("] ").nth(1).unwrap().split(" | ").collect();
+    assert!(
+        parts[0].starts_with("port ") && parts[1].starts_with("port "),
+        "{line}"
+    );
+    assert_ne!(parts[0], parts[1], "two listen(0) get two ports: {line}");
+    assert_eq!(parts[2], format!("port {port}"), "{line}");
+    assert_eq!(parts[3], "error EADDRINUSE", "{line}");
+    assert_eq!(herd.stderr.count(|l| l.contains(" died ")), 0);
+}
+
+/// One worker cannot use up herd's descriptors by asking for sockets: past
+/// 256 sockets bound on its request it gets EMFILE (catchable), and the
+/// refusals are logged once, not once each.
+#[test]
+fn sockets_on_request_are_capped_per_worker() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("socket-cap");
+    let app = dir.path().join("app.js");
+    std::fs::write(
+        &app,
+        r#"
+const net = require('net');
+const listen = () => new Promise((ok) => {
+  const s = net.createServer();
+  s.on('error', (e) => ok(e.code));
+  s.listen(0, '127.0.0.1', () => ok('ok'));
+});
+(async () => {
+  const counts = {};
+  for (let i = 0; i < 300; i++) { const r = await listen(); counts[r] = (counts[r] || 0) + 1; }
+  console.log('results ' + JSON.stringify(counts));
+})();
+"#,
+    )
+    .unwrap();
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--",
+        "node",
+        app.to_str().unwrap(),
+    ]);
+    let line = herd
+        .stdout
+        .wait_for("the results", Duration::from_secs(30), |l| {
+            l.contains("results ")
+        });
+    assert!(
+        line.ends_with(r#"results {"ok":256,"EMFILE":44}"#),
+        "{line}"
+    );
+    let warnings = herd
+        .stderr
+        .count(|l| l.contains("WARN") && l.contains("cannot listen"));
+    assert_eq!(warnings, 1, "{}", herd.stderr.all().join("\n"));
 }

@@ -34,7 +34,11 @@ fn stop_timeout_then_sigkill() {
         "waited the stop timeout: {took:?}"
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert!(herd.stderr.count(|l| l.contains("stop timeout")) == 1);
+    assert_eq!(
+        herd.stderr
+            .count(|l| l.contains("stop timeout (600ms) expired")),
+        1
+    );
     assert_eq!(
         herd.stderr
             .count(|l| l.contains("stopped (killed by SIGKILL)")),
@@ -118,8 +122,12 @@ fn stop_signal_is_configurable_and_sent_to_the_process_group() {
 fn operator_signals_do_not_kill_herd_and_quit_stops_it_gracefully() {
     let mut herd = Herd::start(["run", "-w", "2", "--no-listen", "--", "sleep", "1000"]);
     let workers = [herd.nth_spawned(1), herd.nth_spawned(2)];
+    // Those an operator sends by habit (logged once), and stray ones whose
+    // default action would also end herd (ignored): SIGXFSZ comes when a log
+    // file hits `ulimit -f`.
     for sig in [
-        "USR1", "USR2", "HUP", "TTIN", "TTOU", "WINCH", "PIPE", "ALRM", "USR1",
+        "USR1", "USR2", "HUP", "TTIN", "TTOU", "WINCH", "PIPE", "ALRM", "USR1", "XFSZ", "PROF",
+        "VTALRM", "IO", "PWR", "XCPU", "34", "64",
     ] {
         herd.signal(sig);
         std::thread::sleep(Duration::from_millis(30));
@@ -146,4 +154,99 @@ fn operator_signals_do_not_kill_herd_and_quit_stops_it_gracefully() {
         .all()
         .iter()
         .any(|l| l.contains("SIGQUIT received; stopping workers")));
+}
+
+/// A stop ends even when the worker ignores SIGTERM and what it started
+/// left its process group and ignores SIGTERM too: after the stop timeout
+/// everything gets SIGKILL, whichever way workers are contained. (Before,
+/// in cgroup mode, herd waited for such a leftover forever.)
+#[test]
+fn stop_ends_when_a_stubborn_worker_left_stubborn_children() {
+    for contain in ["auto", "process-group"] {
+        let dir = TempDir::new("stubborn-tree");
+        let script = format!(
+            "trap '' TERM; setsid sh -c 'trap \"\" TERM; echo $$ > {d}/child; exec sleep 1000' & \
+             while :; do sleep 0.05; done",
+            d = dir.path().display()
+        );
+        let mut herd = Herd::start([
+            "run",
+            "-w",
+            "1",
+            "--no-listen",
+            "--stop-timeout",
+            "1s",
+            "--contain",
+            contain,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        let worker = herd.nth_spawned(1);
+        let child_file = dir.path().join("child");
+        assert!(eventually(STARTUP, || std::fs::read_to_string(&child_file)
+            .is_ok_and(|t| t.ends_with('\n'))));
+        let child: u32 = std::fs::read_to_string(&child_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        herd.signal("TERM");
+        let status = herd.wait(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{contain}");
+        assert!(
+            eventually(Duration::from_secs(3), || !alive(worker) && !alive(child)),
+            "{contain}: worker {worker} or its child {child} survived"
+        );
+    }
+}
+
+/// A worker that leaves its process group (here: joins herd's) is still
+/// signalled and killed by pid; the stop ends at the stop timeout.
+#[test]
+fn stop_ends_when_a_worker_left_its_process_group() {
+    if std::process::Command::new("python3")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: python3 is not installed");
+        return;
+    }
+    let script = "import os, signal, time\n\
+                  signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+                  os.setpgid(0, os.getpgid(int(os.environ['HERD_PRIMARY_PID'])))\n\
+                  print('moved', flush=True)\n\
+                  time.sleep(1000)\n";
+    for contain in ["auto", "process-group"] {
+        // herd in a process group of its own, so the worker joins that one.
+        let mut cmd = std::process::Command::new(herd_bin());
+        cmd.args([
+            "run",
+            "-w",
+            "1",
+            "--no-listen",
+            "--stop-timeout",
+            "1s",
+            "--contain",
+            contain,
+            "--",
+            "python3",
+            "-c",
+            script,
+        ]);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut herd = Herd::spawn(cmd);
+        let worker = herd.nth_spawned(1);
+        herd.stdout
+            .wait_for("the worker moved", STARTUP, |l| l.ends_with("] moved"));
+        herd.signal("TERM");
+        let status = herd.wait(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{contain}");
+        assert!(
+            eventually(Duration::from_secs(3), || !alive(worker)),
+            "{contain}"
+        );
+    }
 }

@@ -134,12 +134,12 @@ fn crash_loop_can_exit_non_zero() {
 
 #[test]
 fn crash_loop_marks_slot_failed_and_keeps_retrying_at_the_cap() {
-    // The first worker runs past --min-uptime (the cluster served); every
-    // later one fails at start.
+    // The first worker runs past --min-uptime and exits 0 (the cluster
+    // served); every later one fails at start.
     let dir = TempDir::new("served-then-loop");
     let marker = dir.path().join("served");
     let script = format!(
-        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 0.4; exit 1",
+        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 0.4; exit 0",
         m = marker.display()
     );
     let mut herd = Herd::start(run_args(
@@ -288,7 +288,7 @@ fn a_cluster_that_served_keeps_retrying_a_failing_slot() {
     let dir = TempDir::new("served");
     let marker = dir.path().join("m");
     let script = format!(
-        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 0.3; exit 1",
+        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 0.3; exit 0",
         m = marker.display()
     );
     let mut herd = Herd::start(run_args(
@@ -342,13 +342,18 @@ fn exec_failures_in_the_child_are_errors_not_loops() {
             126,
             "not an executable format",
         ),
+        (
+            write("crlf", b"#!/bin/sh\r\necho hi\r\n"),
+            127,
+            "carriage return",
+        ),
     ];
     for (path, code, reason) in cases {
         let (status, stderr) = run_to_end(
             [
                 "run",
                 "-w",
-                "2",
+                "4",
                 "--no-listen",
                 "--",
                 path.to_str().unwrap(),
@@ -362,9 +367,73 @@ fn exec_failures_in_the_child_are_errors_not_loops() {
             "{last}"
         );
         assert!(last.contains(path.to_str().unwrap()), "{last}");
-        assert!(
-            stderr.matches("cannot execute").count() <= 3,
-            "no respawn loop: {stderr}"
+        assert_eq!(
+            stderr.matches("cannot execute").count(),
+            2,
+            "one log line and the final one, not one per slot: {stderr}"
         );
     }
+}
+
+/// A worker that fails by itself (exit status not 0) is a crash-loop strike
+/// whatever its uptime: an app that loads for a while and then dies of a
+/// config error backs off and, if nothing ever started, makes herd exit 3.
+/// (Before: restarted at once, forever, once it outlived --min-uptime.)
+#[test]
+fn failures_after_min_uptime_still_count_and_a_never_started_cluster_exits() {
+    let (status, stderr) = run_to_end(
+        run_args(
+            &[
+                "-w",
+                "1",
+                "--min-uptime",
+                "100ms",
+                "--backoff-initial",
+                "5ms",
+            ],
+            "sleep 0.3; echo 'KeyError: DATABASE_URL' >&2; exit 1",
+        ),
+        END,
+    );
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("| KeyError: DATABASE_URL"), "{stderr}");
+}
+
+/// Zero delays are legal and safe: `--min-uptime 0s` with a worker that
+/// fails at once is still a crash loop, not a spawn spin.
+#[test]
+fn zero_min_uptime_does_not_spin() {
+    let (status, stderr) = run_to_end(
+        run_args(
+            &["-w", "2", "--min-uptime", "0s", "--backoff-initial", "0ms"],
+            "exit 1",
+        ),
+        END,
+    );
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.matches(" spawned in slot ").count() < 20, "{stderr}");
+}
+
+/// A worker's uptime ends when it exits, not when herd hears of it: a
+/// worker whose child still holds its output dies fast and counts as fast.
+/// (Before: its exit was seen ~500 ms late and counted as a healthy run.)
+#[test]
+fn uptime_is_measured_to_the_exit_not_to_the_report() {
+    let (status, stderr) = run_to_end(
+        run_args(
+            &[
+                "-w",
+                "1",
+                "--min-uptime",
+                "400ms",
+                "--max-restarts",
+                "2",
+                "--backoff-initial",
+                "5ms",
+            ],
+            "sleep 5 & exec sleep 0.1",
+        ),
+        END,
+    );
+    assert_eq!(status.code(), Some(3), "{stderr}");
 }

@@ -255,6 +255,11 @@ impl FrameDecoder {
         }
         let payload = buf[HEADER_LEN..HEADER_LEN + len].to_vec();
         self.start += HEADER_LEN + len;
+        if self.start == self.buf.len() && self.buf.capacity() > SHRINK_ABOVE {
+            // A big frame's buffer is not kept while the worker idles.
+            self.buf = Vec::new();
+            self.start = 0;
+        }
         Ok(Some(Frame {
             has_fd: flags & FLAG_FD != 0,
             control: flags & FLAG_CONTROL != 0,

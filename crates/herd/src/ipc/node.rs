@@ -79,9 +79,7 @@ impl NodeDecoder {
                 self.scanned = self.buf.len();
                 if self.skipping || self.buf.len() - self.start > self.max {
                     // Drop what we have of the long line and skip the rest.
-                    self.buf.clear();
-                    self.start = 0;
-                    self.scanned = 0;
+                    self.release();
                     if !std::mem::replace(&mut self.skipping, true) {
                         return Err(NodeIpcError::TooLong { max: self.max });
                     }
@@ -106,8 +104,24 @@ impl NodeDecoder {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Ok(Some(serde_json::from_slice(line)?));
+            let parsed = serde_json::from_slice(line);
+            if self.start == self.buf.len() {
+                self.release();
+            }
+            return Ok(Some(parsed?));
         }
+    }
+
+    /// Empties the buffer; a big one is freed, not kept for the life of the
+    /// channel (a worker that sent one 60 MB message and went idle).
+    fn release(&mut self) {
+        if self.buf.capacity() > SHRINK_ABOVE {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        self.start = 0;
+        self.scanned = 0;
     }
 
     /// Call at end of stream: an unfinished message is an error.
@@ -149,6 +163,10 @@ pub enum ClusterMessage {
         udp: bool,
         /// `listen({fd})`: a descriptor the worker names.
         fd: Option<i32>,
+        /// How many servers this worker asked for the same address before
+        /// (Node's `index`): a second `listen(0)` in one worker wants a new
+        /// port, a second `listen(8000)` an `EADDRINUSE`.
+        index: u64,
     },
     /// `{act: 'listening'}`: the worker's server is listening.
     Listening {
@@ -200,6 +218,7 @@ impl ClusterMessage {
                         .and_then(|v| v.as_i64())
                         .and_then(|fd| i32::try_from(fd).ok())
                         .filter(|fd| *fd >= 0),
+                    index: u64_of("index").unwrap_or(0),
                 },
                 None => ClusterMessage::Other,
             },
@@ -338,6 +357,21 @@ mod tests {
     }
 
     #[test]
+    fn a_big_message_s_buffer_is_released_once_decoded() {
+        let mut d = NodeDecoder::default();
+        let mut line = vec![b'"'];
+        line.extend(std::iter::repeat_n(b'a', 4 << 20));
+        line.extend(b"\"\n");
+        d.push(&line);
+        assert!(d.next_message().unwrap().is_some());
+        assert!(
+            d.buf.capacity() <= SHRINK_ABOVE,
+            "an idle worker's decoder keeps {} bytes",
+            d.buf.capacity()
+        );
+    }
+
+    #[test]
     fn parses_what_nodes_cluster_worker_sends() {
         let parse = |v: serde_json::Value| ClusterMessage::parse(&v);
         assert_eq!(parse(json!("ready")), None);
@@ -356,7 +390,8 @@ mod tests {
                 address: Some("127.0.0.1".into()),
                 port: Some(8000),
                 udp: false,
-                fd: None
+                fd: None,
+                index: 0
             })
         );
         assert_eq!(
@@ -369,7 +404,8 @@ mod tests {
                 address: None,
                 port: None,
                 udp: false,
-                fd: Some(3)
+                fd: Some(3),
+                index: 0
             })
         );
         assert_eq!(

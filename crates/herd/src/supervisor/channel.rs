@@ -69,6 +69,7 @@ pub(super) struct NodeQuery {
     pub(super) port: Option<u16>,
     pub(super) udp: bool,
     pub(super) fd: Option<i32>,
+    pub(super) index: u64,
 }
 
 /// A wire format as the supervisor reads it: bytes in, channel events out.
@@ -113,12 +114,14 @@ impl WireDecoder for NodeDecoder {
                     port,
                     udp,
                     fd,
+                    index,
                 } => ChannelEvent::NodeQuery(NodeQuery {
                     seq,
                     address,
                     port,
                     udp,
                     fd,
+                    index,
                 }),
                 ClusterMessage::Close { key } => ChannelEvent::NodeClose { key },
                 ClusterMessage::Listening { address, port } => {

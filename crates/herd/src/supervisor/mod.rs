@@ -15,7 +15,7 @@
 //! tasks; [`sockets`] answers workers' requests for sockets and runs
 //! round-robin (acceptors and handing connections over).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -38,7 +38,7 @@ use crate::config::{signal_name, ClusterConfig, Containment, CrashLoopAction, Re
 use crate::events::EventSender;
 use crate::ipc::frame::FrameDecoder;
 use crate::ipc::node::{self, NodeDecoder};
-use crate::output::{OutputSink, Stream};
+use crate::output::{OutputSink, Stream, Tail};
 use crate::round_robin::RoundRobin;
 use crate::socket::Listeners;
 use crate::spawn::{argv_cstrings, env_entry};
@@ -75,6 +75,10 @@ enum SlotState {
         skipped: u64,
         /// Its own cgroup, when workers are contained by cgroups.
         cgroup: Option<std::path::PathBuf>,
+        /// Its requests for sockets that were refused; the first is logged
+        /// as a warning, the rest at debug level (a worker must not flood
+        /// herd's log).
+        refusals: u64,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -171,8 +175,22 @@ const SPAWN_RETRY_MIN: Duration = Duration::from_millis(100);
 
 enum Phase {
     Running,
-    Stopping { kill_at: Instant, outcome: Outcome },
+    Stopping {
+        /// When what is left gets SIGKILL.
+        kill_at: Instant,
+        outcome: Outcome,
+        /// SIGKILL was sent (the stop timeout passed, or a second signal).
+        killed: bool,
+        /// When Node cluster workers get Node's `disconnect` (see
+        /// `release_node_workers`); `None` once sent or for other workers.
+        release_at: Option<Instant>,
+    },
 }
+
+/// How long Node workers get to run their SIGTERM handler before Node's
+/// `disconnect` may end their event loop (it would skip a handler still
+/// queued: Node's signal handles do not keep the loop alive).
+const NODE_RELEASE_DELAY: Duration = Duration::from_secs(1);
 
 struct Exit {
     slot: usize,
@@ -180,6 +198,8 @@ struct Exit {
     status: std::io::Result<ExitStatus>,
     /// The last lines it wrote to stderr.
     stderr: Vec<String>,
+    /// When it exited (the report may come a little later).
+    at: Instant,
 }
 
 /// A worker just spawned, before it is installed in its slot.
@@ -190,14 +210,22 @@ struct NewWorker {
     channel: Option<mpsc::UnboundedSender<Outgoing>>,
     /// Completes when its channel reader has passed on everything.
     reader: Option<oneshot::Receiver<()>>,
-    /// Its stderr forwarder, which returns the last lines.
-    stderr: Option<tokio::task::JoinHandle<Vec<String>>>,
+    /// Its last stderr lines, and the forwarder's end.
+    stderr: Option<(Tail, oneshot::Receiver<()>)>,
     /// Its cgroup, if it has one.
     cgroup: Option<std::path::PathBuf>,
 }
 
 /// How long an exit waits for the channel reader to reach EOF.
 const READER_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a finished cluster waits for the workers' output to drain, and
+/// then for it to be written.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// How long an exit waits for the worker's stderr to reach EOF, for its
+/// last lines (a descendant holding the pipe must not delay the restart).
+const TAIL_GRACE: Duration = Duration::from_millis(100);
 
 struct Guardian {
     child: tokio::process::Child,
@@ -210,6 +238,9 @@ pub(crate) struct Supervisor {
     slots: Vec<Slot>,
     phase: Phase,
     exits: JoinSet<Exit>,
+    /// The tasks forwarding workers' stdout and stderr: the cluster ends
+    /// only once they drained what the workers wrote (bounded).
+    forwarders: JoinSet<()>,
     output: OutputSink,
     guardian: Option<Guardian>,
     marker: String,
@@ -220,6 +251,10 @@ pub(crate) struct Supervisor {
     /// Bounded: a flooding worker waits, the primary does not grow.
     channel_tx: mpsc::Sender<Batch>,
     channel_rx: mpsc::Receiver<Batch>,
+    /// Batches waiting for room in the event queue, oldest first: the first
+    /// stopped at a message the queue had no room for. Nothing more is taken
+    /// from `channel_rx` until it is empty (messages are back-pressured).
+    backlog: VecDeque<(usize, u32, VecDeque<ChannelEvent>)>,
     /// Requests from the ClusterHandle.
     commands: mpsc::UnboundedReceiver<Command>,
     /// What the library user sees; bounded, sends never block.
@@ -260,6 +295,10 @@ pub(crate) struct Supervisor {
 /// The most queued channel events or commands handled per select round.
 const BATCH: usize = 256;
 
+/// The most batches held back for room in the event queue; past it the
+/// oldest are handled anyway (their messages dropped and counted).
+const MAX_BACKLOG: usize = 1024;
+
 impl Supervisor {
     pub(crate) fn new(
         cluster: Cluster,
@@ -267,6 +306,7 @@ impl Supervisor {
         events: EventSender,
     ) -> Result<Self, Error> {
         let (config, listeners) = cluster.into_parts();
+        sys::ignore_stray_signals();
         // Each worker costs herd a few descriptors (pipes, its channel):
         // take the hard limit, as Go's runtime does; workers get back the
         // soft limit herd was started with.
@@ -319,6 +359,7 @@ impl Supervisor {
             slots,
             phase: Phase::Running,
             exits: JoinSet::new(),
+            forwarders: JoinSet::new(),
             output,
             guardian: None,
             marker,
@@ -336,6 +377,7 @@ impl Supervisor {
             rr_keys: Vec::new(),
             node_seq: 0,
             node_ids: 0,
+            backlog: VecDeque::new(),
             served: false,
             fatal: None,
             remnants: Vec::new(),
@@ -387,6 +429,9 @@ impl Supervisor {
             ),
         }
         for slot in 0..self.slots.len() {
+            if !matches!(self.phase, Phase::Running) {
+                break; // the command cannot run: one error, not one per slot
+            }
             self.spawn(slot);
         }
 
@@ -396,7 +441,14 @@ impl Supervisor {
                 if let Some(c) = self.cgroups.take() {
                     c.remove();
                 }
-                crate::output::flush(Duration::from_secs(1)).await;
+                // What the workers wrote before they exited is still in
+                // their pipes or queued: drain it (bounded: a descendant may
+                // hold a pipe open, herd's output may be stalled).
+                let _ = tokio::time::timeout(OUTPUT_DRAIN, async {
+                    while self.forwarders.join_next().await.is_some() {}
+                })
+                .await;
+                crate::output::flush(OUTPUT_DRAIN).await;
                 return match self.fatal.take() {
                     Some(e) => Err(e),
                     None => Ok(outcome),
@@ -416,15 +468,19 @@ impl Supervisor {
                 _ = sigalrm.recv() => self.ignore_signal(libc::SIGALRM, "SIGALRM", "it has no meaning to herd"),
                 _ = sigpipe.recv() => self.ignore_signal(libc::SIGPIPE, "SIGPIPE", "a closed pipe is handled where it is written"),
                 _ = sigchld.recv() => self.reap_strays(),
-                Some((slot, pid, batch)) = self.channel_rx.recv() => {
-                    self.on_channel_events(slot, pid, batch);
+                Some((slot, pid, batch)) = self.channel_rx.recv(), if self.backlog.is_empty() => {
+                    let _ = self.on_channel_events(slot, pid, batch.into());
                     // Take what else is queued before going round the select
                     // again: a burst of messages costs one wakeup, not one each.
                     for _ in 0..BATCH {
+                        if !self.backlog.is_empty() {
+                            break;
+                        }
                         let Ok((slot, pid, batch)) = self.channel_rx.try_recv() else { break };
-                        self.on_channel_events(slot, pid, batch);
+                        let _ = self.on_channel_events(slot, pid, batch.into());
                     }
                 }
+                _ = self.events.room(), if !self.backlog.is_empty() => self.work_backlog(),
                 Some(command) = self.commands.recv() => {
                     self.on_command(command);
                     for _ in 0..BATCH {
@@ -437,15 +493,13 @@ impl Supervisor {
                 }
                 Some(joined) = self.exits.join_next() => match joined {
                     Ok(exit) => {
-                        // The reader queued the worker's last messages before
-                        // the exit was reported: handle them first.
-                        while let Ok((slot, pid, batch)) = self.channel_rx.try_recv() {
-                            self.on_channel_events(slot, pid, batch);
-                        }
-                        self.on_exit(exit)
+                        self.flush_channel_of(exit.pid);
+                        self.on_exit(exit);
+                        self.work_backlog();
                     }
                     Err(e) => error!("worker watcher failed: {e}"),
                 },
+                Some(_) = self.forwarders.join_next(), if !self.forwarders.is_empty() => {}
                 status = wait_guardian(&mut self.guardian) => {
                     warn!("orphan guardian exited ({status:?}); starting a new one");
                     self.guardian = None;
@@ -490,7 +544,16 @@ impl Supervisor {
     fn next_deadline(&self) -> Option<Instant> {
         let remnants = self.remnants.iter().map(|r| r.kill_at).min();
         let phase = match &self.phase {
-            Phase::Stopping { kill_at, .. } => Some(*kill_at),
+            Phase::Stopping {
+                kill_at,
+                killed,
+                release_at,
+                ..
+            } => (!killed)
+                .then_some(*kill_at)
+                .into_iter()
+                .chain(*release_at)
+                .min(),
             Phase::Running => self
                 .slots
                 .iter()
@@ -524,7 +587,7 @@ impl Supervisor {
                 return false;
             }
             warn!(
-                "processes of exited worker {} outlived the stop timeout; killing them",
+                "processes left by exited worker {} did not stop in time; killing them",
                 r.pgid
             );
             r.signal(Signal::KILL);
@@ -555,15 +618,23 @@ impl Supervisor {
     fn on_timer(&mut self, now: Instant) {
         self.prune_remnants();
         self.kill_remnants(now);
-        match &self.phase {
-            Phase::Stopping { kill_at, .. } if now >= *kill_at => {
+        if let Phase::Stopping { release_at, .. } = &mut self.phase {
+            if release_at.is_some_and(|at| at <= now) {
+                *release_at = None;
+                self.release_node_workers();
+            }
+        }
+        match self.phase {
+            Phase::Stopping {
+                kill_at,
+                killed: false,
+                ..
+            } if now >= kill_at => {
                 warn!(
                     "stop timeout ({:?}) expired; killing remaining workers",
                     self.config.stop_timeout
                 );
-                self.signal_all(Signal::KILL);
-                // Nothing more to wait for but their exits.
-                self.phase_kill_at(far_future());
+                self.kill_everything(now);
             }
             Phase::Stopping { .. } => {}
             Phase::Running => {
@@ -582,6 +653,7 @@ impl Supervisor {
                 for s in &mut self.slots {
                     if let SlotState::Running {
                         pid,
+                        cgroup,
                         disconnecting: disconnecting @ Some(_),
                         ..
                     } = &mut s.state
@@ -591,7 +663,7 @@ impl Supervisor {
                                 pid = *pid,
                                 "worker {pid} did not exit after disconnect; killing it"
                             );
-                            signal_group(*pid, Signal::KILL);
+                            signal_worker(*pid, cgroup.as_deref(), Signal::KILL);
                             *disconnecting = Some(far_future());
                         }
                     }
@@ -600,10 +672,19 @@ impl Supervisor {
         }
     }
 
-    fn phase_kill_at(&mut self, at: Instant) {
-        if let Phase::Stopping { kill_at, .. } = &mut self.phase {
-            *kill_at = at;
+    /// SIGKILL to every worker and everything left of dead ones: the stop
+    /// timeout passed, or a second stop signal came.
+    fn kill_everything(&mut self, now: Instant) {
+        self.signal_all(Signal::KILL);
+        if let Phase::Stopping { killed, .. } = &mut self.phase {
+            *killed = true;
         }
+        for r in &mut self.remnants {
+            if !r.killed {
+                r.kill_at = now;
+            }
+        }
+        self.kill_remnants(now);
     }
 
     fn on_stop_request(&mut self, name: &str) {
@@ -618,15 +699,22 @@ impl Supervisor {
             }
             Phase::Stopping { .. } => {
                 warn!("{name} received again; killing workers now");
-                self.signal_all(Signal::KILL);
-                self.phase_kill_at(far_future());
+                self.kill_everything(Instant::now());
             }
         }
     }
 
     fn begin_stop(&mut self, outcome: Outcome) {
-        let kill_at = Instant::now() + self.config.stop_timeout;
-        self.phase = Phase::Stopping { kill_at, outcome };
+        let now = Instant::now();
+        let kill_at = now + self.config.stop_timeout;
+        let release_at = (self.config.ipc == Ipc::Node)
+            .then(|| now + NODE_RELEASE_DELAY.min(self.config.stop_timeout / 2));
+        self.phase = Phase::Stopping {
+            kill_at,
+            outcome,
+            killed: false,
+            release_at,
+        };
         for slot in &mut self.slots {
             if let SlotState::Waiting { .. } = slot.state {
                 slot.state = SlotState::Done { succeeded: true };
@@ -637,13 +725,12 @@ impl Supervisor {
             r.kill_at = r.kill_at.min(kill_at);
         }
         self.signal_all(self.config.stop_signal);
-        if self.config.ipc == Ipc::Node {
-            self.release_node_workers();
-        }
     }
 
-    /// On stop, lets Node workers' event loops end: herd's channel would
-    /// keep them alive after their stop handler cleaned up. A cluster worker
+    /// On stop (`NODE_RELEASE_DELAY` after the stop signal, so their
+    /// handlers run first), lets Node workers' event loops end: herd's
+    /// channel would keep them alive after their stop handler cleaned up.
+    /// A cluster worker
     /// (NODE_UNIQUE_ID) gets Node's own `{act: 'disconnect'}`, as Node's
     /// primary sends it (closing its channel instead would make Node's
     /// cluster module exit at once, cutting requests short); any other Node
@@ -683,11 +770,12 @@ impl Supervisor {
         }
     }
 
-    /// Signals every live worker's process group.
+    /// Signals every live worker: its process group, the worker itself (in
+    /// case it left the group) and, for SIGKILL, its whole cgroup.
     fn signal_all(&self, sig: Signal) {
         for slot in &self.slots {
-            if let SlotState::Running { pid, .. } = slot.state {
-                signal_group(pid, sig);
+            if let SlotState::Running { pid, cgroup, .. } = &slot.state {
+                signal_worker(*pid, cgroup.as_deref(), sig);
             }
         }
     }
@@ -696,7 +784,7 @@ impl Supervisor {
         let now = Instant::now();
         match self.try_spawn(slot) {
             Ok(new) => self.install(slot, new),
-            Err(SpawnError::Exec(e)) if !self.has_served(now) => {
+            Err(SpawnError::Exec(e)) if !self.has_served(now, None) => {
                 // The command cannot run at all: an error, not a crash loop.
                 error!(slot, "{e}");
                 self.slots[slot].state = SlotState::Done { succeeded: false };
@@ -722,10 +810,11 @@ impl Supervisor {
 
     /// Whether a worker has ever started successfully, counting live
     /// workers that have been up for `min_uptime` or said they are ready.
-    fn has_served(&self, now: Instant) -> bool {
+    /// `except`: a slot whose worker is not to count (it has just died).
+    fn has_served(&self, now: Instant, except: Option<usize>) -> bool {
         self.served
-            || self.slots.iter().any(|s| match s.state {
-                SlotState::Running { started, ready, .. } => {
+            || self.slots.iter().enumerate().any(|(i, s)| match s.state {
+                SlotState::Running { started, ready, .. } if Some(i) != except => {
                     ready || now - started >= self.config.min_uptime
                 }
                 _ => false,
@@ -760,26 +849,27 @@ impl Supervisor {
             disconnecting: None,
             skipped: 0,
             cgroup,
+            refusals: 0,
         };
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
             let mut child = child;
             let status = child.wait().await;
+            let at = Instant::now();
             // Report the exit only once the channel reader has passed on
             // everything the worker sent before it died (a result written
             // just before exit must not be lost). The bound covers a
             // descendant that kept the channel open.
-            let grace = tokio::time::sleep(READER_GRACE);
-            tokio::pin!(grace);
             if let Some(reader) = reader {
-                let _ = tokio::time::timeout_at(grace.deadline(), reader).await;
+                let _ = tokio::time::timeout(READER_GRACE, reader).await;
             }
+            // Its last stderr lines, for an error report: what is there once
+            // the pipe is drained, or shortly (a descendant may hold it).
             let stderr = match stderr {
-                Some(tail) => tokio::time::timeout_at(grace.deadline(), tail)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default(),
+                Some((tail, eof)) => {
+                    let _ = tokio::time::timeout(TAIL_GRACE, eof).await;
+                    tail.lines()
+                }
                 None => Vec::new(),
             };
             Exit {
@@ -787,6 +877,7 @@ impl Supervisor {
                 pid,
                 status,
                 stderr,
+                at,
             }
         });
     }
@@ -931,18 +1022,22 @@ impl Supervisor {
         let pid = child.id().unwrap_or(0);
         let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read)?;
         let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_read)?;
-        tokio::spawn(
+        self.forwarders.spawn(
             self.output
                 .clone()
-                .forward(out, Stream::Stdout, slot, pid, 0),
+                .forward(out, Stream::Stdout, slot, pid, None),
         );
-        let stderr = Some(tokio::spawn(self.output.clone().forward(
-            err,
-            Stream::Stderr,
-            slot,
-            pid,
-            crate::output::TAIL_LINES,
-        )));
+        let tail = Tail::default();
+        let (stderr_done, stderr_eof) = oneshot::channel::<()>();
+        let forward =
+            self.output
+                .clone()
+                .forward(err, Stream::Stderr, slot, pid, Some(tail.clone()));
+        self.forwarders.spawn(async move {
+            forward.await;
+            drop(stderr_done);
+        });
+        let stderr = Some((tail, stderr_eof));
         let mut reader = None;
         let channel = match ipc {
             Some((ours, theirs)) => {
@@ -974,8 +1069,64 @@ impl Supervisor {
         })
     }
 
-    fn on_channel_events(&mut self, slot: usize, from: u32, batch: Vec<ChannelEvent>) {
-        for event in batch {
+    /// Handles one read's events in order. A message the event queue has no
+    /// room for puts the rest of the batch at the front of the backlog:
+    /// messages are back-pressured, never dropped while the program reads.
+    /// Returns whether it stopped so.
+    fn on_channel_events(
+        &mut self,
+        slot: usize,
+        from: u32,
+        mut batch: VecDeque<ChannelEvent>,
+    ) -> bool {
+        while let Some(event) = batch.pop_front() {
+            if let ChannelEvent::Message(m) = &event {
+                if !self.events.has_room(m.bytes().len()) {
+                    batch.push_front(event);
+                    self.backlog.push_front((slot, from, batch));
+                    return true;
+                }
+            }
+            self.on_channel_event(slot, from, event);
+        }
+        false
+    }
+
+    /// Handles backlogged batches, oldest first, while the event queue has room.
+    fn work_backlog(&mut self) {
+        while let Some((slot, pid, batch)) = self.backlog.pop_front() {
+            if self.on_channel_events(slot, pid, batch) {
+                break; // no room again
+            }
+        }
+    }
+
+    /// Before worker `pid`'s exit is handled: everything it sent (its reader
+    /// queued it before the exit was reported) is handled first, even into
+    /// a full event queue — dropped and counted there, since an exit never
+    /// waits for the program to read. Other workers' batches keep their
+    /// order in the backlog, which stays bounded.
+    fn flush_channel_of(&mut self, pid: u32) {
+        while let Ok(batch) = self.channel_rx.try_recv() {
+            let (slot, from, events) = batch;
+            self.backlog.push_back((slot, from, events.into()));
+        }
+        let (mine, others): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.backlog)
+            .into_iter()
+            .partition(|(_, from, _)| *from == pid);
+        self.backlog = others;
+        for (slot, from, events) in mine {
+            self.force_events(slot, from, events);
+        }
+        while self.backlog.len() > MAX_BACKLOG {
+            let (slot, from, events) = self.backlog.pop_front().expect("not empty");
+            self.force_events(slot, from, events);
+        }
+    }
+
+    /// Handles a batch whether or not the event queue has room.
+    fn force_events(&mut self, slot: usize, from: u32, events: VecDeque<ChannelEvent>) {
+        for event in events {
             self.on_channel_event(slot, from, event);
         }
     }
@@ -1114,7 +1265,7 @@ impl Supervisor {
                     self.slots.get(slot).map(|s| &s.state)
                 {
                     if pid.is_none_or(|pid| pid == *p) {
-                        signal_group(*p, signal);
+                        signal_worker(*p, None, signal);
                     }
                 }
             }
@@ -1166,7 +1317,7 @@ impl Supervisor {
             }
             _ => {
                 self.close_channel(slot, pid);
-                signal_group(pid, stop_signal);
+                signal_worker(pid, None, stop_signal);
             }
         }
     }
@@ -1203,6 +1354,7 @@ impl Supervisor {
             pid,
             status,
             stderr,
+            at,
         } = exit;
         let cgroup = match &mut self.slots[slot].state {
             SlotState::Running { pid: p, cgroup, .. } if *p == pid => cgroup.take(),
@@ -1234,7 +1386,12 @@ impl Supervisor {
                 ready,
                 skipped,
                 ..
-            } if p == pid => (now - started, disconnecting.is_some(), ready, skipped),
+            } if p == pid => (
+                at.saturating_duration_since(started),
+                disconnecting.is_some(),
+                ready,
+                skipped,
+            ),
             _ => {
                 debug!(slot, pid, "exit of a worker no longer tracked");
                 return;
@@ -1244,9 +1401,12 @@ impl Supervisor {
             info!(slot, pid, "worker {pid} had {skipped} IPC messages skipped");
         }
         let how = describe(&status);
-        // Up long enough (or ready): it started successfully, and its death
-        // is not a crash-loop strike (an OOM kill, an operator's kill -9).
-        let healthy = ready || uptime >= self.config.min_uptime;
+        // Up long enough (or ready) and ended from outside (an OOM kill, an
+        // operator's kill -9) or cleanly: it started successfully, and its
+        // death is no crash-loop strike. A worker that fails by itself (a
+        // non-zero exit, a crash signal) is a strike whatever its uptime, so
+        // an app that fails a while after starting still backs off.
+        let healthy = (ready || uptime >= self.config.min_uptime) && !failed_by_itself(&status);
         if healthy {
             self.served = true;
         }
@@ -1297,6 +1457,8 @@ impl Supervisor {
     /// replacement.
     fn contain_remnants(&mut self, pid: u32, cgroup: Option<std::path::PathBuf>) {
         let kill_at = match self.phase {
+            // Past the stop timeout: SIGKILL at once.
+            Phase::Stopping { killed: true, .. } => Instant::now(),
             Phase::Stopping { kill_at, .. } => kill_at,
             Phase::Running => Instant::now() + self.config.stop_timeout,
         };
@@ -1345,14 +1507,14 @@ impl Supervisor {
             if looping && !s.failed {
                 error!(
                     slot,
-                    "CRASH LOOP: slot {slot} failed more than {} times within {:?}, each time within {:?} of starting",
+                    "CRASH LOOP: slot {slot} failed more than {} times within {:?}",
                     self.config.max_restarts,
-                    self.config.within,
-                    self.config.min_uptime
+                    self.config.within
                 );
                 if self.config.on_crash_loop == CrashLoopAction::Exit {
                     s.state = SlotState::Done { succeeded: false };
-                    self.begin_stop(Outcome::CrashLoop { slot });
+                    let (exit, stderr) = s.last_exit.clone().unwrap_or_default();
+                    self.begin_stop(Outcome::CrashLoop { slot, exit, stderr });
                     return;
                 }
                 s.failed = true;
@@ -1386,7 +1548,8 @@ impl Supervisor {
     /// crash loop stops (gunicorn's "worker failed to boot") instead of
     /// holding a dead port open. Returns whether it did.
     fn gave_up_booting(&mut self, slot: usize, now: Instant) -> bool {
-        if self.has_served(now) {
+        // The slot's own worker has just died: it proves nothing.
+        if self.has_served(now, Some(slot)) {
             return false;
         }
         let all_failed = self.slots.iter().enumerate().all(|(i, s)| {
@@ -1485,6 +1648,18 @@ fn group_alive(pgid: u32) -> bool {
     }
 }
 
+/// Signals a worker: its process group, itself (a worker may leave its
+/// group), and for SIGKILL everything in its cgroup.
+fn signal_worker(pid: u32, cgroup: Option<&std::path::Path>, sig: Signal) {
+    signal_group(pid, sig);
+    if let Some(p) = Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+    if let (Some(dir), Signal::KILL) = (cgroup, sig) {
+        tree::kill(dir);
+    }
+}
+
 fn signal_group(pid: u32, sig: Signal) {
     if let Some(p) = Pid::from_raw(pid as i32) {
         // The group may be gone already (the worker exited); that is fine.
@@ -1509,6 +1684,30 @@ fn children_of_self() -> Vec<u32> {
     out
 }
 
+/// Whether a worker's end was its own failure: a non-zero exit status, or a
+/// signal a process raises on itself when it crashes (as opposed to SIGKILL
+/// or SIGTERM from an OOM killer or an operator).
+fn failed_by_itself(status: &std::io::Result<ExitStatus>) -> bool {
+    match status {
+        Ok(s) => {
+            s.code().is_some_and(|c| c != 0)
+                || s.signal().is_some_and(|sig| {
+                    matches!(
+                        sig,
+                        libc::SIGSEGV
+                            | libc::SIGBUS
+                            | libc::SIGABRT
+                            | libc::SIGILL
+                            | libc::SIGFPE
+                            | libc::SIGSYS
+                            | libc::SIGTRAP
+                    )
+                })
+        }
+        Err(_) => false,
+    }
+}
+
 /// Names what a failed `execve` of `program` means, in words.
 fn exec_error(program: &std::path::Path, errno: i32) -> ExecError {
     let path = program.display().to_string();
@@ -1519,14 +1718,27 @@ fn exec_error(program: &std::path::Path, errno: i32) -> ExecError {
         let n = f.take(256).read(&mut buf).ok()?;
         Some(buf[..n].to_vec())
     });
-    let interpreter = head.as_deref().and_then(|h| {
-        let line = h.strip_prefix(b"#!")?;
-        let line = line.split(|b| *b == b'\n').next()?;
-        let text = String::from_utf8_lossy(line);
-        text.split_whitespace().next().map(str::to_string)
-    });
+    let shebang = head
+        .as_deref()
+        .and_then(|h| h.strip_prefix(b"#!"))
+        .map(|line| {
+            let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
+            String::from_utf8_lossy(line).into_owned()
+        });
+    let interpreter = shebang
+        .as_deref()
+        .and_then(|l| l.split([' ', '\t']).find(|t| !t.is_empty()))
+        .map(str::to_string);
     let reason = match (errno, interpreter) {
+        (libc::ENOENT, Some(interp)) if interp.ends_with('\r') => format!(
+            "interpreter {:?} not found: its #! line ends in a carriage return (a file saved \
+             with CRLF line endings)",
+            interp
+        ),
         (libc::ENOENT, Some(interp)) => format!("interpreter {interp} not found (its #! line)"),
+        (libc::ENOEXEC, None) if shebang.is_some() => {
+            "its #! line names no interpreter".to_string()
+        }
         (libc::ENOENT, None) => "file not found".to_string(),
         (libc::EACCES, Some(interp)) => {
             format!("permission denied (the file or its interpreter {interp})")

@@ -26,12 +26,19 @@ use crate::{sys, Error};
 pub(super) struct OnDemand {
     /// The spec text as the first worker sent it.
     text: String,
+    /// Node's `index` of the request (0 for herd workers): workers share a
+    /// socket they ask for with the same text and index.
+    nth: u64,
     listeners: Listeners,
     /// The workers (pids) that were given it and have not let go.
     holders: std::collections::HashSet<u32>,
     /// The acceptor task, under round-robin (it holds a copy of the socket).
     acceptor: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// The most sockets herd binds on the requests of one worker (a worker
+/// asking for thousands must not use up the primary's descriptors).
+const MAX_SOCKETS_PER_WORKER: usize = 256;
 
 /// How a worker's request for a socket is answered.
 pub(super) enum SocketReply {
@@ -53,7 +60,7 @@ impl Supervisor {
         let Some(tx) = self.channel_of(slot, from) else {
             return;
         };
-        let reply = match self.socket_for(slot, from, spec, false) {
+        let reply = match self.socket_for(slot, from, spec, 0, false) {
             Ok(SocketReply::Socket { fd, address }) => {
                 self.report_listening(slot, from, &address);
                 Outgoing::Frame {
@@ -72,11 +79,19 @@ impl Supervisor {
                 }
             }
             Err((error, _)) => {
-                warn!(
-                    slot,
-                    pid = from,
-                    "worker {from} cannot listen on {spec}: {error}"
-                );
+                if self.first_refusal(slot) {
+                    warn!(
+                        slot,
+                        pid = from,
+                        "worker {from} cannot listen on {spec}: {error} (further refusals are logged at debug level)"
+                    );
+                } else {
+                    debug!(
+                        slot,
+                        pid = from,
+                        "worker {from} cannot listen on {spec}: {error}"
+                    );
+                }
                 Outgoing::Frame {
                     bytes: encode_control(&Control::ListenFailed { seq, error }, false),
                     fd: None,
@@ -95,7 +110,7 @@ impl Supervisor {
         };
         let seq = query.seq;
         let answer = match self.node_spec(&query) {
-            Ok(spec) => self.socket_for(slot, from, &spec, true),
+            Ok(spec) => self.socket_for(slot, from, &spec, query.index, true),
             Err(e) => Err(e),
         };
         let mut fields = serde_json::Map::new();
@@ -154,11 +169,19 @@ impl Supervisor {
                 }
             }
             Err((error, errno)) => {
-                warn!(
-                    slot,
-                    pid = from,
-                    "node worker {from} cannot listen: {error}"
-                );
+                if self.first_refusal(slot) {
+                    warn!(
+                        slot,
+                        pid = from,
+                        "node worker {from} cannot listen: {error} (further refusals are logged at debug level)"
+                    );
+                } else {
+                    debug!(
+                        slot,
+                        pid = from,
+                        "node worker {from} cannot listen: {error}"
+                    );
+                }
                 fields.insert("key".into(), "".into());
                 fields.insert("errno".into(), (-errno).into());
                 Outgoing::Frame {
@@ -211,6 +234,17 @@ impl Supervisor {
             ListenAddress::Udp(a) => udp && a.port == port,
             ListenAddress::Unix(_) => false,
         })
+    }
+
+    /// Counts a refused socket request of the worker in `slot`; true for its first.
+    fn first_refusal(&mut self, slot: usize) -> bool {
+        match &mut self.slots[slot].state {
+            SlotState::Running { refusals, .. } => {
+                *refusals += 1;
+                *refusals == 1
+            }
+            _ => true,
+        }
     }
 
     pub(super) fn next_node_seq(&mut self) -> u64 {
@@ -267,11 +301,18 @@ impl Supervisor {
     /// the same address, or a new one (bound once and kept). `round_robin`:
     /// the asker can serve connections handed over one by one (a Node
     /// worker); otherwise a new socket under round-robin balance is shared.
+    ///
+    /// `nth` is Node's `index`: its count of earlier requests for the same address by
+    /// the same worker: a worker's second server on an address it already
+    /// serves gets its own socket (a new port for `:0`) or `EADDRINUSE`, as
+    /// under Node's primary, never the same socket twice (Node's cluster
+    /// module asserts on that, uncatchably).
     pub(super) fn socket_for(
         &mut self,
         slot: usize,
         pid: u32,
         text: &str,
+        nth: u64,
         round_robin: bool,
     ) -> Result<SocketReply, (String, i32)> {
         let spec: ListenSpec = text
@@ -290,10 +331,34 @@ impl Supervisor {
                     .iter()
                     .position(|s| s.address == spec.address)
             });
+        if configured.is_some() && nth > 0 {
+            return Err((
+                format!("{text} is already served by this worker"),
+                libc::EADDRINUSE,
+            ));
+        }
         let earlier = self.on_demand.iter().position(|d| {
-            d.as_ref()
-                .is_some_and(|d| d.text == text || d.listeners.specs()[0].address == spec.address)
+            d.as_ref().is_some_and(|d| {
+                d.nth == nth && (d.text == text || d.listeners.specs()[0].address == spec.address)
+            })
         });
+        if configured.is_none() && earlier.is_none() {
+            let held = self
+                .on_demand
+                .iter()
+                .flatten()
+                .filter(|d| d.holders.contains(&pid))
+                .count();
+            if held >= MAX_SOCKETS_PER_WORKER {
+                return Err((
+                    format!(
+                        "worker {pid} already holds {held} sockets bound on its request, \
+                         the most herd binds for one worker"
+                    ),
+                    libc::EMFILE,
+                ));
+            }
+        }
         let configured_count = self.listeners.specs().len();
         let (id, listeners, index) = match (configured, earlier) {
             (Some(i), _) => (i, &self.listeners, i),
@@ -330,6 +395,7 @@ impl Supervisor {
                 debug!("bound {} on request of worker {pid}", bound.specs()[0]);
                 self.on_demand[k] = Some(OnDemand {
                     text: text.to_string(),
+                    nth,
                     listeners: bound,
                     holders: [pid].into(),
                     acceptor,
