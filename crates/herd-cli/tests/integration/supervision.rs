@@ -415,8 +415,9 @@ fn zero_min_uptime_does_not_spin() {
 }
 
 /// A worker's uptime ends when it exits, not when herd hears of it: a
-/// worker whose child still holds its output dies fast and counts as fast.
-/// (Before: its exit was seen ~500 ms late and counted as a healthy run.)
+/// worker whose child still holds its IPC channel (herd waits up to 500 ms
+/// for the channel's last messages) dies fast and counts as fast. (Before:
+/// its exit was seen ~500 ms late and counted as a healthy run.)
 #[test]
 fn uptime_is_measured_to_the_exit_not_to_the_report() {
     let (status, stderr) = run_to_end(
@@ -430,6 +431,8 @@ fn uptime_is_measured_to_the_exit_not_to_the_report() {
                 "2",
                 "--backoff-initial",
                 "5ms",
+                "--node-ipc",
+                "on",
             ],
             "sleep 5 & exec sleep 0.1",
         ),
