@@ -44,16 +44,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints one line on stderr and returns `status`. A closed or broken
-/// stderr loses the line, never panics.
+/// Whether herd's lines are JSON objects (`--log-format json`): then so is
+/// its last word, for the log shipper reading them.
+static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Prints one line on stderr (`herd: …`, or a JSON object under
+/// `--log-format json`) and returns `status`. A closed or broken stderr
+/// loses the line, never panics.
 fn fail(status: u8, message: &str) -> ExitCode {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "herd: {message}");
+    let line = if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+        serde_json::json!({"level": "ERROR", "message": message, "exit_status": status}).to_string()
+    } else {
+        format!("herd: {message}")
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
     ExitCode::from(status)
 }
 
 fn run(args: RunArgs) -> ExitCode {
     init_tracing(args.log_format);
+    if matches!(args.log_format, LogFormatArg::Json) {
+        JSON_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let argv = if args.command.is_empty() {
         // The built-in hello-world server: this very binary in worker role.
         let exe = match std::env::current_exe() {

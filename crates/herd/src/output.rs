@@ -88,6 +88,9 @@ struct Writer {
     /// Set when a reader waited [`STALL`] for room; cleared by the writer
     /// thread after each write that gets through.
     blocked: AtomicBool,
+    /// Set when a write failed (the reader of herd's stream is gone), for
+    /// the wording of the drop report; cleared by a write that gets through.
+    closed: AtomicBool,
     terminal: bool,
 }
 
@@ -117,6 +120,7 @@ impl Writer {
             tx,
             dropped: AtomicU64::new(0),
             blocked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             terminal,
         }
     }
@@ -165,7 +169,7 @@ fn write_loop(stream: Stream, mut rx: mpsc::Receiver<Item>) {
         };
         let dropped = me.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            let notice = dropped_notice(dropped, stream);
+            let notice = dropped_notice(dropped, stream, me.closed.load(Ordering::Relaxed));
             if out.write_all(notice.as_bytes()).is_err() {
                 me.dropped.fetch_add(dropped, Ordering::Relaxed);
             }
@@ -173,18 +177,25 @@ fn write_loop(stream: Stream, mut rx: mpsc::Receiver<Item>) {
         // A closed or broken stream must not take the cluster down: count
         // the line and go on.
         match out.write_all(&line).and_then(|()| out.flush()) {
-            Ok(()) => me.blocked.store(false, Ordering::Relaxed),
-            Err(_) => me.count_drop(),
+            Ok(()) => {
+                me.blocked.store(false, Ordering::Relaxed);
+                me.closed.store(false, Ordering::Relaxed);
+            }
+            Err(_) => {
+                me.closed.store(true, Ordering::Relaxed);
+                me.count_drop();
+            }
         }
     }
 }
 
-fn dropped_notice(n: u64, stream: Stream) -> String {
+fn dropped_notice(n: u64, stream: Stream, closed: bool) -> String {
     format!(
-        "herd: {} line{} dropped while {} was blocked\n",
+        "herd: {} line{} dropped while {} was {}\n",
         thousands(n),
         if n == 1 { "" } else { "s" },
-        stream.name()
+        stream.name(),
+        if closed { "closed" } else { "blocked" }
     )
 }
 
@@ -225,7 +236,8 @@ pub async fn flush(timeout: Duration) {
         let unwritten = (w.tx.max_capacity() - w.tx.capacity()) as u64;
         let n = w.dropped.swap(0, Ordering::Relaxed) + unwritten;
         if n > 0 {
-            err.try_line(dropped_notice(n, stream).into_bytes());
+            let closed = w.closed.load(Ordering::Relaxed);
+            err.try_line(dropped_notice(n, stream, closed).into_bytes());
         }
     }
     let (done, wait) = oneshot::channel();
@@ -419,8 +431,12 @@ mod tests {
         assert_eq!(thousands(4211), "4,211");
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(
-            dropped_notice(1, Stream::Stdout),
+            dropped_notice(1, Stream::Stdout, false),
             "herd: 1 line dropped while stdout was blocked\n"
+        );
+        assert_eq!(
+            dropped_notice(2, Stream::Stderr, true),
+            "herd: 2 lines dropped while stderr was closed\n"
         );
     }
 

@@ -177,7 +177,7 @@ fn lines_lost_to_a_closed_stdout_are_counted_and_reported() {
     assert_eq!(herd.wait(Duration::from_secs(20)).code(), Some(0));
     std::thread::sleep(Duration::from_millis(100));
     let report = herd.stderr.wait_for("the drop report", STARTUP, |l| {
-        l.starts_with("herd: ") && l.contains("dropped while stdout was blocked")
+        l.starts_with("herd: ") && l.contains("dropped while stdout was closed")
     });
     let n: u64 = report["herd: ".len()..]
         .split(' ')

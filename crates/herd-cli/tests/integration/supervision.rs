@@ -440,3 +440,28 @@ fn uptime_is_measured_to_the_exit_not_to_the_report() {
     );
     assert_eq!(status.code(), Some(3), "{stderr}");
 }
+
+/// Under `--log-format json` herd's last word is a JSON object too, for the
+/// log shipper that reads its lines.
+#[test]
+fn the_final_error_is_json_under_json_logs() {
+    let (status, stderr) = run_to_end(
+        run_args(&["-w", "1", "--log-format", "json"], "exit 1"),
+        END,
+    );
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).expect(last);
+    assert_eq!(v["level"], "ERROR", "{last}");
+    assert_eq!(v["exit_status"], 3, "{last}");
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("no worker ever started"));
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "{line}"
+        );
+    }
+}
