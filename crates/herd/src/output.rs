@@ -229,14 +229,18 @@ pub async fn flush(timeout: Duration) {
             let _ = tokio::time::timeout_at(deadline, wait).await;
         }
     }
-    let err = writer(Stream::Stderr);
-    for stream in [Stream::Stdout, Stream::Stderr] {
+    // Lines still queued now will not be written before herd exits. Both
+    // counts are taken before either report is queued (a report queued on
+    // stderr is not a lost line).
+    let counts = [Stream::Stdout, Stream::Stderr].map(|stream| {
         let w = writer(stream);
-        // Lines still queued now will not be written before herd exits.
         let unwritten = (w.tx.max_capacity() - w.tx.capacity()) as u64;
         let n = w.dropped.swap(0, Ordering::Relaxed) + unwritten;
+        (stream, n, w.closed.load(Ordering::Relaxed))
+    });
+    let err = writer(Stream::Stderr);
+    for (stream, n, closed) in counts {
         if n > 0 {
-            let closed = w.closed.load(Ordering::Relaxed);
             err.try_line(dropped_notice(n, stream, closed).into_bytes());
         }
     }

@@ -187,6 +187,13 @@ fn lines_lost_to_a_closed_stdout_are_counted_and_reported() {
         .parse()
         .unwrap();
     assert!(n > 1000, "{report}");
+    // Nothing was lost on stderr (the report itself is not a lost line).
+    assert_eq!(
+        herd.stderr.count(|l| l.contains("dropped while stderr")),
+        0,
+        "{}",
+        herd.stderr.all().join("\n")
+    );
 }
 
 /// herd's stderr reader going away does not take the cluster down (no

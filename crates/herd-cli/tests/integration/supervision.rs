@@ -465,3 +465,20 @@ fn the_final_error_is_json_under_json_logs() {
         );
     }
 }
+
+/// Even when every delay is zero and the worker exits 0 at once (so it is
+/// never a strike), a slot starts at most 10 workers a second: no spin.
+#[test]
+fn a_slot_starts_at_most_ten_workers_a_second() {
+    let mut herd = Herd::start(run_args(
+        &["-w", "1", "--min-uptime", "0s", "--backoff-initial", "0ms"],
+        "exit 0",
+    ));
+    herd.nth_spawned(1);
+    std::thread::sleep(Duration::from_millis(2000));
+    let spawned = herd.spawned().len();
+    assert!(spawned <= 35, "{spawned} workers started in about 2 s");
+    assert!(spawned >= 10, "restarts go on: {spawned}");
+    herd.signal("TERM");
+    assert_eq!(herd.wait(END).code(), Some(0));
+}

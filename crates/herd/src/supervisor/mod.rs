@@ -95,6 +95,8 @@ struct Slot {
     failed: bool,
     /// How its last worker ended, and the last lines it wrote to stderr.
     last_exit: Option<(String, Vec<String>)>,
+    /// When its last few workers were started (at most `START_BURST`).
+    starts: VecDeque<Instant>,
 }
 
 impl Slot {
@@ -106,9 +108,32 @@ impl Slot {
             intensity: Intensity::new(config.max_restarts, config.within),
             failed: false,
             last_exit: None,
+            starts: VecDeque::new(),
         }
     }
+
+    /// The earliest a new worker may start: whatever the policy says (even
+    /// with every delay set to zero), a slot starts at most `START_BURST`
+    /// workers a second, so a worker that exits at once cannot make herd spin.
+    fn may_start_at(&self, now: Instant) -> Instant {
+        match self.starts.front() {
+            Some(first) if self.starts.len() >= START_BURST => (*first + START_WINDOW).max(now),
+            _ => now,
+        }
+    }
+
+    fn started(&mut self, now: Instant) {
+        if self.starts.len() >= START_BURST {
+            self.starts.pop_front();
+        }
+        self.starts.push_back(now);
+    }
 }
+
+/// A slot starts at most this many workers…
+const START_BURST: usize = 10;
+/// …within this window.
+const START_WINDOW: Duration = Duration::from_secs(1);
 
 /// What is left of a dead worker's process group (KillMode=control-group):
 /// it got the stop signal when the worker exited and gets SIGKILL at `kill_at`.
@@ -132,18 +157,22 @@ impl Remnant {
         }
     }
 
+    /// Each process gets `sig` once: through the cgroup, which holds the
+    /// group's members too, or else through the group.
     fn signal(&self, sig: Signal) {
-        signal_group(self.pgid, sig);
-        if let Some(dir) = &self.cgroup {
-            if sig == Signal::KILL {
+        match &self.cgroup {
+            Some(dir) if sig == Signal::KILL => {
                 tree::kill(dir);
-            } else {
+                signal_group(self.pgid, sig);
+            }
+            Some(dir) => {
                 for pid in tree::procs(dir) {
                     if let Some(p) = Pid::from_raw(pid as i32) {
                         let _ = rustix::process::kill_process(p, sig);
                     }
                 }
             }
+            None => signal_group(self.pgid, sig),
         }
     }
 
@@ -823,6 +852,7 @@ impl Supervisor {
 
     /// Makes a freshly spawned worker the slot's own and watches for its exit.
     fn install(&mut self, slot: usize, new: NewWorker) {
+        self.slots[slot].started(Instant::now());
         let NewWorker {
             pid,
             child,
@@ -1534,6 +1564,8 @@ impl Supervisor {
             }
             delay
         };
+        let until = (now + delay).max(self.slots[slot].may_start_at(now));
+        let delay = until - now;
         if !delay.is_zero() {
             info!(
                 slot,
@@ -1541,7 +1573,7 @@ impl Supervisor {
                 "restarting slot {slot} in {delay:?}"
             );
         }
-        self.slots[slot].state = SlotState::Waiting { until: now + delay };
+        self.slots[slot].state = SlotState::Waiting { until };
     }
 
     /// A cluster in which no worker ever started and every slot is in a
@@ -1648,12 +1680,15 @@ fn group_alive(pgid: u32) -> bool {
     }
 }
 
-/// Signals a worker: its process group, itself (a worker may leave its
-/// group), and for SIGKILL everything in its cgroup.
+/// Signals a worker: its process group, and the worker itself if it left
+/// that group (only then: a handler already running must not get the signal
+/// twice); for SIGKILL also everything in its cgroup.
 fn signal_worker(pid: u32, cgroup: Option<&std::path::Path>, sig: Signal) {
     signal_group(pid, sig);
     if let Some(p) = Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, sig);
+        if rustix::process::getpgid(Some(p)).is_ok_and(|g| g != p) {
+            let _ = rustix::process::kill_process(p, sig);
+        }
     }
     if let (Some(dir), Signal::KILL) = (cgroup, sig) {
         tree::kill(dir);
