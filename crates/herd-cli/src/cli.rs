@@ -275,14 +275,30 @@ pub fn report_parse_error(e: clap::Error) -> ExitCode {
             let _ = e.print();
             ExitCode::from(2)
         }
-        _ => {
+        kind => {
+            use clap::error::ContextKind;
+            use std::io::Write;
             let text = e.render().to_string();
             let line = text
                 .lines()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
-            eprintln!("herd: {line} (see herd --help)");
+            // `herd run node server.js`: the worker command goes after `--`.
+            let stray = (kind == ErrorKind::UnknownArgument)
+                .then(|| e.get(ContextKind::InvalidArg))
+                .flatten()
+                .map(|v| v.to_string())
+                .filter(|a| !a.starts_with('-'));
+            let message = match stray {
+                Some(arg) => format!(
+                    "{line}: the worker command goes after --, e.g. herd run -w 2 -- {arg} …"
+                ),
+                None => format!("{line} (see herd --help)"),
+            };
+            // One line, even if a value held a newline.
+            let message = message.replace(['\n', '\r'], " ");
+            let _ = writeln!(std::io::stderr(), "herd: {message}");
             ExitCode::from(2)
         }
     }

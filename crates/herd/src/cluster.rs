@@ -64,6 +64,20 @@ impl Cluster {
                     .into(),
             ));
         }
+        for (i, spec) in config.listen.iter().enumerate() {
+            // `:0` twice is two kernel-chosen ports; anything else twice
+            // would make herd clash with itself ("address in use").
+            let any_port = matches!(
+                &spec.address,
+                crate::ListenAddress::Tcp(a) | crate::ListenAddress::Udp(a) if a.port == 0
+            );
+            if !any_port && config.listen[..i].contains(spec) {
+                return Err(Error::Config(format!(
+                    "-l {spec} is given twice (each listen spec is bound once and shared by \
+                     every worker)"
+                )));
+            }
+        }
         let listeners = Listeners::bind(&config.listen, config.balance, config.workers)?;
         Ok(Cluster { config, listeners })
     }

@@ -46,6 +46,19 @@ fn bad_flags_and_specs_are_one_line_and_status_2() {
     check(&["run", "--restart", "sometimes"], "unknown restart policy");
     check(&["run", "--stop-signal", "SIGNOPE"], "unknown signal");
     check(&["run", "--stop-timeout", "soon"], "invalid duration");
+    // The worker command without `--`: say where it goes.
+    check(
+        &["run", "node", "server.js"],
+        "the worker command goes after --, e.g. herd run -w 2 -- node",
+    );
+    // The same spec twice: herd would clash with itself.
+    // (Refused before anything is bound: no port is used.)
+    check(
+        &["run", "-l", "127.0.0.1:9", "-l", "127.0.0.1:9"],
+        "-l 127.0.0.1:9 is given twice",
+    );
+    // A value with a newline still makes one line.
+    check(&["run", "--stop-timeout", "1\n2"], "invalid duration");
 }
 
 #[test]

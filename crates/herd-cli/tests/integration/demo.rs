@@ -30,7 +30,12 @@ fn default_run_serves_hello_world_from_two_workers() {
 
 #[test]
 fn default_listen_address_is_127_0_0_1_port_8000() {
-    // The only test that uses the fixed default port.
+    // The only test that uses the fixed default port: skipped, saying so,
+    // when something else holds it (the README's demo left running, say).
+    if std::net::TcpListener::bind("127.0.0.1:8000").is_err() {
+        eprintln!("skipped: 127.0.0.1:8000 is in use on this machine");
+        return;
+    }
     let herd = Herd::start(["run", "-w", "1"]);
     assert_eq!(herd.port(), 8000);
     herd.nth_spawned(1);

@@ -646,3 +646,56 @@ const listen = () => new Promise((ok) => {
         .count(|l| l.contains("WARN") && l.contains("cannot listen"));
     assert_eq!(warnings, 1, "{}", herd.stderr.all().join("\n"));
 }
+
+/// herd's `-l` decides where the cluster listens: a worker that names a
+/// host in `listen()` for a configured port gets herd's socket — silently
+/// for a wildcard (Fastify's `host: '0.0.0.0'`), with one warning naming
+/// both addresses for another host — instead of colliding with herd's own
+/// socket and crash-looping.
+#[test]
+fn a_host_in_listen_gets_the_configured_socket() {
+    if node_missing() {
+        return;
+    }
+    for (host, warns) in [("0.0.0.0", false), ("::", false), ("127.0.0.2", true)] {
+        let dir = TempDir::new("listen-host");
+        let app = dir.path().join("app.js");
+        std::fs::write(
+            &app,
+            format!(
+                "require('http').createServer((q, r) => r.end('node ' + process.pid + '\\n'))\
+                 .listen({{ port: +process.env.PORT, host: '{host}' }}, () => console.log('listening'));"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(herd_bin());
+        cmd.args([
+            "run",
+            "-w",
+            "2",
+            "-l",
+            &format!("127.0.0.1:{port}"),
+            "--",
+            "node",
+            app.to_str().unwrap(),
+        ])
+        .env("PORT", port.to_string());
+        let herd = Herd::spawn(cmd);
+        herd.stdout
+            .wait_for_nth("both listening", STARTUP, 2, |l| l.ends_with("] listening"));
+        let resp = http_get(port).expect("served on herd's socket");
+        assert!(body(&resp).starts_with("node "), "{host}: {resp}");
+        let log = herd.stderr.all().join("\n");
+        assert!(!log.contains(" died "), "{host}: {log}");
+        let warnings = herd.stderr.count(|l| l.contains("a worker asked to listen on"));
+        assert_eq!(warnings, usize::from(warns), "{host}: {log}");
+        if warns {
+            let line = herd
+                .stderr
+                .wait_for("the warning", STARTUP, |l| l.contains("asked to listen"));
+            assert!(line.contains(&format!("{host}:{port}")), "{line}");
+            assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+        }
+    }
+}

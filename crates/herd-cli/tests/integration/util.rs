@@ -63,22 +63,32 @@ impl Drop for TempDir {
 
 /// Captured lines of one stream, with a condition variable to wait on.
 #[derive(Clone, Default)]
-pub struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+pub struct Lines(Arc<(Mutex<Captured>, Condvar)>);
+
+/// What a stream delivered so far, and whether it ended.
+#[derive(Default)]
+pub struct Captured {
+    lines: Vec<String>,
+    /// The stream reached EOF: herd exited, no more lines will come.
+    ended: bool,
+}
 
 impl Lines {
     fn capture(self, stream: impl Read + Send + 'static) {
         std::thread::spawn(move || {
+            let (lock, cv) = &*self.0;
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
-                let (lock, cv) = &*self.0;
-                lock.lock().unwrap().push(line);
+                lock.lock().unwrap().lines.push(line);
                 cv.notify_all();
             }
+            lock.lock().unwrap().ended = true;
+            cv.notify_all();
         });
     }
 
     pub fn all(&self) -> Vec<String> {
-        self.0 .0.lock().unwrap().clone()
+        self.0 .0.lock().unwrap().lines.clone()
     }
 
     /// Waits until a line satisfies `pred`; returns it, or panics with all lines.
@@ -86,7 +96,8 @@ impl Lines {
         self.wait_for_nth(what, timeout, 1, pred)
     }
 
-    /// Waits until `n` lines satisfy `pred`; returns the n-th.
+    /// Waits until `n` lines satisfy `pred`; returns the n-th. Fails at
+    /// once, with every line, when the stream ends first (herd exited).
     pub fn wait_for_nth(
         &self,
         what: &str,
@@ -96,24 +107,37 @@ impl Lines {
     ) -> String {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.0;
-        let mut lines = lock.lock().unwrap();
+        let mut captured = lock.lock().unwrap();
         loop {
-            if let Some(l) = lines.iter().filter(|l| pred(l)).nth(n - 1) {
+            if let Some(l) = captured.lines.iter().filter(|l| pred(l)).nth(n - 1) {
                 return l.clone();
+            }
+            if captured.ended {
+                panic!(
+                    "the stream ended (herd exited) before {what}; its lines:\n{}",
+                    captured.lines.join("\n")
+                );
             }
             let now = Instant::now();
             if now >= deadline {
                 panic!(
                     "timed out waiting for {what}; lines so far:\n{}",
-                    lines.join("\n")
+                    captured.lines.join("\n")
                 );
             }
-            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+            captured = cv.wait_timeout(captured, deadline - now).unwrap().0;
         }
     }
 
     pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
-        self.0 .0.lock().unwrap().iter().filter(|l| pred(l)).count()
+        self.0
+             .0
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .filter(|l| pred(l))
+            .count()
     }
 }
 

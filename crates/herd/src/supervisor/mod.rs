@@ -297,6 +297,9 @@ pub(crate) struct Supervisor {
     remnants: Vec<Remnant>,
     /// Signals already logged as ignored (bit per signal number).
     ignored_logged: u64,
+    /// Addresses Node workers asked for that herd answered with a
+    /// configured socket on another host (warned about once each).
+    host_warned: HashSet<String>,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
     /// Where workers' cgroups go, when workers are contained by cgroups.
@@ -411,6 +414,7 @@ impl Supervisor {
             fatal: None,
             remnants: Vec::new(),
             ignored_logged: 0,
+            host_warned: HashSet::new(),
             worker_nofile,
             cgroups,
             no_cgroups,
@@ -1460,12 +1464,21 @@ impl Supervisor {
             self.spawn(slot);
             return;
         }
-        warn!(
-            slot,
-            pid,
-            uptime_ms = uptime.as_millis() as u64,
-            "worker {pid} died ({how})"
-        );
+        if succeeded {
+            info!(
+                slot,
+                pid,
+                uptime_ms = uptime.as_millis() as u64,
+                "worker {pid} exited ({how})"
+            );
+        } else {
+            warn!(
+                slot,
+                pid,
+                uptime_ms = uptime.as_millis() as u64,
+                "worker {pid} died ({how})"
+            );
+        }
         let restart = match self.config.restart {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => !succeeded,

@@ -200,7 +200,13 @@ impl Supervisor {
     /// names the N-3rd socket herd handed the worker; `listen(port)` with no
     /// host is the configured spec with that port, whatever its host, since
     /// herd's `-l` decides where to listen.
-    pub(super) fn node_spec(&self, q: &NodeQuery) -> Result<String, (String, i32)> {
+    ///
+    /// A host in `listen()` does not move the cluster either: a worker asking
+    /// for a configured port gets the configured socket whatever host it
+    /// names — silently for a wildcard (Fastify's `host: '0.0.0.0'`, `'::'`),
+    /// with one warning naming both addresses for a specific other host —
+    /// instead of colliding with herd's own socket and crash-looping.
+    pub(super) fn node_spec(&mut self, q: &NodeQuery) -> Result<String, (String, i32)> {
         if let Some(fd) = q.fd {
             // The sockets handed to workers, in LISTEN_FDS order.
             let handed: Vec<&ListenSpec> = (0..self.listeners.specs().len())
@@ -214,9 +220,22 @@ impl Supervisor {
             };
         }
         let port = q.port.unwrap_or(0);
-        if q.address.is_none() && port != 0 {
+        if port != 0 {
             if let Some(spec) = self.configured_on_port(port, q.udp) {
-                return Ok(spec.to_string());
+                let spec = spec.to_string();
+                let asked = node::host_port(q.address.as_deref(), port);
+                let wildcard = q
+                    .address
+                    .as_deref()
+                    .is_none_or(|h| matches!(h, "" | "0.0.0.0" | "::" | "[::]"));
+                if !wildcard && asked != spec && self.host_warned.insert(asked.clone()) {
+                    warn!(
+                        "a worker asked to listen on {asked}; it gets herd's socket on {spec} \
+                         instead (herd's -l decides where the cluster listens; change -l to \
+                         listen on {asked})"
+                    );
+                }
+                return Ok(spec);
             }
         }
         let address = node::host_port(q.address.as_deref(), port);
@@ -271,6 +290,10 @@ impl Supervisor {
     /// How to name a Node worker's listening server: as it reports it, or,
     /// for one that asked for no host, as the socket herd gave it.
     pub(super) fn resolve_listening(&self, address: Option<String>, port: u16) -> String {
+        // A configured port is herd's socket, whatever host the worker named.
+        if let Some(spec) = self.configured_on_port(port, false) {
+            return spec.to_string();
+        }
         if address.is_some() {
             return node::host_port(address.as_deref(), port);
         }
