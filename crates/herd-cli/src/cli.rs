@@ -279,11 +279,17 @@ pub fn report_parse_error(e: clap::Error) -> ExitCode {
             use clap::error::ContextKind;
             use std::io::Write;
             let text = e.render().to_string();
+            // The message is what comes before clap's first blank line; a
+            // value with a newline in it must not cut it short.
             let line = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
+                .trim_start()
+                .split("\n\n")
+                .next()
+                .filter(|l| !l.trim().is_empty())
                 .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .trim_start_matches("error: ")
+                .trim_end()
+                .to_string();
             // `herd run node server.js`: the worker command goes after `--`.
             let stray = (kind == ErrorKind::UnknownArgument)
                 .then(|| e.get(ContextKind::InvalidArg))

@@ -128,8 +128,8 @@ pub(crate) fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
-/// After spawning with an [`ExecPlan`]: reads the errno a failed execve
-/// wrote, or `None` at EOF (the exec succeeded and the pipe closed).
+/// After the child of an [`ExecPlan`] exited: the errno its failed execve
+/// wrote, or `None` (it exec'd, so the pipe closed empty). Non-blocking.
 pub(crate) fn read_exec_errno(pipe: OwnedFd) -> Option<i32> {
     let mut buf = [0u8; 4];
     let mut got = 0;
@@ -250,17 +250,6 @@ impl ExecPlan {
                 libc::_exit(1);
             }
 
-            // Enter the worker's own cgroup before anything else runs, so
-            // every descendant is born in it. Best effort: the process group
-            // still contains the worker if this fails.
-            if let Some(procs) = &self.cgroup_procs {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd >= 0 {
-                    libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                }
-            }
-
             // Move the sockets to 3, 4, …: first out of the way (above the
             // target range, so no source is overwritten), then into place.
             // dup2 leaves the targets without CLOEXEC, as they must be.
@@ -287,14 +276,47 @@ impl ExecPlan {
                 }
             }
             // Whatever else is open (descriptors herd inherited from its own
-            // parent without CLOEXEC, say) must not reach the worker.
-            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-            libc::syscall(
-                libc::SYS_close_range,
-                first_free as libc::c_uint,
-                libc::c_uint::MAX,
-                CLOSE_RANGE_CLOEXEC,
-            );
+            // parent without CLOEXEC, say) must not reach the worker. With an
+            // exec-error pipe of our own, close it all now rather than at
+            // exec: std's error pipe is among it, so the parent's `spawn()`
+            // returns at once instead of waiting for the rest of this set-up
+            // (entering a cgroup can take ~15 ms). Nothing below reports to
+            // std any more: a failed execve reports on our pipe.
+            if exec_err >= 0 {
+                if exec_err > first_free {
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        first_free as libc::c_uint,
+                        (exec_err - 1) as libc::c_uint,
+                        0 as libc::c_uint,
+                    );
+                }
+                libc::syscall(
+                    libc::SYS_close_range,
+                    (exec_err + 1) as libc::c_uint,
+                    libc::c_uint::MAX,
+                    0 as libc::c_uint,
+                );
+            } else {
+                const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+                libc::syscall(
+                    libc::SYS_close_range,
+                    first_free as libc::c_uint,
+                    libc::c_uint::MAX,
+                    CLOSE_RANGE_CLOEXEC,
+                );
+            }
+
+            // Enter the worker's own cgroup before it execs, so every
+            // descendant is born in it. Best effort: the process group still
+            // contains the worker if this fails.
+            if let Some(procs) = &self.cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+            }
 
             if let Some(n) = self.nofile {
                 let lim = libc::rlimit {

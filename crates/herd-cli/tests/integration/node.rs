@@ -688,7 +688,9 @@ fn a_host_in_listen_gets_the_configured_socket() {
         assert!(body(&resp).starts_with("node "), "{host}: {resp}");
         let log = herd.stderr.all().join("\n");
         assert!(!log.contains(" died "), "{host}: {log}");
-        let warnings = herd.stderr.count(|l| l.contains("a worker asked to listen on"));
+        let warnings = herd
+            .stderr
+            .count(|l| l.contains("a worker asked to listen on"));
         assert_eq!(warnings, usize::from(warns), "{host}: {log}");
         if warns {
             let line = herd

@@ -157,8 +157,9 @@ fn queued_connections_are_served(balance: &str) {
         eventually(STARTUP, || http_get(port).is_ok()),
         "first worker never answered"
     );
-    herd.stderr.wait_for("first worker's death", STARTUP, |l| {
-        l.contains(&format!("worker {first} died"))
+    // It exits 0 after one answer: logged as "exited", not "died".
+    herd.stderr.wait_for("first worker's exit", STARTUP, |l| {
+        l.contains(&format!("worker {first} exited (exit code 0)"))
     });
     // The replacement is starting (slow); connect now.
     let clients: Vec<_> = (0..5)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::cluster::Message;
 use crate::ipc::frame::{Codec, FrameDecoder};
@@ -169,8 +169,21 @@ impl WireDecoder for FrameDecoder {
     }
 }
 
-/// What the readers send the supervisor: one read's events from one worker.
-pub(super) type Batch = (usize, u32, Vec<ChannelEvent>);
+/// What the readers send the supervisor: one read's events from one worker,
+/// with the share of the readers' byte budget its messages hold (released
+/// when the supervisor is done with the batch).
+pub(super) struct Batch {
+    pub(super) slot: usize,
+    pub(super) pid: u32,
+    pub(super) events: Vec<ChannelEvent>,
+    pub(super) budget: Option<OwnedSemaphorePermit>,
+}
+
+/// The most message bytes all readers together may have queued for the
+/// supervisor; a bigger single message takes all of it. A worker sending
+/// big messages faster than the supervisor handles them waits on its own
+/// socket instead of growing the primary.
+pub(super) const READ_BUDGET: usize = 16 * 1024 * 1024;
 
 /// Reads a worker's IPC channel in wire format `D` until EOF, sending what
 /// it decodes to the supervisor. The queue to the supervisor is bounded: a
@@ -183,6 +196,7 @@ pub(super) async fn read_channel<D: WireDecoder>(
     pid: u32,
     max_message: usize,
     tx: mpsc::Sender<Batch>,
+    budget: Arc<Semaphore>,
     // Dropped on return: tells the exit watcher everything was passed on.
     _done: oneshot::Sender<()>,
 ) {
@@ -196,7 +210,14 @@ pub(super) async fn read_channel<D: WireDecoder>(
                     last.push(ChannelEvent::Skipped(e));
                 }
                 last.push(ChannelEvent::Closed);
-                let _ = tx.send((slot, pid, last)).await;
+                let _ = tx
+                    .send(Batch {
+                        slot,
+                        pid,
+                        events: last,
+                        budget: None,
+                    })
+                    .await;
                 return;
             }
             Ok(n) => n,
@@ -204,11 +225,34 @@ pub(super) async fn read_channel<D: WireDecoder>(
         decoder.push(&buf[..n]);
         // One send per read, not per message: a burst of small messages
         // costs the supervisor one queue operation.
-        let mut batch = Vec::new();
+        let mut events = Vec::new();
         while let Some(event) = decoder.next_event() {
-            batch.push(event);
+            events.push(event);
         }
-        if !batch.is_empty() && tx.send((slot, pid, batch)).await.is_err() {
+        if events.is_empty() {
+            continue;
+        }
+        let bytes: usize = events
+            .iter()
+            .map(|e| match e {
+                ChannelEvent::Message(m) => m.bytes().len(),
+                _ => 0,
+            })
+            .sum();
+        let budget = match bytes.min(READ_BUDGET) {
+            0 => None,
+            n => match budget.clone().acquire_many_owned(n as u32).await {
+                Ok(permit) => Some(permit),
+                Err(_) => return,
+            },
+        };
+        let batch = Batch {
+            slot,
+            pid,
+            events,
+            budget,
+        };
+        if tx.send(batch).await.is_err() {
             return;
         }
     }
@@ -316,14 +360,16 @@ mod tests {
             42,
             crate::ipc::MAX_MESSAGE,
             tx,
+            Arc::new(Semaphore::new(READ_BUDGET)),
             done,
         ));
         theirs.write_all(bytes).await.unwrap();
         drop(theirs);
         reader.await.unwrap();
         let mut out = Vec::new();
-        while let Ok((0, 42, batch)) = rx.try_recv() {
-            out.extend(batch);
+        while let Ok(batch) = rx.try_recv() {
+            assert_eq!((batch.slot, batch.pid), (0, 42));
+            out.extend(batch.events);
         }
         out
     }

@@ -184,20 +184,6 @@ impl Remnant {
     }
 }
 
-/// Why a worker could not be started.
-enum SpawnError {
-    /// fork, pipes, descriptors: resources (EMFILE, EAGAIN, ENOMEM).
-    Io(std::io::Error),
-    /// `execve` failed in the child.
-    Exec(ExecError),
-}
-
-impl From<std::io::Error> for SpawnError {
-    fn from(e: std::io::Error) -> Self {
-        SpawnError::Io(e)
-    }
-}
-
 /// A spawn that failed for lack of resources is retried no sooner than this,
 /// whatever the backoff says (zero delays must not become a busy loop).
 const SPAWN_RETRY_MIN: Duration = Duration::from_millis(100);
@@ -229,6 +215,8 @@ struct Exit {
     stderr: Vec<String>,
     /// When it exited (the report may come a little later).
     at: Instant,
+    /// The errno of its failed `execve`: it never ran the command.
+    exec_errno: Option<i32>,
 }
 
 /// A worker just spawned, before it is installed in its slot.
@@ -243,6 +231,8 @@ struct NewWorker {
     stderr: Option<(Tail, oneshot::Receiver<()>)>,
     /// Its cgroup, if it has one.
     cgroup: Option<std::path::PathBuf>,
+    /// Where its execve reports failure (read once it exited).
+    exec_err: OwnedFd,
 }
 
 /// How long an exit waits for the channel reader to reach EOF.
@@ -283,7 +273,9 @@ pub(crate) struct Supervisor {
     /// Batches waiting for room in the event queue, oldest first: the first
     /// stopped at a message the queue had no room for. Nothing more is taken
     /// from `channel_rx` until it is empty (messages are back-pressured).
-    backlog: VecDeque<(usize, u32, VecDeque<ChannelEvent>)>,
+    backlog: VecDeque<Parked>,
+    /// The readers' shared budget of queued message bytes.
+    read_budget: std::sync::Arc<tokio::sync::Semaphore>,
     /// Requests from the ClusterHandle.
     commands: mpsc::UnboundedReceiver<Command>,
     /// What the library user sees; bounded, sends never block.
@@ -326,6 +318,27 @@ pub(crate) struct Supervisor {
 
 /// The most queued channel events or commands handled per select round.
 const BATCH: usize = 256;
+
+/// A batch (or what is left of one) waiting for room in the event queue,
+/// with its share of the readers' byte budget.
+struct Parked {
+    slot: usize,
+    pid: u32,
+    events: VecDeque<ChannelEvent>,
+    /// Held, never read: dropping it gives the bytes back to the readers.
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl From<Batch> for Parked {
+    fn from(b: Batch) -> Parked {
+        Parked {
+            slot: b.slot,
+            pid: b.pid,
+            events: b.events.into(),
+            _budget: b.budget,
+        }
+    }
+}
 
 /// The most batches held back for room in the event queue; past it the
 /// oldest are handled anyway (their messages dropped and counted).
@@ -410,6 +423,7 @@ impl Supervisor {
             node_seq: 0,
             node_ids: 0,
             backlog: VecDeque::new(),
+            read_budget: std::sync::Arc::new(tokio::sync::Semaphore::new(channel::READ_BUDGET)),
             served: false,
             fatal: None,
             remnants: Vec::new(),
@@ -501,16 +515,16 @@ impl Supervisor {
                 _ = sigalrm.recv() => self.ignore_signal(libc::SIGALRM, "SIGALRM", "it has no meaning to herd"),
                 _ = sigpipe.recv() => self.ignore_signal(libc::SIGPIPE, "SIGPIPE", "a closed pipe is handled where it is written"),
                 _ = sigchld.recv() => self.reap_strays(),
-                Some((slot, pid, batch)) = self.channel_rx.recv(), if self.backlog.is_empty() => {
-                    let _ = self.on_channel_events(slot, pid, batch.into());
+                Some(batch) = self.channel_rx.recv(), if self.backlog.is_empty() => {
+                    let _ = self.on_channel_events(batch.into());
                     // Take what else is queued before going round the select
                     // again: a burst of messages costs one wakeup, not one each.
                     for _ in 0..BATCH {
                         if !self.backlog.is_empty() {
                             break;
                         }
-                        let Ok((slot, pid, batch)) = self.channel_rx.try_recv() else { break };
-                        let _ = self.on_channel_events(slot, pid, batch.into());
+                        let Ok(batch) = self.channel_rx.try_recv() else { break };
+                        let _ = self.on_channel_events(batch.into());
                     }
                 }
                 _ = self.events.room(), if !self.backlog.is_empty() => self.work_backlog(),
@@ -817,18 +831,8 @@ impl Supervisor {
         let now = Instant::now();
         match self.try_spawn(slot) {
             Ok(new) => self.install(slot, new),
-            Err(SpawnError::Exec(e)) if !self.has_served(now, None) => {
-                // The command cannot run at all: an error, not a crash loop.
-                error!(slot, "{e}");
-                self.slots[slot].state = SlotState::Done { succeeded: false };
-                self.fatal = Some(Error::Exec(e));
-                self.begin_stop(Outcome::Stopped);
-            }
             Err(e) => {
-                let why = match e {
-                    SpawnError::Exec(e) => e.to_string(),
-                    SpawnError::Io(e) => format!("cannot spawn a worker: {e}"),
-                };
+                let why = format!("cannot spawn a worker: {e}");
                 error!(slot, "slot {slot}: {why}");
                 self.slots[slot].last_exit = Some((why, Vec::new()));
                 // Backed off like a crash at start, and never sooner than
@@ -864,6 +868,7 @@ impl Supervisor {
             reader,
             stderr,
             cgroup,
+            exec_err,
         } = new;
         info!(slot, pid, "worker {pid} spawned in slot {slot}");
         self.events.send(Event::Spawned { slot, pid });
@@ -890,6 +895,7 @@ impl Supervisor {
             let mut child = child;
             let status = child.wait().await;
             let at = Instant::now();
+            let exec_errno = sys::read_exec_errno(exec_err);
             // Report the exit only once the channel reader has passed on
             // everything the worker sent before it died (a result written
             // just before exit must not be lost). The bound covers a
@@ -912,6 +918,7 @@ impl Supervisor {
                 status,
                 stderr,
                 at,
+                exec_errno,
             }
         });
     }
@@ -959,7 +966,10 @@ impl Supervisor {
         // take them (its acks are still heard).
     }
 
-    fn try_spawn(&mut self, slot: usize) -> Result<NewWorker, SpawnError> {
+    /// Starts a worker. Returns once it is forked: whether its `execve`
+    /// succeeds is learnt when it exits (`Exit::exec_errno`), so the
+    /// supervisor never waits on the child's set-up.
+    fn try_spawn(&mut self, slot: usize) -> std::io::Result<NewWorker> {
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = self.base_env.clone();
         env.extend(self.slots[slot].env.iter().cloned());
@@ -1038,21 +1048,8 @@ impl Supervisor {
         plan.install(cmd.as_std_mut());
         let spawned = cmd.spawn();
         drop(exec_err_write);
-        let mut child = spawned?;
-        // EOF at exec (close-on-exec), or the errno of a failed execve.
-        if let Some(errno) = sys::read_exec_errno(exec_err_read) {
-            let cgroup = cgroup.clone();
-            tokio::spawn(async move {
-                let _ = child.wait().await; // reap it
-                if let Some(dir) = cgroup {
-                    tree::remove(&dir);
-                }
-            });
-            return Err(SpawnError::Exec(exec_error(
-                &self.config.command.program,
-                errno,
-            )));
-        }
+        let child = spawned?;
+        rustix::io::ioctl_fionbio(&exec_err_read, true).map_err(std::io::Error::from)?;
         let pid = child.id().unwrap_or(0);
         let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read)?;
         let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_read)?;
@@ -1083,9 +1080,15 @@ impl Supervisor {
                 reader = Some(reader_done);
                 let max = self.config.ipc_max_message;
                 if self.config.ipc == Ipc::Node {
-                    tokio::spawn(read_channel::<NodeDecoder>(read, slot, pid, max, tx, done));
+                    let budget = self.read_budget.clone();
+                    tokio::spawn(read_channel::<NodeDecoder>(
+                        read, slot, pid, max, tx, budget, done,
+                    ));
                 } else {
-                    tokio::spawn(read_channel::<FrameDecoder>(read, slot, pid, max, tx, done));
+                    let budget = self.read_budget.clone();
+                    tokio::spawn(read_channel::<FrameDecoder>(
+                        read, slot, pid, max, tx, budget, done,
+                    ));
                 }
                 let (frames, queue) = mpsc::unbounded_channel();
                 tokio::spawn(write_channel(write, queue));
@@ -1100,6 +1103,7 @@ impl Supervisor {
             reader,
             stderr,
             cgroup,
+            exec_err: exec_err_read,
         })
     }
 
@@ -1107,29 +1111,24 @@ impl Supervisor {
     /// room for puts the rest of the batch at the front of the backlog:
     /// messages are back-pressured, never dropped while the program reads.
     /// Returns whether it stopped so.
-    fn on_channel_events(
-        &mut self,
-        slot: usize,
-        from: u32,
-        mut batch: VecDeque<ChannelEvent>,
-    ) -> bool {
-        while let Some(event) = batch.pop_front() {
+    fn on_channel_events(&mut self, mut batch: Parked) -> bool {
+        while let Some(event) = batch.events.pop_front() {
             if let ChannelEvent::Message(m) = &event {
                 if !self.events.has_room(m.bytes().len()) {
-                    batch.push_front(event);
-                    self.backlog.push_front((slot, from, batch));
+                    batch.events.push_front(event);
+                    self.backlog.push_front(batch);
                     return true;
                 }
             }
-            self.on_channel_event(slot, from, event);
+            self.on_channel_event(batch.slot, batch.pid, event);
         }
-        false
+        false // its budget share is released here
     }
 
     /// Handles backlogged batches, oldest first, while the event queue has room.
     fn work_backlog(&mut self) {
-        while let Some((slot, pid, batch)) = self.backlog.pop_front() {
-            if self.on_channel_events(slot, pid, batch) {
+        while let Some(batch) = self.backlog.pop_front() {
+            if self.on_channel_events(batch) {
                 break; // no room again
             }
         }
@@ -1142,26 +1141,25 @@ impl Supervisor {
     /// order in the backlog, which stays bounded.
     fn flush_channel_of(&mut self, pid: u32) {
         while let Ok(batch) = self.channel_rx.try_recv() {
-            let (slot, from, events) = batch;
-            self.backlog.push_back((slot, from, events.into()));
+            self.backlog.push_back(batch.into());
         }
         let (mine, others): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.backlog)
             .into_iter()
-            .partition(|(_, from, _)| *from == pid);
+            .partition(|b| b.pid == pid);
         self.backlog = others;
-        for (slot, from, events) in mine {
-            self.force_events(slot, from, events);
+        for batch in mine {
+            self.force_events(batch);
         }
         while self.backlog.len() > MAX_BACKLOG {
-            let (slot, from, events) = self.backlog.pop_front().expect("not empty");
-            self.force_events(slot, from, events);
+            let batch = self.backlog.pop_front().expect("not empty");
+            self.force_events(batch);
         }
     }
 
     /// Handles a batch whether or not the event queue has room.
-    fn force_events(&mut self, slot: usize, from: u32, events: VecDeque<ChannelEvent>) {
-        for event in events {
-            self.on_channel_event(slot, from, event);
+    fn force_events(&mut self, batch: Parked) {
+        for event in batch.events {
+            self.on_channel_event(batch.slot, batch.pid, event);
         }
     }
 
@@ -1374,10 +1372,7 @@ impl Supervisor {
             }
             Err(e) => {
                 self.slots.pop();
-                Err(match e {
-                    SpawnError::Io(e) => e.to_string(),
-                    SpawnError::Exec(e) => e.to_string(),
-                })
+                Err(e.to_string())
             }
         }
     }
@@ -1389,6 +1384,7 @@ impl Supervisor {
             status,
             stderr,
             at,
+            exec_errno,
         } = exit;
         let cgroup = match &mut self.slots[slot].state {
             SlotState::Running { pid: p, cgroup, .. } if *p == pid => cgroup.take(),
@@ -1456,6 +1452,27 @@ impl Supervisor {
         if let Phase::Stopping { .. } = self.phase {
             info!(slot, pid, "worker {pid} stopped ({how})");
             self.slots[slot].state = SlotState::Done { succeeded };
+            return;
+        }
+        if let Some(errno) = exec_errno {
+            let e = exec_error(&self.config.command.program, errno);
+            if !self.has_served(now, Some(slot)) {
+                // The command cannot run at all: an error, not a crash loop.
+                error!(slot, "{e}");
+                self.slots[slot].state = SlotState::Done { succeeded: false };
+                self.fatal = Some(Error::Exec(e));
+                self.begin_stop(Outcome::Stopped);
+                return;
+            }
+            // After the cluster served (a deploy replaced the file under
+            // it): backed off like a crash at start, never sooner than
+            // SPAWN_RETRY_MIN.
+            error!(slot, "slot {slot}: {e}");
+            self.slots[slot].last_exit = Some((e.to_string(), Vec::new()));
+            self.schedule_restart(slot, Duration::ZERO, false, now);
+            if let SlotState::Waiting { until } = &mut self.slots[slot].state {
+                *until = (*until).max(now + SPAWN_RETRY_MIN);
+            }
             return;
         }
         if exited_after_disconnect {
