@@ -183,7 +183,7 @@ pub(super) struct Batch {
 /// supervisor; a bigger single message takes all of it. A worker sending
 /// big messages faster than the supervisor handles them waits on its own
 /// socket instead of growing the primary.
-pub(super) const READ_BUDGET: usize = 16 * 1024 * 1024;
+pub(super) const READ_BUDGET: usize = 4 * 1024 * 1024;
 
 /// Reads a worker's IPC channel in wire format `D` until EOF, sending what
 /// it decodes to the supervisor. The queue to the supervisor is bounded: a
