@@ -139,6 +139,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "64MiB", value_parser = parse_size, value_name = "SIZE")]
     pub ipc_max_message: usize,
 
+    /// One pipe for each worker's stdout and stderr (as 2>&1 would): its lines keep their
+    /// order, and all go to herd's stdout. Without it, the two streams are read apart and
+    /// their lines may interleave out of order.
+    #[arg(long)]
+    pub merge_output: bool,
+
     /// Log format for herd's events and worker output.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     pub log_format: LogFormatArg,
@@ -206,6 +212,7 @@ impl RunArgs {
         config.stop_signal = self.stop_signal;
         config.stop_timeout = self.stop_timeout;
         config.containment = self.contain;
+        config.merge_output = self.merge_output;
         let node_ipc = match self.node_ipc {
             NodeIpc::On => true,
             NodeIpc::Off => false,

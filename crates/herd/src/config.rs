@@ -247,6 +247,9 @@ pub struct ClusterConfig {
     pub event_queue_bytes: usize,
     /// How each worker's process tree is contained.
     pub containment: Containment,
+    /// Give each worker one pipe for stdout and stderr (as `2>&1`), so its
+    /// lines keep their order; both then go to herd's stdout.
+    pub merge_output: bool,
 }
 
 /// How a worker's whole process tree is kept together, so that it can be
@@ -324,6 +327,7 @@ impl ClusterConfig {
             event_queue: 4096,
             event_queue_bytes: 16 * 1024 * 1024,
             containment: Containment::Auto,
+            merge_output: false,
         }
     }
 }

@@ -84,11 +84,12 @@ pub use cluster::{
     Cluster, ClusterHandle, Event, HandleError, Message, Outcome, WorkerHandle, WorkerInfo,
     WorkerStatus,
 };
-pub use config::Ipc;
 pub use config::{
     ClusterConfig, CommandError, Containment, CrashLoopAction, RestartPolicy, WorkerCommand,
 };
+pub use config::{Ipc, Signal};
 pub use events::Events;
+pub use ipc::frame::Codec;
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};
 pub use socket::{Balance, BindError, Listeners, Picker};
 pub use worker::{role, Role};

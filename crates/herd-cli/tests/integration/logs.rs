@@ -319,3 +319,38 @@ fn output_written_just_before_the_end_is_not_lost() {
         assert_eq!(herd.stdout.count(|l| l.ends_with(&last)), 1, "worker {pid}");
     }
 }
+
+/// `--merge-output` gives a worker one pipe for both streams, as `2>&1`
+/// would: its lines keep their order (read apart, stdout and stderr lines
+/// interleave out of order, which garbles stack traces).
+#[test]
+fn merged_output_keeps_a_workers_lines_in_order() {
+    let mut herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--restart",
+        "never",
+        "--merge-output",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 500 ]; do echo out-$i; echo err-$i >&2; i=$((i+1)); done",
+    ]);
+    assert_eq!(herd.wait(Duration::from_secs(30)).code(), Some(0));
+    herd.stdout
+        .wait_for_nth("1000 lines", Duration::from_secs(10), 1000, |l| {
+            l.contains("] out-") || l.contains("] err-")
+        });
+    let got: Vec<String> = herd
+        .stdout
+        .all()
+        .iter()
+        .filter_map(|l| l.split_once("] ").map(|(_, t)| t.to_string()))
+        .collect();
+    let want: Vec<String> = (0..500)
+        .flat_map(|i| [format!("out-{i}"), format!("err-{i}")])
+        .collect();
+    assert_eq!(got, want);
+}

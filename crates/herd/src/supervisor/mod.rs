@@ -1039,7 +1039,14 @@ impl Supervisor {
         // lot and exits at once (Node drops writes still queued at exit)
         // keeps its last words.
         let (out_read, out_write) = sys::output_pipe()?;
-        let (err_read, err_write) = sys::output_pipe()?;
+        // `merge_output`: one pipe for both streams, as `2>&1` would, so a
+        // worker's lines keep their order (stack traces stay readable).
+        let (err_read, err_write) = if self.config.merge_output {
+            (None, out_write.try_clone()?)
+        } else {
+            let (read, write) = sys::output_pipe()?;
+            (Some(read), write)
+        };
         let mut cmd = tokio::process::Command::new(&self.config.command.program);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out_write))
@@ -1052,22 +1059,30 @@ impl Supervisor {
         rustix::io::ioctl_fionbio(&exec_err_read, true).map_err(std::io::Error::from)?;
         let pid = child.id().unwrap_or(0);
         let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read)?;
-        let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_read)?;
-        self.forwarders.spawn(
-            self.output
-                .clone()
-                .forward(out, Stream::Stdout, slot, pid, None),
-        );
+        // The last lines for error reports come from stderr, or from the
+        // merged stream.
         let tail = Tail::default();
         let (stderr_done, stderr_eof) = oneshot::channel::<()>();
-        let forward =
-            self.output
-                .clone()
-                .forward(err, Stream::Stderr, slot, pid, Some(tail.clone()));
-        self.forwarders.spawn(async move {
-            forward.await;
-            drop(stderr_done);
-        });
+        let sink = self.output.clone();
+        match err_read {
+            Some(err_read) => {
+                let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_read)?;
+                self.forwarders
+                    .spawn(sink.clone().forward(out, Stream::Stdout, slot, pid, None));
+                let forward = sink.forward(err, Stream::Stderr, slot, pid, Some(tail.clone()));
+                self.forwarders.spawn(async move {
+                    forward.await;
+                    drop(stderr_done);
+                });
+            }
+            None => {
+                let forward = sink.forward(out, Stream::Stdout, slot, pid, Some(tail.clone()));
+                self.forwarders.spawn(async move {
+                    forward.await;
+                    drop(stderr_done);
+                });
+            }
+        }
         let stderr = Some((tail, stderr_eof));
         let mut reader = None;
         let channel = match ipc {
