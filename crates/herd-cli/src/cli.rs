@@ -24,7 +24,14 @@ Exit status:
 
 /// Run any server as a cluster of worker processes sharing its sockets.
 #[derive(Debug, Parser)]
-#[command(name = "herd", version, about, propagate_version = true)]
+#[command(
+    name = "herd",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Start with: herd run -w 4 -l 127.0.0.1:8000 -- node server.js\n\
+                  Every option of run: herd run --help"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -131,7 +138,7 @@ pub struct RunArgs {
 
     /// Open Node's IPC channel to each worker (NODE_CHANNEL_FD), so process.send('ready')
     /// marks it ready: auto = when the command is node.
-    #[arg(long, value_enum, default_value_t = NodeIpc::Auto)]
+    #[arg(long, value_enum, default_value_t = NodeIpc::Auto, value_name = "auto|on|off")]
     pub node_ipc: NodeIpc,
 
     /// The longest IPC message accepted from a worker (bytes, or with KiB/MiB); a longer one
@@ -146,7 +153,7 @@ pub struct RunArgs {
     pub merge_output: bool,
 
     /// Log format for herd's events and worker output.
-    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text, value_name = "text|json")]
     pub log_format: LogFormatArg,
 
     /// The worker command; herd's built-in hello-world server when omitted.

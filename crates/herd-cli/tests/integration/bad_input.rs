@@ -133,3 +133,36 @@ fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// `herd --help` points at what a newcomer needs (`herd run`, its options),
+/// and every option of `run` shows its values instead of a placeholder.
+#[test]
+fn help_points_to_run_and_names_every_value() {
+    let out = Command::new(herd_bin()).arg("--help").output().unwrap();
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(top.contains("herd run --help"), "{top}");
+    assert!(top.contains("herd run -w 4"), "{top}");
+    let out = Command::new(herd_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let run = String::from_utf8_lossy(&out.stdout);
+    for shown in ["--node-ipc <auto|on|off>", "--log-format <text|json>"] {
+        assert!(run.contains(shown), "{shown} in:\n{run}");
+    }
+    let placeholders: Vec<&str> = run
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--") && l.contains("<") && l.contains("_"))
+        .filter(|l| {
+            let inside = &l[l.find('<').unwrap()..];
+            inside
+                .chars()
+                .take_while(|c| *c != '>')
+                .all(|c| !c.is_lowercase())
+        })
+        .collect();
+    assert!(
+        placeholders.is_empty(),
+        "options with a bare placeholder: {placeholders:?}"
+    );
+}
