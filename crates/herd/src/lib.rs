@@ -70,6 +70,7 @@ pub mod backoff;
 mod cluster;
 pub mod config;
 mod events;
+mod inspect;
 pub mod ipc;
 pub mod listen;
 pub mod output;

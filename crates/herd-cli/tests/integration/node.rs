@@ -701,3 +701,89 @@ fn a_host_in_listen_gets_the_configured_socket() {
         }
     }
 }
+
+/// Two consecutive free ports (for slot 0's and slot 1's inspector).
+fn two_free_ports() -> u16 {
+    for _ in 0..50 {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports");
+}
+
+/// Node's inspector under herd: each slot gets the asked port plus its
+/// number, as Node's own primary gives each worker a port of its own; a
+/// restarted worker keeps its slot's port. On the command line and in
+/// NODE_OPTIONS. (Before: one worker got the debugger, the others
+/// "address already in use".)
+#[test]
+fn each_node_worker_gets_its_own_inspector_port() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("inspect");
+    let app = dir.path().join("app.js");
+    std::fs::write(
+        &app,
+        "console.log('inspector ' + require('inspector').url()); setInterval(() => {}, 1000);",
+    )
+    .unwrap();
+    for via_env in [false, true] {
+        let port = two_free_ports();
+        let flag = format!("--inspect=127.0.0.1:{port}");
+        let mut cmd = Command::new(herd_bin());
+        cmd.args(["run", "-w", "2", "--no-listen", "--", "node"]);
+        if via_env {
+            cmd.env("NODE_OPTIONS", &flag);
+        } else {
+            cmd.arg(&flag);
+        }
+        cmd.arg(app.to_str().unwrap());
+        let herd = Herd::spawn(cmd);
+        let urls = |n| {
+            let mut found = Vec::new();
+            for l in herd.stdout.all() {
+                if let Some(url) = l.split("] inspector ").nth(1) {
+                    found.push((
+                        l.split_whitespace().next().unwrap().to_string(),
+                        url.to_string(),
+                    ));
+                }
+            }
+            assert!(found.len() >= n, "{found:?}");
+            found
+        };
+        herd.stdout.wait_for_nth("two inspectors", STARTUP, 2, |l| {
+            l.contains("] inspector ws://")
+        });
+        let found = urls(2);
+        for (slot, want) in [("[0", port), ("[1", port + 1)] {
+            assert!(
+                found
+                    .iter()
+                    .any(|(p, u)| p == slot && u.starts_with(&format!("ws://127.0.0.1:{want}/"))),
+                "via_env {via_env}: slot {slot} not on {want}: {found:?}"
+            );
+        }
+        // A replacement keeps its slot's port.
+        let first = herd.nth_spawned(1);
+        send_signal(first, "KILL");
+        herd.nth_spawned(3);
+        herd.stdout
+            .wait_for_nth("the replacement's inspector", STARTUP, 3, |l| {
+                l.contains("] inspector ws://")
+            });
+        let found = urls(3);
+        let (_, url) = &found[2];
+        assert!(
+            url.starts_with(&format!("ws://127.0.0.1:{port}/")),
+            "{found:?}"
+        );
+        assert_eq!(
+            herd.stderr.count(|l| l.contains("address already in use")),
+            0
+        );
+    }
+}

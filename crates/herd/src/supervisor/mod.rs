@@ -966,6 +966,42 @@ impl Supervisor {
         // take them (its acks are still heard).
     }
 
+    /// The argv for slot `slot`'s worker, with Node's inspector options
+    /// given the slot's own port (also in `env`'s NODE_OPTIONS), and the
+    /// `host:port`s they name. Other commands: the argv as it is.
+    fn inspector_for_slot(&self, slot: usize, env: &mut [CString]) -> (Vec<CString>, Vec<String>) {
+        if !self.config.command.is_node() {
+            return (self.argv.clone(), Vec::new());
+        }
+        let strings: Vec<String> = self
+            .argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let (argv, mut ports) = crate::inspect::argv_for_slot(&strings, slot);
+        for entry in env.iter_mut() {
+            let Some(options) = entry.to_bytes().strip_prefix(b"NODE_OPTIONS=") else {
+                continue;
+            };
+            let (options, more) =
+                crate::inspect::node_options_for_slot(&String::from_utf8_lossy(options), slot);
+            if !more.is_empty() {
+                if let Some(e) = env_entry("NODE_OPTIONS".as_ref(), options.as_ref()) {
+                    *entry = e;
+                }
+                ports.extend(more);
+            }
+        }
+        if ports.is_empty() {
+            return (self.argv.clone(), ports);
+        }
+        let argv = argv
+            .into_iter()
+            .filter_map(|a| CString::new(a).ok())
+            .collect();
+        (argv, ports)
+    }
+
     /// Starts a worker. Returns once it is forked: whether its `execve`
     /// succeeds is learnt when it exits (`Exit::exec_errno`), so the
     /// supervisor never waits on the child's set-up.
@@ -1026,9 +1062,12 @@ impl Supervisor {
             },
             None => None,
         };
+        // Node's inspector: each slot its own port (Node's primary does the
+        // same), on the command line and in NODE_OPTIONS.
+        let (argv, inspect) = self.inspector_for_slot(slot, &mut env);
         let plan = ExecPlan::new(
             &self.config.command.program,
-            self.argv.clone(),
+            argv,
             env,
             fds,
             Some(exec_err_write.as_raw_fd()),
@@ -1058,6 +1097,14 @@ impl Supervisor {
         let child = spawned?;
         rustix::io::ioctl_fionbio(&exec_err_read, true).map_err(std::io::Error::from)?;
         let pid = child.id().unwrap_or(0);
+        if !inspect.is_empty() {
+            info!(
+                slot,
+                pid,
+                "worker {pid}'s inspector: {}",
+                inspect.join(", ")
+            );
+        }
         let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read)?;
         // The last lines for error reports come from stderr, or from the
         // merged stream.
