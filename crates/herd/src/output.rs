@@ -212,11 +212,6 @@ fn thousands(n: u64) -> String {
     out
 }
 
-/// Lines of `stream` dropped and not yet reported.
-pub fn dropped(stream: Stream) -> u64 {
-    writer(stream).dropped.load(Ordering::Relaxed)
-}
-
 /// Waits (at most `timeout`) for both streams to write what is queued, then
 /// reports on stderr any lines dropped and not yet reported. Called when a
 /// cluster finishes; never blocks longer than `timeout`.

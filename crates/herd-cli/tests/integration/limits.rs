@@ -47,19 +47,6 @@ fn messages_nobody_reads_do_not_grow_the_primary() {
     assert!(alive(herd.pid()));
 }
 
-/// `herd run -w 1 --no-listen -- node APP`.
-fn one_node_worker(app: &std::path::Path) -> Herd {
-    Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--",
-        "node",
-        app.to_str().unwrap(),
-    ])
-}
-
 /// A socket herd bound because a worker asked (not in `-l`) is closed once
 /// no live worker holds it: Node's server.close() sends `{act: 'close'}`.
 /// (Before: 200 opened and closed ports left 200 listening sockets.)

@@ -573,15 +573,7 @@ const listen = (port) => new Promise((ok) => {{
         ),
     )
     .unwrap();
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--",
-        "node",
-        app.to_str().unwrap(),
-    ]);
+    let herd = one_node_worker(&app);
     let line = herd
         .stdout
         .wait_for("the results", STARTUP, |l| l.contains(" | "));
@@ -623,15 +615,7 @@ const listen = () => new Promise((ok) => {
 "#,
     )
     .unwrap();
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--",
-        "node",
-        app.to_str().unwrap(),
-    ]);
+    let herd = one_node_worker(&app);
     let line = herd
         .stdout
         .wait_for("the results", Duration::from_secs(30), |l| {

@@ -443,3 +443,16 @@ pub fn node_missing() -> bool {
     }
     false
 }
+
+/// `herd run -w 1 --no-listen -- node APP`.
+pub fn one_node_worker(app: &Path) -> Herd {
+    Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--",
+        "node",
+        app.to_str().unwrap(),
+    ])
+}

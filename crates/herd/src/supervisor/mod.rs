@@ -831,17 +831,19 @@ impl Supervisor {
         let now = Instant::now();
         match self.try_spawn(slot) {
             Ok(new) => self.install(slot, new),
-            Err(e) => {
-                let why = format!("cannot spawn a worker: {e}");
-                error!(slot, "slot {slot}: {why}");
-                self.slots[slot].last_exit = Some((why, Vec::new()));
-                // Backed off like a crash at start, and never sooner than
-                // SPAWN_RETRY_MIN: resources rarely come back in microseconds.
-                self.schedule_restart(slot, Duration::ZERO, false, now);
-                if let SlotState::Waiting { until } = &mut self.slots[slot].state {
-                    *until = (*until).max(now + SPAWN_RETRY_MIN);
-                }
-            }
+            Err(e) => self.retry_failed_start(slot, format!("cannot spawn a worker: {e}"), now),
+        }
+    }
+
+    /// A worker that never ran (its spawn or its execve failed): logged,
+    /// backed off like a crash at start, and never retried sooner than
+    /// SPAWN_RETRY_MIN (resources rarely come back in microseconds).
+    fn retry_failed_start(&mut self, slot: usize, why: String, now: Instant) {
+        error!(slot, "slot {slot}: {why}");
+        self.slots[slot].last_exit = Some((why, Vec::new()));
+        self.schedule_restart(slot, Duration::ZERO, false, now);
+        if let SlotState::Waiting { until } = &mut self.slots[slot].state {
+            *until = (*until).max(now + SPAWN_RETRY_MIN);
         }
     }
 
@@ -1526,15 +1528,8 @@ impl Supervisor {
                 self.begin_stop(Outcome::Stopped);
                 return;
             }
-            // After the cluster served (a deploy replaced the file under
-            // it): backed off like a crash at start, never sooner than
-            // SPAWN_RETRY_MIN.
-            error!(slot, "slot {slot}: {e}");
-            self.slots[slot].last_exit = Some((e.to_string(), Vec::new()));
-            self.schedule_restart(slot, Duration::ZERO, false, now);
-            if let SlotState::Waiting { until } = &mut self.slots[slot].state {
-                *until = (*until).max(now + SPAWN_RETRY_MIN);
-            }
+            // After the cluster served (a deploy replaced the file under it).
+            self.retry_failed_start(slot, e.to_string(), now);
             return;
         }
         if exited_after_disconnect {
