@@ -136,8 +136,17 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub stop_timeout: Duration,
 
+    /// Run workers as Node cluster workers (NODE_UNIQUE_ID and Node's channel), so that
+    /// server.listen() takes herd's socket as under Node's cluster primary. auto = when the
+    /// command runs node: node itself, a script whose #! line runs node, or a package script
+    /// (npm start, npm run NAME, yarn NAME, pnpm start: herd runs the package.json script
+    /// itself, in the package's directory with node_modules/.bin on PATH, so the app gets the
+    /// sockets). off = run the command exactly as given.
+    #[arg(long, value_enum, default_value_t = NodeCluster::Auto, value_name = "auto|on|off")]
+    pub node_cluster: NodeCluster,
+
     /// Open Node's IPC channel to each worker (NODE_CHANNEL_FD), so process.send('ready')
-    /// marks it ready: auto = when the command is node.
+    /// marks it ready: auto = when the command runs node (see --node-cluster).
     #[arg(long, value_enum, default_value_t = NodeIpc::Auto, value_name = "auto|on|off")]
     pub node_ipc: NodeIpc,
 
@@ -169,6 +178,17 @@ pub enum NodeIpc {
     /// Always.
     On,
     /// Never.
+    Off,
+}
+
+/// `--node-cluster` values.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum NodeCluster {
+    /// When the command runs node.
+    Auto,
+    /// Always.
+    On,
+    /// Never; package-manager commands run as given.
     Off,
 }
 
@@ -220,10 +240,15 @@ impl RunArgs {
         config.stop_timeout = self.stop_timeout;
         config.containment = self.contain;
         config.merge_output = self.merge_output;
+        config.node_cluster = match self.node_cluster {
+            NodeCluster::Auto => None,
+            NodeCluster::On => Some(true),
+            NodeCluster::Off => Some(false),
+        };
         let node_ipc = match self.node_ipc {
             NodeIpc::On => true,
             NodeIpc::Off => false,
-            NodeIpc::Auto => config.command.is_node(),
+            NodeIpc::Auto => config.command.is_node() || self.node_cluster == NodeCluster::On,
         };
         if node_ipc {
             config.ipc = herd::Ipc::Node;

@@ -77,13 +77,31 @@ fn run(args: RunArgs) -> ExitCode {
     } else {
         args.command.clone()
     };
-    let command = match WorkerCommand::resolve(argv) {
+    let resolved = if args.node_cluster == cli::NodeCluster::Off {
+        WorkerCommand::resolve_as_given(argv)
+    } else {
+        WorkerCommand::resolve(argv)
+    };
+    let command = match resolved {
         Ok(c) => c,
+        Err(e @ CommandError::Script(_)) => return fail(EXIT_USAGE, &e.to_string()),
         Err(e @ CommandError::NotExecutable(_)) => {
             return fail(EXIT_NOT_EXECUTABLE, &e.to_string())
         }
         Err(e) => return fail(EXIT_NOT_FOUND, &e.to_string()),
     };
+    if let Some(dir) = &command.dir {
+        tracing::info!(
+            "{}: running its script, {}, in {}",
+            args.command
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            command.display(),
+            dir.display()
+        );
+    }
     let config = args.into_config(command);
     match run_cluster(config) {
         Ok(Outcome::Stopped)

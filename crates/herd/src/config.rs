@@ -72,6 +72,28 @@ pub struct WorkerCommand {
     pub program: PathBuf,
     /// `argv[0]` and the arguments, as given.
     pub argv: Vec<OsString>,
+    /// Variables set for the workers on top of herd's own environment
+    /// (a package script's `PATH` and `npm_*` variables).
+    pub env: Vec<(OsString, OsString)>,
+    /// The workers' working directory; `None`: herd's.
+    pub dir: Option<PathBuf>,
+    /// What runs: Node (and how), or anything else.
+    pub runtime: Runtime,
+}
+
+/// Whether a worker command is Node, which decides whether herd speaks
+/// Node's cluster protocol to it (`NODE_UNIQUE_ID`, `NODE_CHANNEL_FD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Runtime {
+    /// Not Node (or not known to be).
+    #[default]
+    Other,
+    /// `node [node's options] [script] [args]`: node itself, so its options
+    /// (e.g. `--inspect`) are in `argv`.
+    Node,
+    /// A script that runs Node: a `#!` line naming node, or a package
+    /// script run through `sh -c`; `argv` holds the script's own arguments.
+    NodeScript,
 }
 
 /// Why a worker command cannot run at all.
@@ -86,12 +108,32 @@ pub enum CommandError {
     /// Found but not an executable file.
     #[error("cannot execute {0}: permission denied or not an executable file")]
     NotExecutable(String),
+    /// A package-manager command line (`npm start`, `yarn run dev`) whose
+    /// script cannot be run as a worker: no `package.json`, no such
+    /// script, a subcommand that runs no script.
+    #[error("{0}")]
+    Script(String),
 }
 
 impl WorkerCommand {
-    /// Resolves `argv[0]` the way a shell would: a name with a `/` is a path,
-    /// anything else is looked up in `PATH`.
+    /// Resolves a command line for workers: a package-manager command line
+    /// (`npm start`, `npm run NAME`, `yarn NAME`, `pnpm start`, …) becomes
+    /// the command its `package.json` script runs, in the package's
+    /// directory with its environment (see `launch.rs`), so the app, not
+    /// the package manager, is the worker; anything else is
+    /// [`resolve_as_given`](Self::resolve_as_given).
     pub fn resolve(argv: Vec<OsString>) -> Result<Self, CommandError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        match crate::launch::package_script(&argv, &cwd)? {
+            Some(command) => Ok(command),
+            None => Self::resolve_as_given(argv),
+        }
+    }
+
+    /// Resolves `argv[0]` the way a shell would: a name with a `/` is a path,
+    /// anything else is looked up in `PATH`. Node is recognised by the
+    /// program's name or its `#!` line.
+    pub fn resolve_as_given(argv: Vec<OsString>) -> Result<Self, CommandError> {
         let first = argv.first().ok_or(CommandError::Empty)?;
         let shown = first.to_string_lossy().into_owned();
         if first.is_empty() {
@@ -122,15 +164,20 @@ impl WorkerCommand {
                 (None, None) => return Err(CommandError::NotFound(shown)),
             }
         };
-        Ok(WorkerCommand { program, argv })
+        let runtime = crate::launch::runtime_of(&program);
+        Ok(WorkerCommand {
+            program,
+            argv,
+            env: Vec::new(),
+            dir: None,
+            runtime,
+        })
     }
 
-    /// Whether the program is Node.js (`node`, `nodejs`, `node20`, …).
+    /// Whether the program is Node.js (`node`, `nodejs`, `node20`, …, or a
+    /// script whose `#!` line runs it).
     pub fn is_node(&self) -> bool {
-        self.program
-            .file_name()
-            .map(|n| n.to_string_lossy().starts_with("node"))
-            .unwrap_or(false)
+        self.runtime != Runtime::Other
     }
 
     /// Whether the program is Node.js running a script file: what Node needs
@@ -138,8 +185,10 @@ impl WorkerCommand {
     /// herd sets `NODE_UNIQUE_ID` only then. `node -e`, `-p` and the REPL
     /// run no script.
     pub fn runs_node_script(&self) -> bool {
-        if !self.is_node() {
-            return false;
+        match self.runtime {
+            Runtime::Other => return false,
+            Runtime::NodeScript => return true,
+            Runtime::Node => {}
         }
         // Node's options that take the next argument as their value.
         const WITH_VALUE: &[&str] = &[
@@ -180,7 +229,13 @@ impl WorkerCommand {
         if argv.is_empty() {
             argv.push(program.clone().into_os_string());
         }
-        Ok(WorkerCommand { program, argv })
+        Ok(WorkerCommand {
+            program,
+            argv,
+            env: Vec::new(),
+            dir: None,
+            runtime: Runtime::Other,
+        })
     }
 
     /// The command line as the user would type it, for logs.
@@ -250,6 +305,11 @@ pub struct ClusterConfig {
     /// Give each worker one pipe for stdout and stderr (as `2>&1`), so its
     /// lines keep their order; both then go to herd's stdout.
     pub merge_output: bool,
+    /// Whether Node workers (under [`Ipc::Node`]) are Node cluster workers
+    /// (`NODE_UNIQUE_ID` set, so `server.listen()` asks herd for its
+    /// socket): `None` decides by the command
+    /// ([`WorkerCommand::runs_node_script`]), `Some` forces it.
+    pub node_cluster: Option<bool>,
 }
 
 /// How a worker's whole process tree is kept together, so that it can be
@@ -328,6 +388,7 @@ impl ClusterConfig {
             event_queue_bytes: 16 * 1024 * 1024,
             containment: Containment::Auto,
             merge_output: false,
+            node_cluster: None,
         }
     }
 }
@@ -413,6 +474,9 @@ mod node_script_tests {
         WorkerCommand {
             program: PathBuf::from("/usr/bin/node"),
             argv,
+            env: Vec::new(),
+            dir: None,
+            runtime: super::Runtime::Node,
         }
         .runs_node_script()
     }

@@ -72,6 +72,7 @@ pub mod config;
 mod events;
 mod inspect;
 pub mod ipc;
+mod launch;
 pub mod listen;
 pub mod output;
 mod round_robin;
@@ -88,7 +89,7 @@ pub use cluster::{
 pub use config::{
     ClusterConfig, CommandError, Containment, CrashLoopAction, RestartPolicy, WorkerCommand,
 };
-pub use config::{Ipc, Signal};
+pub use config::{Ipc, Runtime, Signal};
 pub use events::Events;
 pub use ipc::frame::Codec;
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};

@@ -5,6 +5,7 @@ mod api;
 mod bad_input;
 mod demo;
 mod examples;
+mod launchers;
 mod limits;
 mod logs;
 mod node;

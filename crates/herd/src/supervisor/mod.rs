@@ -368,12 +368,17 @@ impl Supervisor {
         }
         let output = OutputSink::start(config.log_format).map_err(Error::Spawn)?;
         let marker = format!("HERD_PRIMARY_PID={}", std::process::id());
+        // The command's own variables (a package script's PATH, npm_*)
+        // replace herd's.
+        let command_env = &config.command.env;
         let base_env = std::env::vars_os()
             .filter(|(k, _)| {
                 let k = k.as_bytes();
                 !matches!(k, b"LISTEN_PID" | b"LISTEN_FDS" | b"LISTEN_FDNAMES")
                     && !k.starts_with(b"HERD_")
+                    && !command_env.iter().any(|(c, _)| c.as_bytes() == k)
             })
+            .chain(command_env.iter().cloned())
             .filter_map(|(k, v)| env_entry(&k, &v))
             .collect();
         let argv = argv_cstrings(&config.command);
@@ -783,7 +788,7 @@ impl Supervisor {
     /// cluster module exit at once, cutting requests short); any other Node
     /// worker has its channel closed.
     fn release_node_workers(&mut self) {
-        let cluster_worker = self.config.command.runs_node_script();
+        let cluster_worker = self.node_cluster_worker();
         let running: Vec<(usize, u32)> = self
             .slots
             .iter()
@@ -968,6 +973,13 @@ impl Supervisor {
         // take them (its acks are still heard).
     }
 
+    /// Whether workers are Node cluster workers (`NODE_UNIQUE_ID`).
+    fn node_cluster_worker(&self) -> bool {
+        self.config
+            .node_cluster
+            .unwrap_or_else(|| self.config.command.runs_node_script())
+    }
+
     /// The argv for slot `slot`'s worker, with Node's inspector options
     /// given the slot's own port (also in `env`'s NODE_OPTIONS), and the
     /// `host:port`s they name. Other commands: the argv as it is.
@@ -980,7 +992,13 @@ impl Supervisor {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let (argv, mut ports) = crate::inspect::argv_for_slot(&strings, slot);
+        // Node's own options are on the command line only when the program
+        // is node itself; a `#!` script's arguments are the script's.
+        let (argv, mut ports) = if self.config.command.runtime == crate::config::Runtime::Node {
+            crate::inspect::argv_for_slot(&strings, slot)
+        } else {
+            (strings, Vec::new())
+        };
         for entry in env.iter_mut() {
             let Some(options) = entry.to_bytes().strip_prefix(b"NODE_OPTIONS=") else {
                 continue;
@@ -1034,7 +1052,7 @@ impl Supervisor {
                 add("NODE_CHANNEL_SERIALIZATION_MODE", "json");
                 // Node's cluster worker mode: `server.listen()` asks herd for
                 // its socket, as it would ask Node's primary.
-                if self.config.command.runs_node_script() {
+                if self.node_cluster_worker() {
                     add("NODE_UNIQUE_ID", &node_id.to_string());
                 }
                 Some(UnixStream::pair()?)
@@ -1089,6 +1107,9 @@ impl Supervisor {
             (Some(read), write)
         };
         let mut cmd = tokio::process::Command::new(&self.config.command.program);
+        if let Some(dir) = &self.config.command.dir {
+            cmd.current_dir(dir);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out_write))
             .stderr(Stdio::from(err_write))
