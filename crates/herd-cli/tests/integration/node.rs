@@ -1,6 +1,7 @@
 //! A Node.js app that serves on the inherited fd 3, unchanged, under herd.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -769,5 +770,68 @@ fn each_node_worker_gets_its_own_inspector_port() {
             herd.stderr.count(|l| l.contains("address already in use")),
             0
         );
+    }
+}
+
+/// One HTTP/1.0 GET over the Unix socket at `path`; the body.
+fn unix_get(path: &Path) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(body(&out).trim().to_string())
+}
+
+#[test]
+fn node_listen_on_a_path_is_served_in_every_balance_mode_configured_or_not() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-unix");
+    let app = dir.path().join("unix.js");
+    std::fs::write(
+        &app,
+        r#"
+const http = require('http');
+const cluster = require('cluster');
+http.createServer((req, res) => res.end(`${process.pid} ${cluster.isWorker}\n`))
+    .listen(process.env.SOCK);
+"#,
+    )
+    .unwrap();
+    for mode in ["shared", "reuseport", "round-robin"] {
+        for configured in [true, false] {
+            let sock = dir.path().join(format!("{mode}-{configured}.sock"));
+            let mut cmd = Command::new(herd_bin());
+            cmd.args(["run", "-w", "2", "--balance", mode]);
+            if configured {
+                cmd.arg("-l").arg(format!("unix:{}", sock.display()));
+            } else {
+                cmd.arg("--no-listen");
+            }
+            cmd.arg("--").arg("node").arg(&app).env("SOCK", &sock);
+            let herd = Herd::spawn(cmd);
+            herd.stderr.wait_for_nth("both listening", STARTUP, 2, |l| {
+                l.contains(&format!("listening on unix:{}", sock.display()))
+                    && l.contains("worker ")
+            });
+            let mut seen = HashSet::new();
+            for _ in 0..60 {
+                let answer = unix_get(&sock).expect("the app answers on its path");
+                assert!(answer.ends_with(" true"), "a cluster worker: {answer}");
+                seen.insert(answer);
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+            assert_eq!(
+                seen.len(),
+                2,
+                "{mode}, configured {configured}: both workers serve: {seen:?}\n{}",
+                herd.stderr.all().join("\n")
+            );
+        }
     }
 }

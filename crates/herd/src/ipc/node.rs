@@ -163,6 +163,9 @@ pub enum ClusterMessage {
         udp: bool,
         /// `listen({fd})`: a descriptor the worker names.
         fd: Option<i32>,
+        /// `listen(path)`: a Unix socket path (Node sends it as the address,
+        /// made absolute, with port -1).
+        path: Option<String>,
         /// How many servers this worker asked for the same address before
         /// (Node's `index`): a second `listen(0)` in one worker wants a new
         /// port, a second `listen(8000)` an `EADDRINUSE`.
@@ -174,6 +177,8 @@ pub enum ClusterMessage {
         address: Option<String>,
         /// The port it listens on.
         port: u16,
+        /// The Unix socket path it listens on (`listen(path)`).
+        path: Option<String>,
     },
     /// `{ack, accepted}`: the answer to a round-robin `newconn`.
     Accepted {
@@ -205,6 +210,13 @@ impl ClusterMessage {
         let str_of = |k: &str| message.get(k).and_then(|v| v.as_str()).map(String::from);
         let u64_of = |k: &str| message.get(k).and_then(|v| v.as_u64());
         let port = u64_of("port").and_then(|p| u16::try_from(p).ok());
+        // Node's own test for a pipe: a string address with a negative port.
+        let path = message
+            .get("port")
+            .and_then(|p| p.as_i64())
+            .filter(|p| *p < 0)
+            .and_then(|_| str_of("address"))
+            .filter(|a| !a.is_empty());
         Some(match str_of("act").as_deref() {
             Some("online") => ClusterMessage::Online,
             Some("queryServer") => match u64_of("seq") {
@@ -218,6 +230,7 @@ impl ClusterMessage {
                         .and_then(|v| v.as_i64())
                         .and_then(|fd| i32::try_from(fd).ok())
                         .filter(|fd| *fd >= 0),
+                    path,
                     index: u64_of("index").unwrap_or(0),
                 },
                 None => ClusterMessage::Other,
@@ -229,6 +242,7 @@ impl ClusterMessage {
             Some("listening") => ClusterMessage::Listening {
                 address: str_of("address"),
                 port: port.unwrap_or(0),
+                path,
             },
             None => match (u64_of("ack"), message.get("accepted")) {
                 (Some(id), Some(accepted)) => ClusterMessage::Accepted {
@@ -391,6 +405,22 @@ mod tests {
                 port: Some(8000),
                 udp: false,
                 fd: None,
+                path: None,
+                index: 0
+            })
+        );
+        assert_eq!(
+            parse(
+                json!({"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,
+                         "address":"/run/app.sock","port":-1,"addressType":-1,"seq":4})
+            ),
+            Some(ClusterMessage::QueryServer {
+                seq: 4,
+                address: Some("/run/app.sock".into()),
+                port: None,
+                udp: false,
+                fd: None,
+                path: Some("/run/app.sock".into()),
                 index: 0
             })
         );
@@ -405,6 +435,7 @@ mod tests {
                 port: None,
                 udp: false,
                 fd: Some(3),
+                path: None,
                 index: 0
             })
         );

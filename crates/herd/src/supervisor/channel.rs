@@ -36,7 +36,11 @@ pub(super) enum ChannelEvent {
     /// A Node worker closed its server for this key.
     NodeClose { key: String },
     /// A Node worker's server is listening on this address.
-    NodeListening { address: Option<String>, port: u16 },
+    NodeListening {
+        address: Option<String>,
+        port: u16,
+        path: Option<String>,
+    },
     /// The worker sent something that is not a message (over the size
     /// limit, not JSON, a bad frame): it was skipped; the channel stays open.
     Skipped(String),
@@ -69,6 +73,7 @@ pub(super) struct NodeQuery {
     pub(super) port: Option<u16>,
     pub(super) udp: bool,
     pub(super) fd: Option<i32>,
+    pub(super) path: Option<String>,
     pub(super) index: u64,
 }
 
@@ -114,6 +119,7 @@ impl WireDecoder for NodeDecoder {
                     port,
                     udp,
                     fd,
+                    path,
                     index,
                 } => ChannelEvent::NodeQuery(NodeQuery {
                     seq,
@@ -121,12 +127,19 @@ impl WireDecoder for NodeDecoder {
                     port,
                     udp,
                     fd,
+                    path,
                     index,
                 }),
                 ClusterMessage::Close { key } => ChannelEvent::NodeClose { key },
-                ClusterMessage::Listening { address, port } => {
-                    ChannelEvent::NodeListening { address, port }
-                }
+                ClusterMessage::Listening {
+                    address,
+                    port,
+                    path,
+                } => ChannelEvent::NodeListening {
+                    address,
+                    port,
+                    path,
+                },
                 ClusterMessage::Accepted { id, accepted: true } => ChannelEvent::Taken { id },
                 ClusterMessage::Accepted {
                     id,

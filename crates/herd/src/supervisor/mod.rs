@@ -1295,8 +1295,15 @@ impl Supervisor {
             }
             ChannelEvent::NodeQuery(query) => self.on_node_query(slot, from, query),
             ChannelEvent::NodeClose { key } => self.on_node_close(slot, from, &key),
-            ChannelEvent::NodeListening { address, port } => {
-                let address = self.resolve_listening(address, port);
+            ChannelEvent::NodeListening {
+                address,
+                port,
+                path,
+            } => {
+                let address = match path {
+                    Some(path) => format!("unix:{path}"),
+                    None => self.resolve_listening(address, port),
+                };
                 self.report_listening(slot, from, &address)
             }
             ChannelEvent::Closed => {

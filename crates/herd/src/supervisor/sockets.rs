@@ -207,6 +207,11 @@ impl Supervisor {
     /// with one warning naming both addresses for a specific other host —
     /// instead of colliding with herd's own socket and crash-looping.
     pub(super) fn node_spec(&mut self, q: &NodeQuery) -> Result<String, (String, i32)> {
+        // `listen(path)`: a Unix socket, the configured one if `-l unix:`
+        // names the same path, else bound on request.
+        if let Some(path) = &q.path {
+            return Ok(format!("unix:{path}"));
+        }
         if let Some(fd) = q.fd {
             // The sockets handed to workers, in LISTEN_FDS order.
             let handed: Vec<&ListenSpec> = (0..self.listeners.specs().len())
