@@ -242,3 +242,64 @@ fn address_in_use_is_named() {
         );
     }
 }
+
+/// A server that binds its own port instead of taking herd's socket
+/// (`python3 -m http.server PORT`): herd says so, once for the worker
+/// serving on its own socket and once for the ones that die of "address
+/// already in use", instead of failing silently.
+#[test]
+fn a_server_that_ignores_herds_socket_is_named_once() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipped: python3 is not installed");
+        return;
+    }
+    let herds = free_port();
+    let own = free_port();
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        &format!("127.0.0.1:{herds}"),
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+        &own.to_string(),
+    ]);
+    let own_line = herd
+        .stderr
+        .wait_for("the own-socket warning", STARTUP, |l| {
+            l.contains("on a socket herd did not give it")
+        });
+    assert!(
+        own_line.contains(&format!("listens on 127.0.0.1:{own} itself"))
+            && own_line.contains(&format!("herd listens on 127.0.0.1:{herds}")),
+        "{own_line}"
+    );
+    let in_use = herd
+        .stderr
+        .wait_for("the address-in-use warning", STARTUP, |l| {
+            l.contains("failed with \"address already in use\"")
+        });
+    assert!(in_use.contains("uvicorn --fd 3"), "{in_use}");
+    // Slot 1 keeps dying of it; the warnings are not repeated.
+    herd.stderr
+        .wait_for_nth("more deaths of slot 1", STARTUP, 3, |l| {
+            l.contains(" died (")
+        });
+    for what in [
+        "on a socket herd did not give it",
+        "address already in use\":",
+    ] {
+        let n = herd
+            .stderr
+            .all()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count();
+        assert_eq!(n, 1, "{what:?} said {n} times");
+    }
+}

@@ -46,6 +46,7 @@ use crate::sys::{self, ExecPlan};
 use crate::{Error, ExecError};
 
 mod channel;
+mod probe;
 mod sockets;
 mod tree;
 
@@ -79,6 +80,9 @@ enum SlotState {
         /// as a warning, the rest at debug level (a worker must not flood
         /// herd's log).
         refusals: u64,
+        /// How many of its listening-socket probes ([`probe::PROBE_AFTER`])
+        /// were done.
+        probes: usize,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -292,6 +296,10 @@ pub(crate) struct Supervisor {
     /// Addresses Node workers asked for that herd answered with a
     /// configured socket on another host (warned about once each).
     host_warned: HashSet<String>,
+    /// Whether a worker was seen serving on a socket of its own, or dying
+    /// of "address already in use", and herd said so (once each).
+    own_listener_warned: bool,
+    address_in_use_warned: bool,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
     /// Where workers' cgroups go, when workers are contained by cgroups.
@@ -434,6 +442,8 @@ impl Supervisor {
             remnants: Vec::new(),
             ignored_logged: 0,
             host_warned: HashSet::new(),
+            own_listener_warned: false,
+            address_in_use_warned: false,
             worker_nofile,
             cgroups,
             no_cgroups,
@@ -615,6 +625,9 @@ impl Supervisor {
                         disconnecting: Some(kill_at),
                         ..
                     } => Some(kill_at),
+                    SlotState::Running {
+                        started, probes, ..
+                    } => self.probe_due(started, probes),
                     _ => None,
                 })
                 .min(),
@@ -702,6 +715,7 @@ impl Supervisor {
                 for slot in due {
                     self.spawn(slot);
                 }
+                self.probe_workers(now);
                 for s in &mut self.slots {
                     if let SlotState::Running {
                         pid,
@@ -896,6 +910,7 @@ impl Supervisor {
             skipped: 0,
             cgroup,
             refusals: 0,
+            probes: 0,
         };
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
@@ -971,6 +986,90 @@ impl Supervisor {
         // Connections it was handed and has not taken stay its own until it
         // exits: it reads every frame queued before the close and may still
         // take them (its acks are still heard).
+    }
+
+    /// When a worker started at `started` that had `probes` probes is
+    /// next looked at for listening sockets of its own; `None`: never
+    /// (nothing to compare with, done, or already said).
+    fn probe_due(&self, started: Instant, probes: usize) -> Option<Instant> {
+        if self.config.listen.is_empty() || self.own_listener_warned {
+            return None;
+        }
+        probe::PROBE_AFTER.get(probes).map(|after| started + *after)
+    }
+
+    /// Looks at the listening sockets of workers whose probe is due: one
+    /// serving on a socket of its own ignores herd's, and herd says so once.
+    fn probe_workers(&mut self, now: Instant) {
+        let due: Vec<(usize, u32)> = self
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| match &mut s.state {
+                SlotState::Running {
+                    pid,
+                    started,
+                    probes,
+                    ..
+                } if probe::PROBE_AFTER
+                    .get(*probes)
+                    .is_some_and(|after| *started + *after <= now) =>
+                {
+                    *probes += 1;
+                    Some((i, *pid))
+                }
+                _ => None,
+            })
+            .collect();
+        if due.is_empty() || self.own_listener_warned || self.config.listen.is_empty() {
+            return;
+        }
+        let herds = self.socket_inodes();
+        for (slot, pid) in due {
+            let own = probe::own_listeners(pid, &herds);
+            if own.is_empty() {
+                continue;
+            }
+            self.own_listener_warned = true;
+            let own: Vec<String> = own.iter().map(|a| a.to_string()).collect();
+            warn!(
+                slot,
+                pid,
+                "worker {pid} listens on {} itself, on a socket herd did not give it, while \
+                 herd listens on {} (passed as fd 3.., LISTEN_FDS): if that is the app's \
+                 server, it ignores herd's socket and requests to herd's address wait; pass \
+                 it the socket (e.g. uvicorn --fd 3, gunicorn without --bind; README: \
+                 running servers under herd) or change -l (said once)",
+                own.join(", "),
+                self.listen_summary(),
+            );
+            break;
+        }
+    }
+
+    /// The inodes of every socket herd holds, configured or bound on request.
+    fn socket_inodes(&self) -> HashSet<u64> {
+        let mut inodes = HashSet::new();
+        let sets = std::iter::once(&self.listeners)
+            .chain(self.on_demand.iter().flatten().map(|d| &d.listeners));
+        for listeners in sets {
+            for i in 0..listeners.specs().len() {
+                for slot in 0..self.slots.len() {
+                    inodes.extend(probe::inode(listeners.socket(i, slot)));
+                }
+            }
+        }
+        inodes
+    }
+
+    /// herd's configured addresses, for messages.
+    fn listen_summary(&self) -> String {
+        self.listeners
+            .specs()
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Whether workers are Node cluster workers (`NODE_UNIQUE_ID`).
@@ -1531,6 +1630,22 @@ impl Supervisor {
         let healthy = (ready || uptime >= self.config.min_uptime) && !failed_by_itself(&status);
         if healthy {
             self.served = true;
+        }
+        if !healthy
+            && !self.address_in_use_warned
+            && !self.config.listen.is_empty()
+            && probe::said_address_in_use(&stderr)
+        {
+            self.address_in_use_warned = true;
+            warn!(
+                slot,
+                pid,
+                "worker {pid} failed with \"address already in use\": it binds an address \
+                 itself instead of taking herd's socket on {} (passed as fd 3.., LISTEN_FDS); \
+                 pass it the socket (e.g. uvicorn --fd 3, gunicorn without --bind; README: \
+                 running servers under herd) or change -l (said once)",
+                self.listen_summary()
+            );
         }
         self.slots[slot].last_exit = Some((how.clone(), stderr));
         let succeeded = matches!(&status, Ok(s) if s.success());

@@ -29,7 +29,7 @@ pub(super) struct OnDemand {
     /// Node's `index` of the request (0 for herd workers): workers share a
     /// socket they ask for with the same text and index.
     nth: u64,
-    listeners: Listeners,
+    pub(super) listeners: Listeners,
     /// The workers (pids) that were given it and have not let go.
     holders: std::collections::HashSet<u32>,
     /// The acceptor task, under round-robin (it holds a copy of the socket).
