@@ -600,6 +600,10 @@ mod tests {
     }
 
     async fn disconnect_once(script: &str) -> (Option<i32>, Option<i32>) {
+        // One cluster at a time in this process: a cluster reaps children of
+        // its process that it does not know, another cluster's workers too.
+        static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _serial = SERIAL.lock().await;
         let (handle, mut events) = Cluster::bind(sh(script)).unwrap().start().unwrap();
         let Event::Spawned { pid: first, .. } =
             next(&mut events, |e| matches!(e, Event::Spawned { .. })).await

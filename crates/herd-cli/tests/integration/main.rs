@@ -1,7 +1,7 @@
 //! Integration tests: the real `herd` binary, real worker programs, real
-//! sockets on 127.0.0.1. One binary, a module per area.
+//! sockets on 127.0.0.1. One binary, a module per area; the library driven
+//! in-process is in `tests/library` (a cluster owns process-wide state).
 
-mod api;
 mod bad_input;
 mod demo;
 mod examples;

@@ -12,6 +12,7 @@ use herd::{
 };
 use serde_json::{json, Value};
 
+use crate::serial;
 use crate::util::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -120,6 +121,7 @@ async fn exit_of(events: &mut Events, pid: u32) -> (Event, Vec<Event>) {
 
 #[tokio::test]
 async fn worker_handle_sends_passes_fds_kills_and_reports_death() {
+    let _serial = serial().await;
     let (cluster, mut events) = start(config(1));
     let (pid, before) = ready(&mut events, 0).await;
     let kinds: Vec<&str> = before
@@ -182,6 +184,7 @@ async fn worker_handle_sends_passes_fds_kills_and_reports_death() {
 
 #[tokio::test]
 async fn fork_adds_a_supervised_slot_with_its_own_environment() {
+    let _serial = serial().await;
     let (cluster, mut events) = start(config(1));
     ready(&mut events, 0).await;
     let forked = cluster
@@ -218,6 +221,7 @@ async fn fork_adds_a_supervised_slot_with_its_own_environment() {
 
 #[tokio::test]
 async fn disconnect_asks_the_worker_to_drain_then_refills_the_slot() {
+    let _serial = serial().await;
     let (cluster, mut events) = start(config(1));
     let (pid, _) = ready(&mut events, 0).await;
     let worker = cluster.worker(0).await.unwrap().unwrap();
@@ -256,6 +260,7 @@ async fn disconnect_asks_the_worker_to_drain_then_refills_the_slot() {
 
 #[tokio::test]
 async fn a_worker_can_close_its_own_channel_and_live_on() {
+    let _serial = serial().await;
     let (cluster, mut events) = start(config(1));
     let (pid, _) = ready(&mut events, 0).await;
     let worker = cluster.worker(0).await.unwrap().unwrap();
@@ -276,6 +281,7 @@ async fn a_worker_can_close_its_own_channel_and_live_on() {
 
 #[tokio::test]
 async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
+    let _serial = serial().await;
     // Fits in the socket buffer, so the worker can write it all and exit
     // while the primary is not reading.
     const BURST: u64 = 2000;
@@ -309,6 +315,7 @@ async fn messages_sent_just_before_exit_all_arrive_before_the_exit() {
 
 #[tokio::test]
 async fn workers_get_tcp_unix_and_udp_sockets_from_the_primary() {
+    let _serial = serial().await;
     let dir = TempDir::new("api-listen");
     let (cluster, mut events) = start(config(2));
     let [a, b] = all_ready(&mut events, 2).await[..] else {
@@ -438,6 +445,7 @@ async fn settle(cluster: &ClusterHandle, expect: &[(u32, usize)]) {
 
 #[tokio::test]
 async fn least_connections_sends_new_connections_to_the_idlest_worker() {
+    let _serial = serial().await;
     let (cluster, mut events, addr) = start_rr(herd::Picker::LeastConnections);
     let [a, b] = all_ready(&mut events, 2).await[..] else {
         unreachable!()
@@ -469,6 +477,7 @@ async fn least_connections_sends_new_connections_to_the_idlest_worker() {
 
 #[tokio::test]
 async fn sticky_keeps_one_client_on_one_worker() {
+    let _serial = serial().await;
     let (cluster, mut events, addr) = start_rr(herd::Picker::Sticky);
     all_ready(&mut events, 2).await;
     let mut pids = std::collections::HashSet::new();
@@ -494,6 +503,7 @@ async fn sticky_keeps_one_client_on_one_worker() {
 /// queue; 1.6 M unread messages cost the primary 320 MB.)
 #[tokio::test]
 async fn unread_events_are_dropped_counted_and_reported() {
+    let _serial = serial().await;
     const QUEUE: usize = 64;
     const BURST: u64 = 5000;
     let mut config = config(1);
