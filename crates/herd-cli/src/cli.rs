@@ -14,6 +14,8 @@ use herd::{
 };
 
 const EXIT_STATUSES: &str = "\
+Durations (DURATION): 500ms, 10s, 1.5s, 2m, 1h; a bare number is seconds, as in systemd units.
+
 Exit status:
   0    stopped by SIGINT/SIGTERM, or every worker finished with status 0
   1    every worker finished and one failed (--restart never/on-failure), or an internal error

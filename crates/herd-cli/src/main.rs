@@ -177,7 +177,85 @@ fn init_tracing(format: LogFormatArg) {
     match format {
         LogFormatArg::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(TextFields)
             .init(),
         LogFormatArg::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// herd's text log lines: the message, then only the fields it does not
+/// already say (`worker 4745 spawned in slot 0`, not `… slot=0 pid=4745`).
+/// JSON lines keep every field.
+struct TextFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for TextFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut seen = Collected::default();
+        fields.record(&mut seen);
+        write!(writer, "{}", seen.message)?;
+        for (key, value) in &seen.fields {
+            if !said(&seen.message, key, value) {
+                write!(writer, " {key}={value}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An event's message and other fields, as text.
+#[derive(Default)]
+struct Collected {
+    message: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl tracing::field::Visit for Collected {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.fields.push((field.name(), value.to_string()));
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields.push((field.name(), format!("{value:?}")));
+        }
+    }
+}
+
+/// Whether `message` already says `key=value`: as "slot 1", or, for a value
+/// of 3 characters or more (a pid), as a word of its own.
+fn said(message: &str, key: &str, value: &str) -> bool {
+    message.contains(&format!("{key} {value}"))
+        || (value.len() >= 3
+            && message
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|word| word == value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::said;
+
+    #[test]
+    fn fields_the_message_says_are_not_repeated() {
+        assert!(said("worker 4745 spawned in slot 0", "slot", "0"));
+        assert!(said("worker 4745 spawned in slot 0", "pid", "4745"));
+        assert!(said(
+            "worker 4745's inspector: 127.0.0.1:9230",
+            "pid",
+            "4745"
+        ));
+        assert!(!said("worker 4745 died (exit code 1)", "slot", "1"));
+        assert!(!said("worker 4745 died (exit code 1)", "uptime_ms", "208"));
+        assert!(!said("worker 47451 died", "pid", "4745"));
     }
 }

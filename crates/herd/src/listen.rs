@@ -48,15 +48,20 @@ pub struct TcpAddress {
     pub host: Option<IpAddr>,
     /// The port; 0 asks the kernel for a free one (then shared by every slot).
     pub port: u16,
+    /// For a link-local IPv6 host: the interface index it is scoped to
+    /// (`[fe80::1%eth0]:P`, `%2`); 0 for none.
+    pub scope_id: u32,
 }
 
 impl TcpAddress {
     /// The concrete socket address to bind: `[::]` for "all interfaces".
     pub fn socket_addr(&self) -> SocketAddr {
-        SocketAddr::new(
-            self.host.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-            self.port,
-        )
+        match self.host {
+            Some(IpAddr::V6(ip)) if self.scope_id != 0 => {
+                SocketAddr::V6(std::net::SocketAddrV6::new(ip, self.port, 0, self.scope_id))
+            }
+            host => SocketAddr::new(host.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), self.port),
+        }
     }
 }
 
@@ -86,6 +91,27 @@ pub enum ListenSpecError {
         spec: String,
         /// The host text.
         host: String,
+    },
+    /// A link-local IPv6 address with no interface to scope it to.
+    #[error(
+        "listen spec {spec:?}: {host} is link-local and needs a scope, the interface it is on, \
+         e.g. [{host}%eth0]:{port}"
+    )]
+    NeedsScope {
+        /// The whole spec.
+        spec: String,
+        /// The address text.
+        host: String,
+        /// The port text.
+        port: u16,
+    },
+    /// A `%scope` that names no interface.
+    #[error("listen spec {spec:?}: no network interface {scope:?}")]
+    BadScope {
+        /// The whole spec.
+        spec: String,
+        /// The scope text.
+        scope: String,
     },
     /// A Unix socket path longer than `sun_path` allows.
     #[error("listen spec {spec:?}: unix socket path is {len} bytes, the limit is {UNIX_PATH_MAX}")]
@@ -171,16 +197,42 @@ fn parse_host_port(spec: &str, text: &str) -> Result<TcpAddress, ListenSpecError
         port: port.into(),
     })?;
     if host.is_empty() {
-        return Ok(TcpAddress { host: None, port });
+        return Ok(TcpAddress {
+            host: None,
+            port,
+            scope_id: 0,
+        });
     }
     let bad_host = || ListenSpecError::BadHost {
         spec: spec.into(),
         host: host.into(),
     };
-    if let Ok(ip) = host.parse::<IpAddr>() {
+    // `fe80::1%eth0`, `fe80::1%2`: an IPv6 address scoped to an interface.
+    let (ip_text, scope) = match host.split_once('%') {
+        Some((ip, scope)) => (ip, Some(scope)),
+        None => (host, None),
+    };
+    if let Ok(ip) = ip_text.parse::<IpAddr>() {
+        let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+        let scope_id = match scope {
+            None if link_local => {
+                return Err(ListenSpecError::NeedsScope {
+                    spec: spec.into(),
+                    host: ip_text.into(),
+                    port,
+                })
+            }
+            None => 0,
+            Some(_) if !ip.is_ipv6() => return Err(bad_host()),
+            Some(scope) => interface_index(scope).ok_or_else(|| ListenSpecError::BadScope {
+                spec: spec.into(),
+                scope: scope.into(),
+            })?,
+        };
         return Ok(TcpAddress {
             host: Some(ip),
             port,
+            scope_id,
         });
     }
     if host.contains(':') || host.contains('[') || host.contains(']') {
@@ -199,7 +251,23 @@ fn parse_host_port(spec: &str, text: &str) -> Result<TcpAddress, ListenSpecError
     Ok(TcpAddress {
         host: Some(pick.ip()),
         port,
+        scope_id: 0,
     })
+}
+
+/// An interface's index: `2`, or a name looked up in sysfs (`eth0`).
+fn interface_index(scope: &str) -> Option<u32> {
+    if let Ok(n) = scope.parse::<u32>() {
+        return (n != 0).then_some(n);
+    }
+    if scope.is_empty() || scope.contains('/') || scope.starts_with('.') {
+        return None;
+    }
+    std::fs::read_to_string(format!("/sys/class/net/{scope}/ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 impl ListenAddress {
@@ -217,6 +285,9 @@ impl fmt::Display for TcpAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.host {
             None => write!(f, ":{}", self.port),
+            Some(IpAddr::V6(ip)) if self.scope_id != 0 => {
+                write!(f, "[{ip}%{}]:{}", self.scope_id, self.port)
+            }
             Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
             Some(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
         }
@@ -249,7 +320,35 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn tcp(host: Option<IpAddr>, port: u16) -> ListenAddress {
-        ListenAddress::Tcp(TcpAddress { host, port })
+        ListenAddress::Tcp(TcpAddress {
+            host,
+            port,
+            scope_id: 0,
+        })
+    }
+
+    #[test]
+    fn link_local_needs_a_scope() {
+        let e = "[fe80::1]:8000"
+            .parse::<ListenSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fe80::1 is link-local and needs a scope"), "{e}");
+        assert!(e.contains("[fe80::1%eth0]:8000"), "{e}");
+        let lo: ListenSpec = "[fe80::1%1]:8000".parse().unwrap();
+        let ListenAddress::Tcp(a) = &lo.address else {
+            panic!("{lo:?}")
+        };
+        assert_eq!(a.scope_id, 1);
+        assert_eq!(lo.to_string(), "[fe80::1%1]:8000");
+        assert_eq!(lo.to_string().parse::<ListenSpec>().unwrap(), lo);
+        if std::path::Path::new("/sys/class/net/lo/ifindex").exists() {
+            let by_name: ListenSpec = "[fe80::1%lo]:8000".parse().unwrap();
+            assert_eq!(by_name, lo);
+        }
+        let e = "[fe80::1%nosuchif0]:1".parse::<ListenSpec>().unwrap_err();
+        assert!(e.to_string().contains("no network interface"), "{e}");
+        assert!("127.0.0.1%1:80".parse::<ListenSpec>().is_err());
     }
 
     #[test]
@@ -277,7 +376,11 @@ mod tests {
             (
                 "udp:127.0.0.1:53",
                 "udp",
-                ListenAddress::Udp(TcpAddress { host: v4, port: 53 }),
+                ListenAddress::Udp(TcpAddress {
+                    host: v4,
+                    port: 53,
+                    scope_id: 0,
+                }),
             ),
             (
                 "udp::53",
@@ -285,6 +388,7 @@ mod tests {
                 ListenAddress::Udp(TcpAddress {
                     host: None,
                     port: 53,
+                    scope_id: 0,
                 }),
             ),
             ("localhost:8000", "tcp", tcp(v4, 8000)),

@@ -40,6 +40,10 @@ fn bad_flags_and_specs_are_one_line_and_status_2() {
     );
     check(&["run", "--balance", "random"], "unknown balance mode");
     check(
+        &["run", "-l", "[fe80::1]:8000"],
+        "fe80::1 is link-local and needs a scope, the interface it is on, e.g. [fe80::1%eth0]:8000",
+    );
+    check(
         &["run", "--balance", "round-robin", "-l", "127.0.0.1:0"],
         "round-robin balancing hands connections to workers over an IPC channel",
     );

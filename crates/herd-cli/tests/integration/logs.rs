@@ -20,6 +20,18 @@ fn worker_lines_are_prefixed_with_slot_and_pid() {
         "err-line",
     ]);
     let pids = [herd.nth_spawned(1), herd.nth_spawned(2)];
+    // herd's own lines say each thing once: no `slot=0 pid=…` after
+    // "worker … spawned in slot 0".
+    let spawned: Vec<String> = herd
+        .stderr
+        .all()
+        .into_iter()
+        .filter(|l| l.contains(" spawned in slot "))
+        .collect();
+    assert_eq!(spawned.len(), 2);
+    for line in &spawned {
+        assert!(!line.contains("slot=") && !line.contains("pid="), "{line}");
+    }
     for (slot, pid) in pids.iter().enumerate() {
         let out = format!("[{slot} {pid}] out-line");
         herd.stdout.wait_for(&out, STARTUP, |l| l == out);
@@ -62,12 +74,15 @@ fn json_format_writes_one_object_per_line() {
     assert_eq!(worker["slot"], 0);
     assert_eq!(worker["pid"], pid);
     assert_eq!(worker["stream"], "stdout");
+    // JSON lines keep every field.
     assert!(err.iter().any(|l| {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
         v["message"]
             .as_str()
             .unwrap_or("")
             .contains("spawned in slot 0")
+            && v["slot"] == 0
+            && v["pid"] == pid
     }));
 }
 
