@@ -38,9 +38,7 @@ pub fn main(codec: Codec, count: u64, rtt: u64) -> Result<()> {
 }
 
 async fn worker(codec: Codec) -> Result<()> {
-    let mut ch = Channel::from_env()?
-        .context("no IPC channel")?
-        .with_codec(codec);
+    let mut ch = Channel::from_env()?.with_codec(codec);
     ch.ready().await?;
     let mut got = 0u64;
     while let Some(m) = ch.recv::<Msg>().await? {

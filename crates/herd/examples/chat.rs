@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 }
 
 async fn worker(id: usize) -> Result<(), Box<dyn Error>> {
-    let mut channel = Channel::from_env()?.ok_or("started without herd's IPC channel")?;
+    let mut channel = Channel::from_env()?;
     channel.ready().await?;
     let text = format!("hello from worker {id}");
     channel.send(&Chat::Say { from: id, text }).await?;

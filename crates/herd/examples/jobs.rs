@@ -42,7 +42,7 @@ fn count_primes(n: u64) -> u64 {
 }
 
 async fn worker() -> Result<(), Box<dyn Error>> {
-    let mut channel = Channel::from_env()?.ok_or("started without herd's IPC channel")?;
+    let mut channel = Channel::from_env()?;
     channel.ready().await?;
     // One job at a time until the primary closes the channel.
     while let Some(job) = channel.recv::<Job>().await? {

@@ -24,7 +24,12 @@ fn main() -> Result<(), Box<dyn Error>> {
 }
 
 async fn worker(addr: &str) -> Result<(), Box<dyn Error>> {
-    let mut channel = Channel::from_env()?;
+    // Under `herd run` (no herd channel) the example binds the socket itself.
+    let mut channel = match Channel::from_env() {
+        Ok(channel) => Some(channel),
+        Err(herd::worker::ChannelError::NotEnabled) => None,
+        Err(e) => return Err(e.into()),
+    };
     let listener = listen_tcp(channel.as_mut(), addr).await?;
     if let Some(channel) = channel.as_mut() {
         channel.ready().await?;

@@ -89,8 +89,35 @@ impl Cluster {
 
     /// Starts the supervisor task on the current tokio runtime; returns a
     /// handle to it and the stream of [`Event`]s. The runtime's threads must
-    /// live as long as the cluster (see the supervisor's docs): a
+    /// live as long as the cluster: workers get `PR_SET_PDEATHSIG`, which
+    /// fires when the *thread* that forked them exits, so a worker forked
+    /// from a pool thread that tokio retires would be killed. A
     /// current-thread runtime on the main thread is the simplest.
+    ///
+    /// ```
+    /// use herd::{Cluster, ClusterConfig, Event, Outcome, WorkerCommand};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let command = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), "sleep 30".into()])?;
+    /// let mut config = ClusterConfig::new(command);
+    /// config.workers = 2;
+    /// let (cluster, mut events) = Cluster::bind(config)?.start()?;
+    /// let mut started = 0;
+    /// while let Some(event) = events.recv().await {
+    ///     if let Event::Spawned { slot, pid } = event {
+    ///         println!("worker {pid} in slot {slot}");
+    ///         started += 1;
+    ///         if started == 2 {
+    ///             break;
+    ///         }
+    ///     }
+    /// }
+    /// cluster.stop()?; // as SIGTERM would: stop signal, then SIGKILL after stop_timeout
+    /// assert_eq!(cluster.wait().await?, Outcome::Stopped);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Events
     ///
@@ -125,6 +152,22 @@ impl Cluster {
     /// Runs the cluster until it stops (SIGINT/SIGTERM, or every worker
     /// finished under the restart policy). No events are produced: nothing
     /// queues for a reader that does not exist.
+    ///
+    /// ```
+    /// use herd::{Cluster, ClusterConfig, Outcome, RestartPolicy, WorkerCommand};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Three workers that each do a job and exit 0; none is restarted.
+    /// let job = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), "echo job $HERD_WORKER_ID".into()])?;
+    /// let mut config = ClusterConfig::new(job);
+    /// config.workers = 3;
+    /// config.restart = RestartPolicy::OnFailure;
+    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// let outcome = runtime.block_on(Cluster::bind(config)?.run())?;
+    /// assert_eq!(outcome, Outcome::Finished { all_succeeded: true });
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn run(self) -> Result<Outcome, Error> {
         self.start_with(EventSender::none())?.wait().await
     }
@@ -135,6 +178,35 @@ impl Cluster {
 }
 
 /// Something that happened to a worker.
+///
+/// ```
+/// use herd::{Cluster, ClusterConfig, Event, RestartPolicy, WorkerCommand};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let command = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), "exit 3".into()])?;
+/// let mut config = ClusterConfig::new(command);
+/// config.workers = 1;
+/// config.restart = RestartPolicy::Never;
+/// let (cluster, mut events) = Cluster::bind(config)?.start()?;
+/// while let Some(event) = events.recv().await {
+///     match event {
+///         Event::Spawned { slot, pid } => println!("worker {pid} started in slot {slot}"),
+///         Event::Ready { pid, .. } => println!("worker {pid} is ready"),
+///         Event::Message { pid, message, .. } => println!("worker {pid} says {message:?}"),
+///         Event::Exited { pid, code, signal, .. } => {
+///             println!("worker {pid} exited: code {code:?}, signal {signal:?}");
+///             assert_eq!(code, Some(3));
+///         }
+///         Event::Lagged { dropped } => println!("{dropped} events dropped: read faster"),
+///         _ => {}
+///     }
+/// }
+/// // The queue ends when the cluster does (here: its only worker is done).
+/// cluster.wait().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The event queue was full: this many events were dropped before the
@@ -210,8 +282,10 @@ pub enum Event {
     },
 }
 
-/// A message from a worker, still serialized.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message from a worker, still serialized. Its `Debug` shows JSON as
+/// text (`Message(json {"n":1})`) and postcard as its length, cut at 256
+/// bytes.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Message {
     codec: Codec,
     bytes: Vec<u8>,
@@ -235,6 +309,20 @@ impl Message {
     /// How the bytes are encoded.
     pub fn codec(&self) -> Codec {
         self.codec
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 256;
+        match self.codec {
+            Codec::Json => {
+                let text = String::from_utf8_lossy(&self.bytes[..self.bytes.len().min(SHOWN)]);
+                let more = if self.bytes.len() > SHOWN { "…" } else { "" };
+                write!(f, "Message(json {text}{more})")
+            }
+            Codec::Postcard => write!(f, "Message(postcard, {} bytes)", self.bytes.len()),
+        }
     }
 }
 
@@ -336,6 +424,40 @@ pub enum HandleError {
 
 /// Talks to a started cluster. Requests are queued; the supervisor acts on
 /// them in order.
+///
+/// What it does: [`stop`](Self::stop), [`wait`](Self::wait),
+/// [`send`](Self::send) to a slot, [`signal`](Self::signal) a slot,
+/// [`disconnect`](Self::disconnect) (retire a worker gracefully; a fresh one
+/// takes its slot), [`fork`](Self::fork) (a new slot), and
+/// [`worker`](Self::worker) / [`workers`](Self::workers) to look at them.
+///
+/// ```
+/// use herd::{Cluster, ClusterConfig, Event, Signal, WorkerCommand};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let command = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), "sleep 30".into()])?;
+/// let (cluster, mut events) = Cluster::bind(ClusterConfig::new(command))?.start()?;
+/// while !matches!(events.recv().await, Some(Event::Spawned { slot: 1, .. })) {}
+///
+/// let before = cluster.workers().await?;
+/// assert_eq!(before.len(), 2);
+/// // Kill slot 0's worker from outside, as an OOM killer would: herd replaces it.
+/// cluster.signal(0, Signal::KILL)?;
+/// let replacement = loop {
+///     if let Some(Event::Spawned { slot: 0, pid }) = events.recv().await {
+///         break pid;
+///     }
+/// };
+/// assert_ne!(replacement, before[0].pid);
+/// // Retire slot 1's worker gracefully (stop signal); it is replaced too.
+/// cluster.disconnect(1)?;
+/// while !matches!(events.recv().await, Some(Event::Spawned { slot: 1, .. })) {}
+/// cluster.stop()?;
+/// cluster.wait().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct ClusterHandle {
     commands: mpsc::UnboundedSender<Command>,
@@ -468,6 +590,33 @@ fn encode_for<T: Serialize>(
 ///
 /// Messages go straight to the worker's channel queue, not through the
 /// supervisor task: this is the fast path.
+///
+/// ```
+/// use herd::{Cluster, ClusterConfig, Signal, WorkerCommand, WorkerStatus};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let command = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), "sleep 30".into()])?;
+/// let mut config = ClusterConfig::new(command);
+/// config.workers = 1;
+/// let (cluster, _events) = Cluster::bind(config)?.start()?;
+/// let worker = loop {
+///     if let Some(w) = cluster.worker(0).await? {
+///         break w;
+///     }
+///     tokio::task::yield_now().await;
+/// };
+/// println!("slot {} runs pid {}", worker.id(), worker.pid());
+/// worker.kill(Signal::TERM)?;
+/// let status = worker.exited().await;
+/// let sigterm = Some(Signal::TERM.as_raw());
+/// assert_eq!(status, WorkerStatus::Dead { code: None, signal: sigterm });
+/// assert!(worker.is_dead());
+/// cluster.stop()?;
+/// cluster.wait().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct WorkerHandle {
     slot: usize,
@@ -643,6 +792,16 @@ mod tests {
         handle.stop().unwrap();
         assert_eq!(handle.wait().await.unwrap(), Outcome::Stopped);
         (code, signal)
+    }
+
+    #[test]
+    fn message_debug_is_readable() {
+        let m = Message::new(Codec::Json, br#"{"n":1}"#.to_vec());
+        assert_eq!(format!("{m:?}"), r#"Message(json {"n":1})"#);
+        let long = Message::new(Codec::Json, vec![b'1'; 1000]);
+        assert!(format!("{long:?}").ends_with("1…)"));
+        let p = Message::new(Codec::Postcard, vec![1, 2, 3]);
+        assert_eq!(format!("{p:?}"), "Message(postcard, 3 bytes)");
     }
 
     #[tokio::test]

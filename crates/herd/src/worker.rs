@@ -9,7 +9,7 @@
 //! match herd::role() {
 //!     herd::Role::Primary => { /* build and start a Cluster */ }
 //!     herd::Role::Worker { id } => {
-//!         let mut channel = herd::worker::Channel::from_env()?.expect("started by herd with Ipc::Herd");
+//!         let mut channel = herd::worker::Channel::from_env()?;
 //!         channel.ready().await?;
 //!         while let Some(job) = channel.recv::<u64>().await? {
 //!             channel.send(&(id, job * 2)).await?;
@@ -58,6 +58,13 @@ pub fn role() -> Role {
 /// Why the channel failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
+    /// This process has no channel: it was not started by a herd primary, or
+    /// the primary runs without herd's IPC.
+    #[error(
+        "no IPC channel: HERD_IPC_FD is not set (this process was not started as a worker by a \
+         herd primary whose ClusterConfig has `ipc = Ipc::Herd`; set it in the primary)"
+    )]
+    NotEnabled,
     /// `HERD_IPC_FD` is not a usable descriptor.
     #[error("HERD_IPC_FD={0:?} is not an open descriptor")]
     BadFd(String),
@@ -100,12 +107,34 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// The channel herd opened for this worker, or `None` when it has none
-    /// (not a worker, or the cluster runs without [`crate::Ipc::Herd`]). Must
-    /// be called inside a tokio runtime, once.
-    pub fn from_env() -> Result<Option<Channel>, ChannelError> {
+    /// The channel herd opened for this worker. Must be called inside a
+    /// tokio runtime, once.
+    ///
+    /// # Errors
+    ///
+    /// [`ChannelError::NotEnabled`] when this process has none: it is not a
+    /// worker, or its primary's [`ClusterConfig::ipc`](crate::ClusterConfig::ipc)
+    /// is not [`Ipc::Herd`](crate::Ipc::Herd) (match on it for a worker
+    /// that can run without one); [`ChannelError::BadFd`] when
+    /// `HERD_IPC_FD` names no open descriptor.
+    ///
+    /// ```
+    /// use herd::worker::{Channel, ChannelError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // Outside a cluster (as this doctest runs) there is no channel, and
+    /// // the error says how to get one.
+    /// match Channel::from_env() {
+    ///     Ok(mut channel) => channel.ready().await.unwrap(),
+    ///     Err(ChannelError::NotEnabled) => println!("running alone, no primary"),
+    ///     Err(e) => panic!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    pub fn from_env() -> Result<Channel, ChannelError> {
         let Ok(text) = std::env::var("HERD_IPC_FD") else {
-            return Ok(None);
+            return Err(ChannelError::NotEnabled);
         };
         let fd: RawFd = text
             .parse()
@@ -117,7 +146,7 @@ impl Channel {
         std::io::Write::write_all(&mut std, &frame::encode_control(&Control::Online, false)?)?;
         std.set_nonblocking(true)?;
         let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-        Ok(Some(Channel {
+        Ok(Channel {
             stream: UnixStream::from_std(std)?,
             decoder: FrameDecoder::default(),
             codec: Codec::Json,
@@ -129,7 +158,7 @@ impl Channel {
             closed_tx,
             closed_rx: Some(closed_rx),
             seq: 0,
-        }))
+        })
     }
 
     /// Sends with `codec` from now on (JSON by default; postcard is compact,
@@ -512,4 +541,20 @@ pub fn drain_requested() -> std::io::Result<impl std::future::Future<Output = ()
     Ok(async move {
         signal.recv().await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_process_without_a_channel_is_told_how_to_get_one() {
+        // The unit-test process was not started by a herd primary.
+        if std::env::var_os("HERD_IPC_FD").is_some() {
+            return;
+        }
+        let e = Channel::from_env().unwrap_err();
+        assert!(matches!(e, ChannelError::NotEnabled));
+        assert!(e.to_string().contains("`ipc = Ipc::Herd`"), "{e}");
+    }
 }

@@ -196,3 +196,39 @@ fn round_robin_hands_connections_a_dead_worker_never_took_to_another() {
     }
     assert!(!answered_by.contains(&format!("hello from {stalled}")));
 }
+
+/// The README's library example is `examples/readme.rs`, verbatim, and it
+/// runs: 2 workers, 6 answers, a clean stop.
+#[test]
+fn the_readme_example_is_the_example_file_and_it_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join("crates/herd/examples/readme.rs")).unwrap();
+    let code: String = example
+        .lines()
+        .skip_while(|l| l.starts_with("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let block = format!("```rust\n{}\n```", code.trim_matches('\n'));
+    assert!(
+        readme.contains(&block),
+        "README.md's library example differs from crates/herd/examples/readme.rs"
+    );
+    let mut child = Command::new(example_bin("readme"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("the readme example did not finish in 30 s");
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "{out}");
+    for n in [1u64, 2, 3, 11, 12, 13] {
+        let line = format!(": {n} squared is {}", n * n);
+        assert!(out.contains(&line), "{line:?} missing:\n{out}");
+    }
+    assert!(out.trim_end().ends_with("cluster Stopped"), "{out}");
+}
