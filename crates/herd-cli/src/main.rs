@@ -231,11 +231,12 @@ impl tracing::field::Visit for Collected {
     }
 }
 
-/// Whether `message` already says `key=value`: as "slot 1", or, for a value
-/// of 3 characters or more (a pid), as a word of its own.
+/// Whether `message` already says `key=value`: as "slot 1", or, for a pid,
+/// as a word of its own ("worker 4745 died"). Other fields always show
+/// (`delay_ms=136` beside "in 136.5ms": a number in the text may be another).
 fn said(message: &str, key: &str, value: &str) -> bool {
     message.contains(&format!("{key} {value}"))
-        || (value.len() >= 3
+        || (key == "pid"
             && message
                 .split(|c: char| !c.is_ascii_alphanumeric())
                 .any(|word| word == value))
@@ -257,5 +258,6 @@ mod tests {
         assert!(!said("worker 4745 died (exit code 1)", "slot", "1"));
         assert!(!said("worker 4745 died (exit code 1)", "uptime_ms", "208"));
         assert!(!said("worker 47451 died", "pid", "4745"));
+        assert!(!said("restarting slot 0 in 136.5ms", "delay_ms", "136"));
     }
 }
