@@ -47,6 +47,18 @@ pub enum Outcome {
     },
 }
 
+/// Whether two listen specs would claim the same port: same transport,
+/// same non-zero port, and the same host or a wildcard on either side.
+fn overlap(a: &crate::ListenSpec, b: &crate::ListenSpec) -> bool {
+    use crate::ListenAddress::{Tcp, Udp};
+    let (x, y) = match (&a.address, &b.address) {
+        (Tcp(x), Tcp(y)) | (Udp(x), Udp(y)) => (x, y),
+        _ => return false,
+    };
+    let wildcard = |h: Option<std::net::IpAddr>| h.is_none_or(|ip| ip.is_unspecified());
+    x.port != 0 && x.port == y.port && (wildcard(x.host) || wildcard(y.host) || x.host == y.host)
+}
+
 /// A cluster with its sockets bound. [`Cluster::run`] or [`Cluster::start`] drives it.
 pub struct Cluster {
     config: ClusterConfig,
@@ -75,6 +87,14 @@ impl Cluster {
                 return Err(Error::Config(format!(
                     "-l {spec} is given twice (each listen spec is bound once and shared by \
                      every worker)"
+                )));
+            }
+            // `127.0.0.1:P` and `:P`: the kernel refuses the second, and
+            // herd would report its own first socket as "in use".
+            if let Some(other) = config.listen[..i].iter().find(|o| overlap(o, spec)) {
+                return Err(Error::Config(format!(
+                    "-l {spec} overlaps -l {other}: a wildcard address (:P, 0.0.0.0:P, [::]:P) \
+                     includes every host on its port; give one of them"
                 )));
             }
         }

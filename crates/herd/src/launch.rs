@@ -105,6 +105,8 @@ fn script_request(argv: &[OsString]) -> Result<Option<ScriptRequest>, CommandErr
     let remaining: Vec<String> = rest.collect();
     let (name, mut extra) = match sub.as_str() {
         "start" => ("start".to_string(), remaining),
+        // npm's other lifecycle shorthands that run a script of that name.
+        "test" | "t" | "tst" => ("test".to_string(), remaining),
         "run" | "run-script" => {
             let mut it = remaining.into_iter();
             // Options between `run` and the name.
@@ -291,10 +293,10 @@ pub(crate) fn package_script(
         ("npm_package_json".into(), json_path.clone().into()),
         (
             "npm_command".into(),
-            if name == "start" {
-                "start"
-            } else {
-                "run-script"
+            // As npm 11 sets it.
+            match name.as_str() {
+                "start" | "test" => name.as_str(),
+                _ => "run",
             }
             .into(),
         ),
@@ -596,6 +598,10 @@ mod tests {
     #[test]
     fn package_manager_command_lines() {
         let req = |v: &[&str]| script_request(&os(v));
+        let got = req(&["npm", "test"]).unwrap().unwrap();
+        assert_eq!(got.name, "test");
+        let got = req(&["yarn", "test"]).unwrap().unwrap();
+        assert_eq!(got.name, "test");
         let got = req(&["npm", "start"]).unwrap().unwrap();
         assert_eq!((got.manager.as_str(), got.name.as_str()), ("npm", "start"));
         let got = req(&["npm", "run", "dev", "--", "--port", "3000"])

@@ -76,6 +76,12 @@ pub enum ListenSpecError {
         "listen spec {0:?} has no port (expected HOST:PORT, :PORT, unix:PATH or udp:HOST:PORT)"
     )]
     MissingPort(String),
+    /// Only a port, with no host: `-l 8000`.
+    #[error(
+        "listen spec {0:?} has a port but no host: use :{0} (every interface) or \
+         127.0.0.1:{0} (this machine only)"
+    )]
+    PortOnly(String),
     /// The port was not a number in 0..=65535.
     #[error("listen spec {spec:?}: {port:?} is not a port number (0-65535)")]
     BadPort {
@@ -186,8 +192,13 @@ fn parse_host_port(spec: &str, text: &str) -> Result<TcpAddress, ListenSpecError
             .ok_or_else(|| ListenSpecError::MissingPort(spec.into()))?;
         (host, port)
     } else {
-        text.rsplit_once(':')
-            .ok_or_else(|| ListenSpecError::MissingPort(spec.into()))?
+        text.rsplit_once(':').ok_or_else(|| {
+            if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                ListenSpecError::PortOnly(text.into())
+            } else {
+                ListenSpecError::MissingPort(spec.into())
+            }
+        })?
     };
     if port.is_empty() {
         return Err(ListenSpecError::MissingPort(spec.into()));

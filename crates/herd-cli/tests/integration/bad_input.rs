@@ -31,7 +31,15 @@ fn bad_flags_and_specs_are_one_line_and_status_2() {
     check(&["run", "-w", "0"], "at least 1 worker");
     check(&["run", "-w", "100000"], "at most 1024 workers");
     check(&["run", "-w", "many"], "expected a number or auto");
-    check(&["run", "-l", "8000"], "has no port");
+    check(
+        &["run", "-l", "8000"],
+        "has a port but no host: use :8000 (every interface) or 127.0.0.1:8000",
+    );
+    // Two specs that overlap (a wildcard includes every host on its port).
+    check(
+        &["run", "-l", "127.0.0.1:9", "-l", ":9"],
+        "-l :9 overlaps -l 127.0.0.1:9",
+    );
     check(&["run", "-l", "127.0.0.1:99999"], "not a port number");
     check(&["run", "-l", "[::1:80"], "has no port");
     check(

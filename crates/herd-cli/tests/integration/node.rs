@@ -725,3 +725,83 @@ http.createServer((req, res) => res.end(`${process.pid} ${cluster.isWorker}\n`))
         }
     }
 }
+
+/// herd's own inspector port for a worker is no server of the worker's:
+/// no "ignores herd's socket" warning for it.
+#[test]
+fn the_inspector_port_herd_gives_is_not_taken_for_a_server_of_its_own() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-inspect-probe");
+    let app = dir.path().join("app.js");
+    std::fs::write(
+        &app,
+        "require('http').createServer((q, s) => s.end('ok')).listen(parseInt(process.env.APP_PORT, 10));\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let inspector = free_port();
+    let mut cmd = Command::new(herd_bin());
+    cmd.args([
+        "run",
+        "-w",
+        "1",
+        "-l",
+        &format!("127.0.0.1:{port}"),
+        "--",
+        "node",
+    ])
+    .arg(format!("--inspect=127.0.0.1:{inspector}"))
+    .arg(&app)
+    .env("APP_PORT", port.to_string());
+    let herd = Herd::spawn(cmd);
+    herd.stderr.wait_for("the probe's verdict", STARTUP, |l| {
+        l.contains("holds no listening socket of its own")
+            || l.contains("on a socket herd did not give it")
+    });
+    assert!(
+        !herd
+            .stderr
+            .all()
+            .iter()
+            .any(|l| l.contains("on a socket herd did not give it")),
+        "{}",
+        herd.stderr.all().join("\n")
+    );
+}
+
+/// `app.listen(3000)` under `-l 127.0.0.1:P`: herd binds :3000 for the
+/// workers (as Node's primary would) and says that nothing serves P.
+#[test]
+fn a_node_app_on_a_port_of_its_own_is_named_once() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-own-port");
+    let port = free_port();
+    let own = free_port();
+    let herd = plain_app(
+        &dir,
+        "shared",
+        &format!("127.0.0.1:{port}"),
+        own,
+        Some("127.0.0.1"),
+    );
+    let line = herd.stderr.wait_for("the port warning", STARTUP, |l| {
+        l.contains("which is not one of herd's -l addresses")
+    });
+    assert!(
+        line.contains(&format!("listen on 127.0.0.1:{own}"))
+            && line.contains(&format!("(127.0.0.1:{port})"))
+            && line.contains(&format!("start herd with -l 127.0.0.1:{own}")),
+        "{line}"
+    );
+    herd.stderr.wait_for_nth("both listening", STARTUP, 2, |l| {
+        l.contains(&format!("listening on 127.0.0.1:{own}"))
+    });
+    let n = herd
+        .stderr
+        .count(|l| l.contains("which is not one of herd's -l addresses"));
+    assert_eq!(n, 1);
+}

@@ -83,6 +83,9 @@ enum SlotState {
         /// How many of its listening-socket probes ([`probe::PROBE_AFTER`])
         /// were done.
         probes: usize,
+        /// The ports herd gave its Node inspector: listeners of its own
+        /// that are no sign of ignoring herd's socket.
+        inspector_ports: Vec<u16>,
     },
     /// Waiting to restart (backoff); `failed` slots wait at the cap.
     Waiting { until: Instant },
@@ -237,6 +240,8 @@ struct NewWorker {
     cgroup: Option<std::path::PathBuf>,
     /// Where its execve reports failure (read once it exited).
     exec_err: OwnedFd,
+    /// The ports herd gave its Node inspector (not servers of its own).
+    inspector_ports: Vec<u16>,
 }
 
 /// How long an exit waits for the channel reader to reach EOF.
@@ -300,6 +305,10 @@ pub(crate) struct Supervisor {
     /// of "address already in use", and herd said so (once each).
     own_listener_warned: bool,
     address_in_use_warned: bool,
+    /// Whether any worker was given a configured (`-l`) socket, and whether
+    /// herd warned that workers listen on a port of their own instead.
+    configured_taken: bool,
+    port_warned: bool,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
     /// Where workers' cgroups go, when workers are contained by cgroups.
@@ -444,6 +453,8 @@ impl Supervisor {
             host_warned: HashSet::new(),
             own_listener_warned: false,
             address_in_use_warned: false,
+            configured_taken: false,
+            port_warned: false,
             worker_nofile,
             cgroups,
             no_cgroups,
@@ -890,6 +901,7 @@ impl Supervisor {
             stderr,
             cgroup,
             exec_err,
+            inspector_ports,
         } = new;
         info!(slot, pid, "worker {pid} spawned in slot {slot}");
         self.events.send(Event::Spawned { slot, pid });
@@ -911,6 +923,7 @@ impl Supervisor {
             cgroup,
             refusals: 0,
             probes: 0,
+            inspector_ports,
         };
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
@@ -1001,7 +1014,7 @@ impl Supervisor {
     /// Looks at the listening sockets of workers whose probe is due: one
     /// serving on a socket of its own ignores herd's, and herd says so once.
     fn probe_workers(&mut self, now: Instant) {
-        let due: Vec<(usize, u32)> = self
+        let due: Vec<(usize, u32, Vec<u16>)> = self
             .slots
             .iter_mut()
             .enumerate()
@@ -1010,13 +1023,14 @@ impl Supervisor {
                     pid,
                     started,
                     probes,
+                    inspector_ports,
                     ..
                 } if probe::PROBE_AFTER
                     .get(*probes)
                     .is_some_and(|after| *started + *after <= now) =>
                 {
                     *probes += 1;
-                    Some((i, *pid))
+                    Some((i, *pid, inspector_ports.clone()))
                 }
                 _ => None,
             })
@@ -1025,9 +1039,14 @@ impl Supervisor {
             return;
         }
         let herds = self.socket_inodes();
-        for (slot, pid) in due {
-            let own = probe::own_listeners(pid, &herds);
+        for (slot, pid, inspector) in due {
+            let mut own = probe::own_listeners(pid, &herds);
+            own.retain(|a| !inspector.contains(&a.port()));
             if own.is_empty() {
+                debug!(
+                    slot,
+                    pid, "worker {pid} holds no listening socket of its own"
+                );
                 continue;
             }
             self.own_listener_warned = true;
@@ -1037,11 +1056,11 @@ impl Supervisor {
                 pid,
                 "worker {pid} listens on {} itself, on a socket herd did not give it, while \
                  herd listens on {} (passed as fd 3.., LISTEN_FDS): if that is the app's \
-                 server, it ignores herd's socket and requests to herd's address wait; pass \
-                 it the socket (e.g. uvicorn --fd 3, gunicorn without --bind; README: \
-                 running servers under herd) or change -l (said once)",
+                 server, it ignores herd's socket and requests to herd's address wait; {} \
+                 (said once)",
                 own.join(", "),
                 self.listen_summary(),
+                self.socket_advice(),
             );
             break;
         }
@@ -1060,6 +1079,19 @@ impl Supervisor {
             }
         }
         inodes
+    }
+
+    /// How to make the workers take herd's socket, for warnings.
+    fn socket_advice(&self) -> &'static str {
+        if self.config.command.is_node() && !self.node_cluster_worker() {
+            "let Node's cluster protocol give it the socket (drop --node-cluster off), or \
+             listen({fd: 3}), or change -l"
+        } else if self.config.command.is_node() {
+            "give -l the address the app listens on, or listen({fd: 3})"
+        } else {
+            "pass it the socket (e.g. uvicorn --fd 3, gunicorn without --bind; README: running \
+             servers under herd) or change -l"
+        }
     }
 
     /// herd's configured addresses, for messages.
@@ -1288,6 +1320,10 @@ impl Supervisor {
             stderr,
             cgroup,
             exec_err: exec_err_read,
+            inspector_ports: inspect
+                .iter()
+                .filter_map(|a| a.rsplit(':').next()?.parse().ok())
+                .collect(),
         })
     }
 
@@ -1642,9 +1678,9 @@ impl Supervisor {
                 pid,
                 "worker {pid} failed with \"address already in use\": it binds an address \
                  itself instead of taking herd's socket on {} (passed as fd 3.., LISTEN_FDS); \
-                 pass it the socket (e.g. uvicorn --fd 3, gunicorn without --bind; README: \
-                 running servers under herd) or change -l (said once)",
-                self.listen_summary()
+                 {} (said once)",
+                self.listen_summary(),
+                self.socket_advice()
             );
         }
         self.slots[slot].last_exit = Some((how.clone(), stderr));

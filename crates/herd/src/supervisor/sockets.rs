@@ -359,6 +359,9 @@ impl Supervisor {
                     .iter()
                     .position(|s| s.address == spec.address)
             });
+        if configured.is_some() {
+            self.configured_taken = true;
+        }
         if configured.is_some() && nth > 0 {
             return Err((
                 format!("{text} is already served by this worker"),
@@ -421,6 +424,7 @@ impl Supervisor {
                     None
                 };
                 debug!("bound {} on request of worker {pid}", bound.specs()[0]);
+                self.warn_unconfigured_port(pid, &bound.specs()[0]);
                 self.on_demand[k] = Some(OnDemand {
                     text: text.to_string(),
                     nth,
@@ -447,6 +451,36 @@ impl Supervisor {
         let fd = rustix::io::fcntl_dupfd_cloexec(listeners.socket(index, slot), 0)
             .map_err(|e| (e.to_string(), e.raw_os_error()))?;
         Ok(SocketReply::Socket { fd, address })
+    }
+
+    /// A worker's first server on a port that is not herd's, while no
+    /// worker has taken a configured socket: the app most likely listens on
+    /// its own port (`app.listen(3000)` under the default `-l`), and herd's
+    /// address would serve nothing. Said once.
+    fn warn_unconfigured_port(&mut self, pid: u32, spec: &ListenSpec) {
+        let port = match &spec.address {
+            ListenAddress::Tcp(a) => a.port,
+            _ => return,
+        };
+        if port == 0 || self.configured_taken || self.port_warned || self.config.listen.is_empty() {
+            return;
+        }
+        self.port_warned = true;
+        let configured: Vec<String> = self
+            .listeners
+            .specs()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        warn!(
+            pid,
+            "worker {pid} asked to listen on {spec}, which is not one of herd's -l addresses \
+             ({}); herd bound it for the workers, as Node's cluster primary would, and nothing \
+             serves {} so far: if {spec} is the app's server, start herd with -l {spec} (or \
+             with the host it should listen on) (said once)",
+            configured.join(", "),
+            configured.join(", ")
+        );
     }
 
     /// Starts one acceptor task per round-robin socket of the configuration.
