@@ -386,8 +386,15 @@ fn remove_stale_unix_socket(path: &Path) -> Result<(), BindError> {
     if !meta.file_type().is_socket() {
         return Err(BindError::NotASocket(path.to_path_buf()));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(BindError::InUse(shown)),
+    // A non-blocking connect: a live server whose backlog is full (it
+    // listens but never accepts) answers EAGAIN at once, where a blocking
+    // connect would wait for it forever, with the supervisor.
+    let probe = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)
+        .map_err(|e| bind_error(&shown, e))?;
+    let addr = SockAddr::unix(path).map_err(|e| bind_error(&shown, e))?;
+    match probe.connect(&addr) {
+        Ok(()) => Err(BindError::InUse(shown)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(BindError::InUse(shown)),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             std::fs::remove_file(path).map_err(|e| bind_error(&shown, e))
         }

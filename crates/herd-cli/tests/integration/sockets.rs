@@ -303,3 +303,38 @@ fn a_server_that_ignores_herds_socket_is_named_once() {
         assert_eq!(n, 1, "{what:?} said {n} times");
     }
 }
+
+/// A live server on the socket file that listens but never accepts, its
+/// backlog full: herd says the address is in use at once instead of
+/// blocking in connect() (it hung, supervision with it).
+#[test]
+fn a_unix_socket_held_by_a_server_that_never_accepts_is_in_use_at_once() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dir = TempDir::new("unix-full");
+    let path = dir.path().join("full.sock");
+    let addr = SocketAddrUnix::new(&path).unwrap();
+    let server = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+    rustix::net::bind(&server, &addr).unwrap();
+    rustix::net::listen(&server, 0).unwrap();
+    // Fill its backlog with connections nobody accepts.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let c = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK,
+            None,
+        )
+        .unwrap();
+        if rustix::net::connect(&c, &addr).is_err() {
+            break;
+        }
+        clients.push(c);
+    }
+    let spec = format!("unix:{}", path.display());
+    let (status, stderr) = run_to_end(["run", "-l", &spec], Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already in use"), "{stderr}");
+    drop(clients);
+    drop(server);
+}
