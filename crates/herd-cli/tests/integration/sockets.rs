@@ -338,3 +338,40 @@ fn a_unix_socket_held_by_a_server_that_never_accepts_is_in_use_at_once() {
     drop(clients);
     drop(server);
 }
+
+/// The probe looks at the worker's whole tree: a grandchild serving on a
+/// port of its own is noticed too, with or without a cgroup per worker.
+#[test]
+fn a_grandchild_serving_on_its_own_port_is_noticed() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipped: python3 is not installed");
+        return;
+    }
+    for contain in ["auto", "process-group"] {
+        let herds = free_port();
+        let own = free_port();
+        let script = format!("(python3 -m http.server --bind 127.0.0.1 {own}; true); true");
+        let herd = Herd::start([
+            "run",
+            "-w",
+            "1",
+            "--contain",
+            contain,
+            "-l",
+            &format!("127.0.0.1:{herds}"),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        let line = herd
+            .stderr
+            .wait_for("the own-socket warning", STARTUP, |l| {
+                l.contains("on a socket herd did not give it")
+            });
+        assert!(
+            line.contains(&format!("127.0.0.1:{own} itself")),
+            "{contain}: {line}"
+        );
+    }
+}

@@ -209,6 +209,10 @@ enum Phase {
     },
 }
 
+/// Per probed worker: its slot, pid, and the addresses it listens on
+/// through sockets of its own.
+type ProbeResult = Vec<(usize, u32, Vec<std::net::SocketAddr>)>;
+
 /// How long Node workers get to run their SIGTERM handler before Node's
 /// `disconnect` may end their event loop (it would skip a handler still
 /// queued: Node's signal handles do not keep the loop alive).
@@ -309,6 +313,11 @@ pub(crate) struct Supervisor {
     /// herd warned that workers listen on a port of their own instead.
     configured_taken: bool,
     port_warned: bool,
+    /// A probe of workers' listening sockets is running (one at a time),
+    /// and where it answers.
+    probing: bool,
+    probe_tx: mpsc::UnboundedSender<ProbeResult>,
+    probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
     /// Where workers' cgroups go, when workers are contained by cgroups.
@@ -419,6 +428,7 @@ impl Supervisor {
             .collect();
         let (channel_tx, channel_rx) = mpsc::channel(256);
         let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
         let config_picker = config.picker;
         Ok(Supervisor {
             config,
@@ -455,6 +465,9 @@ impl Supervisor {
             address_in_use_warned: false,
             configured_taken: false,
             port_warned: false,
+            probing: false,
+            probe_tx,
+            probe_rx,
             worker_nofile,
             cgroups,
             no_cgroups,
@@ -554,6 +567,7 @@ impl Supervisor {
                     }
                 }
                 _ = self.events.room(), if !self.backlog.is_empty() => self.work_backlog(),
+                Some(found) = self.probe_rx.recv() => self.on_probe_result(found),
                 Some(command) = self.commands.recv() => {
                     self.on_command(command);
                     for _ in 0..BATCH {
@@ -1011,10 +1025,11 @@ impl Supervisor {
         probe::PROBE_AFTER.get(probes).map(|after| started + *after)
     }
 
-    /// Looks at the listening sockets of workers whose probe is due: one
-    /// serving on a socket of its own ignores herd's, and herd says so once.
+    /// Looks at the listening sockets of workers whose probe is due, on a
+    /// blocking-pool thread (a worker may hold thousands of descriptors):
+    /// the answer comes back as a [`ProbeResult`].
     fn probe_workers(&mut self, now: Instant) {
-        let due: Vec<(usize, u32, Vec<u16>)> = self
+        let due: Vec<(usize, u32, Vec<u16>, Option<std::path::PathBuf>)> = self
             .slots
             .iter_mut()
             .enumerate()
@@ -1024,30 +1039,53 @@ impl Supervisor {
                     started,
                     probes,
                     inspector_ports,
+                    cgroup,
                     ..
                 } if probe::PROBE_AFTER
                     .get(*probes)
                     .is_some_and(|after| *started + *after <= now) =>
                 {
                     *probes += 1;
-                    Some((i, *pid, inspector_ports.clone()))
+                    Some((i, *pid, inspector_ports.clone(), cgroup.clone()))
                 }
                 _ => None,
             })
             .collect();
-        if due.is_empty() || self.own_listener_warned || self.config.listen.is_empty() {
+        if due.is_empty()
+            || self.own_listener_warned
+            || self.config.listen.is_empty()
+            || self.probing
+        {
             return;
         }
+        self.probing = true;
         let herds = self.socket_inodes();
-        for (slot, pid, inspector) in due {
-            let mut own = probe::own_listeners(pid, &herds);
-            own.retain(|a| !inspector.contains(&a.port()));
+        let tx = self.probe_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            for (slot, pid, inspector, cgroup) in due {
+                let mut own = probe::own_listeners(pid, cgroup.as_deref(), &herds);
+                own.retain(|a| !inspector.contains(&a.port()));
+                found.push((slot, pid, own));
+            }
+            let _ = tx.send(found);
+        });
+    }
+
+    /// What a probe found: a worker serving on a socket of its own ignores
+    /// herd's, and herd says so once.
+    fn on_probe_result(&mut self, found: ProbeResult) {
+        self.probing = false;
+        for (slot, pid, own) in found {
             if own.is_empty() {
                 debug!(
                     slot,
                     pid, "worker {pid} holds no listening socket of its own"
                 );
                 continue;
+            }
+            if self.own_listener_warned {
+                return;
             }
             self.own_listener_warned = true;
             let own: Vec<String> = own.iter().map(|a| a.to_string()).collect();
@@ -1062,7 +1100,6 @@ impl Supervisor {
                 self.listen_summary(),
                 self.socket_advice(),
             );
-            break;
         }
     }
 

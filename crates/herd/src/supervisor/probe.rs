@@ -4,15 +4,17 @@
 //! `herd run -l 127.0.0.1:8000` bind an address of their own: requests to
 //! herd's address hang in a socket nobody accepts on, while the workers
 //! serve elsewhere or crash-loop on EADDRINUSE. The kernel says which
-//! listening sockets a worker holds (`/proc/PID/fd` and `/proc/PID/net/tcp*`)
-//! and herd knows the inodes of its own, so a worker (or one of its
-//! children) listening on a socket herd did not give it is noticed a few
-//! seconds after it starts; a worker that dies of "address already in use"
+//! listening sockets a worker holds (`/proc/PID/fd` and `/proc/PID/net/tcp*`,
+//! for every process of its tree: its cgroup's members, or its descendants)
+//! and herd knows the inodes of its own, so a worker listening on a socket
+//! herd did not give it is noticed a few seconds after it starts (the
+//! reading happens on a blocking-pool thread, never the supervisor's); a worker that dies of "address already in use"
 //! is noticed at its exit. The supervisor says so once, with the fix.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
+use std::path::Path;
 
 use procfs::net::TcpState;
 use procfs::process::{FDTarget, Process};
@@ -29,38 +31,87 @@ pub(super) fn inode(fd: BorrowedFd<'_>) -> Option<u64> {
     rustix::fs::fstat(fd).ok().map(|s| s.st_ino)
 }
 
-/// The TCP addresses that `pid` or its children listen on through sockets
-/// not in `herds` (herd's own sockets' inodes). Best effort: a process that
-/// is gone or unreadable shows nothing.
-pub(super) fn own_listeners(pid: u32, herds: &HashSet<u64>) -> Vec<SocketAddr> {
-    let Ok(process) = Process::new(pid as i32) else {
-        return Vec::new();
-    };
-    let mut pids = vec![pid];
-    if let Ok(children) = process.task_main_thread().and_then(|t| t.children()) {
-        pids.extend(children);
+/// The most processes of one worker's tree looked at.
+const MAX_PROCESSES: usize = 256;
+
+/// The processes of a worker's tree: its cgroup's members when it has a
+/// cgroup (grandchildren, double-forked daemons), else the worker and its
+/// descendants as `/proc/*/task/*/children` lists them.
+fn tree(pid: u32, cgroup: Option<&Path>) -> Vec<u32> {
+    if let Some(dir) = cgroup {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            let mut pids: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            if !pids.contains(&pid) {
+                pids.insert(0, pid);
+            }
+            pids.truncate(MAX_PROCESSES);
+            return pids;
+        }
     }
-    let mut inodes = HashSet::new();
-    for p in &pids {
-        let Ok(fds) = Process::new(*p as i32).and_then(|p| p.fd()) else {
+    let mut pids = vec![pid];
+    let mut i = 0;
+    while i < pids.len() && pids.len() < MAX_PROCESSES {
+        if let Ok(tasks) = Process::new(pids[i] as i32).and_then(|p| p.tasks()) {
+            for task in tasks.flatten() {
+                if let Ok(children) = task.children() {
+                    for c in children {
+                        if !pids.contains(&c) && pids.len() < MAX_PROCESSES {
+                            pids.push(c);
+                        }
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    pids
+}
+
+/// The TCP addresses that a worker's process tree listens on through
+/// sockets not in `herds` (herd's own sockets' inodes), each process's
+/// sockets looked up in its own network namespace's tables. Best effort: a
+/// process that is gone or unreadable shows nothing. Reads /proc at length
+/// (a worker may hold many descriptors): run it off the supervisor's thread.
+pub(super) fn own_listeners(
+    pid: u32,
+    cgroup: Option<&Path>,
+    herds: &HashSet<u64>,
+) -> Vec<SocketAddr> {
+    let mut found = Vec::new();
+    // Tables already read, by network namespace.
+    let mut tables: HashMap<u64, Vec<procfs::net::TcpNetEntry>> = HashMap::new();
+    for p in tree(pid, cgroup) {
+        let Ok(process) = Process::new(p as i32) else {
             continue;
         };
-        inodes.extend(fds.flatten().filter_map(|fd| match fd.target {
-            FDTarget::Socket(inode) if !herds.contains(&inode) => Some(inode),
-            _ => None,
-        }));
+        let Ok(fds) = process.fd() else {
+            continue;
+        };
+        let inodes: HashSet<u64> = fds
+            .flatten()
+            .filter_map(|fd| match fd.target {
+                FDTarget::Socket(inode) if !herds.contains(&inode) => Some(inode),
+                _ => None,
+            })
+            .collect();
+        if inodes.is_empty() {
+            continue;
+        }
+        let netns = std::fs::metadata(format!("/proc/{p}/ns/net"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0);
+        let table = tables.entry(netns).or_insert_with(|| {
+            let mut t = process.tcp().unwrap_or_default();
+            t.extend(process.tcp6().unwrap_or_default());
+            t
+        });
+        found.extend(
+            table
+                .iter()
+                .filter(|e| e.state == TcpState::Listen && inodes.contains(&e.inode))
+                .map(|e| e.local_address),
+        );
     }
-    if inodes.is_empty() {
-        return Vec::new();
-    }
-    // The worker's network namespace's tables (its own, should it have one).
-    let mut tables = process.tcp().unwrap_or_default();
-    tables.extend(process.tcp6().unwrap_or_default());
-    let mut found: Vec<SocketAddr> = tables
-        .into_iter()
-        .filter(|e| e.state == TcpState::Listen && inodes.contains(&e.inode))
-        .map(|e| e.local_address)
-        .collect();
     found.sort();
     found.dedup();
     found
@@ -85,7 +136,7 @@ mod tests {
         let herds = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         use std::os::fd::AsFd;
         let herd_inodes: HashSet<u64> = inode(herds.as_fd()).into_iter().collect();
-        let found = own_listeners(std::process::id(), &herd_inodes);
+        let found = own_listeners(std::process::id(), None, &herd_inodes);
         assert!(found.contains(&mine.local_addr().unwrap()), "{found:?}");
         assert!(!found.contains(&herds.local_addr().unwrap()), "{found:?}");
     }
