@@ -196,10 +196,10 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for TextFields {
     ) -> std::fmt::Result {
         let mut seen = Collected::default();
         fields.record(&mut seen);
-        write!(writer, "{}", seen.message)?;
+        write!(writer, "{}", escape_controls(&seen.message))?;
         for (key, value) in &seen.fields {
             if !said(&seen.message, key, value) {
-                write!(writer, " {key}={value}")?;
+                write!(writer, " {key}={}", field_value(value))?;
             }
         }
         Ok(())
@@ -231,6 +231,42 @@ impl tracing::field::Visit for Collected {
     }
 }
 
+/// Control characters (newlines, escape sequences, bidi overrides) shown
+/// escaped, so that text from a worker or a package.json cannot forge log
+/// lines or repaint the terminal.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        c.is_control()
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
+    if !text.contains(bad) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if bad(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// A field's value: quoted (as Rust's Debug quotes) when it holds a space,
+/// a quote, an `=` or a control character, so fields cannot be spoofed.
+fn field_value(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.is_empty()
+        || value.contains(|c: char| c.is_whitespace() || c == '"' || c == '=' || c.is_control())
+    {
+        format!("{value:?}").into()
+    } else {
+        escape_controls(value)
+    }
+}
+
 /// Whether `message` already says `key=value`: as "slot 1", or, for a pid,
 /// as a word of its own ("worker 4745 died"). Other fields always show
 /// (`delay_ms=136` beside "in 136.5ms": a number in the text may be another).
@@ -245,6 +281,17 @@ fn said(message: &str, key: &str, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::said;
+
+    #[test]
+    fn log_text_cannot_forge_lines_or_fields() {
+        use super::{escape_controls, field_value};
+        assert_eq!(escape_controls("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+        assert_eq!(escape_controls("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(escape_controls("plain"), "plain");
+        assert_eq!(field_value("sh -c x workers=99"), "\"sh -c x workers=99\"");
+        assert_eq!(field_value("a\nb"), "\"a\\nb\"");
+        assert_eq!(field_value("shared"), "shared");
+    }
 
     #[test]
     fn fields_the_message_says_are_not_repeated() {

@@ -369,3 +369,35 @@ fn merged_output_keeps_a_workers_lines_in_order() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// A command line (or a package.json script) with a newline or fields in it
+/// cannot forge herd's log lines or fields: values are quoted and escaped.
+#[test]
+fn herds_own_lines_cannot_be_forged_by_the_command() {
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--",
+        "sh",
+        "-c",
+        "sleep 30",
+        "workers=99 balance=evil\nFORGED ERROR line",
+    ]);
+    let line = herd.stderr.wait_for("the starting line", STARTUP, |l| {
+        l.contains("starting command=")
+    });
+    herd.nth_spawned(1);
+    assert!(
+        line.contains(
+            r#"command="sh -c sleep 30 workers=99 balance=evil\nFORGED ERROR line" workers=1"#
+        ),
+        "{line}"
+    );
+    assert!(
+        !herd.stderr.all().iter().any(|l| l.starts_with("FORGED")),
+        "{:?}",
+        herd.stderr.all()
+    );
+}
