@@ -204,6 +204,24 @@ pub(crate) fn package_script(
     argv: &[OsString],
     cwd: &Path,
 ) -> Result<Option<WorkerCommand>, CommandError> {
+    resolve_script(argv, cwd, &mut Vec::new())
+}
+
+/// The longest `package.json` herd reads.
+const MAX_PACKAGE_JSON: u64 = 16 << 20;
+/// The longest script: it also travels in `npm_lifecycle_script`, and exec
+/// refuses a variable over 128 KiB.
+const MAX_SCRIPT: usize = 64 << 10;
+/// How deep scripts may run other package scripts (`"start": "npm run serve"`).
+const MAX_NESTING: usize = 8;
+
+/// [`package_script`], for a script that may itself run package scripts:
+/// `seen` holds the (package.json, script) pairs already being resolved.
+fn resolve_script(
+    argv: &[OsString],
+    cwd: &Path,
+    seen: &mut Vec<(PathBuf, String)>,
+) -> Result<Option<WorkerCommand>, CommandError> {
     let Some(ScriptRequest {
         manager,
         name,
@@ -213,6 +231,7 @@ pub(crate) fn package_script(
     else {
         return Ok(None);
     };
+    let dir_given = dir.is_some();
     let start = match dir {
         Some(d) if d.is_absolute() => d,
         Some(d) => cwd.join(d),
@@ -226,30 +245,56 @@ pub(crate) fn package_script(
             format!("run {name}")
         }
     );
+    // npm takes --prefix as the package itself; without it, the nearest
+    // package.json from here up.
+    let exact = dir_given;
     let pkg_dir = start
         .ancestors()
+        .take(if exact { 1 } else { usize::MAX })
         .find(|d| d.join("package.json").is_file())
         .ok_or_else(|| {
             CommandError::Script(format!(
-                "{what}: no package.json in {} or any directory above; run the server \
-                 itself, e.g. herd run -- node server.js",
-                start.display()
+                "{what}: no package.json in {}{}; run the server itself, e.g. herd run -- \
+                 node server.js",
+                start.display(),
+                if exact { "" } else { " or any directory above" }
             ))
         })?
         .to_path_buf();
     let json_path = pkg_dir.join("package.json");
-    let text = std::fs::read_to_string(&json_path).map_err(|e| {
+    let cannot_read = |e: std::io::Error| {
         CommandError::Script(format!("{what}: cannot read {}: {e}", json_path.display()))
-    })?;
-    let package: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+    };
+    let size = std::fs::metadata(&json_path).map_err(cannot_read)?.len();
+    if size > MAX_PACKAGE_JSON {
+        return Err(CommandError::Script(format!(
+            "{what}: {} is {size} bytes, more than herd reads ({MAX_PACKAGE_JSON})",
+            json_path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(&json_path).map_err(cannot_read)?;
+    // npm accepts a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let package: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         CommandError::Script(format!(
             "{what}: {} is not valid JSON: {e}",
             json_path.display()
         ))
     })?;
     let scripts = package.get("scripts").and_then(|s| s.as_object());
-    let script = match scripts.and_then(|s| s.get(&name)).and_then(|s| s.as_str()) {
-        Some(s) => s.to_string(),
+    let script = match scripts.and_then(|s| s.get(&name)) {
+        Some(serde_json::Value::String(s)) => s.to_string(),
+        Some(other) => {
+            return Err(CommandError::Script(format!(
+                "{what}: the {name:?} script in {} is not a string: {}",
+                json_path.display(),
+                serde_json::to_string(other)
+                    .unwrap_or_default()
+                    .chars()
+                    .take(80)
+                    .collect::<String>()
+            )))
+        }
         // npm's own default for `start`.
         None if name == "start" && pkg_dir.join("server.js").is_file() => "node server.js".into(),
         None => {
@@ -267,6 +312,35 @@ pub(crate) fn package_script(
             )));
         }
     };
+    if script.contains('\0') {
+        return Err(CommandError::Script(format!(
+            "{what}: the {name:?} script holds a NUL byte, which no command line can carry"
+        )));
+    }
+    if script.len() > MAX_SCRIPT {
+        return Err(CommandError::Script(format!(
+            "{what}: the {name:?} script is {} bytes, more than herd runs ({MAX_SCRIPT})",
+            script.len()
+        )));
+    }
+    // A script that runs itself again (`"start": "npm start"`) would
+    // start package managers without end.
+    let key = (json_path.clone(), name.clone());
+    if seen.contains(&key) {
+        return Err(CommandError::Script(format!(
+            "{what}: the {name:?} script runs itself again (through {}), without end",
+            seen.iter()
+                .map(|(_, n)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" → ")
+        )));
+    }
+    if seen.len() >= MAX_NESTING {
+        return Err(CommandError::Script(format!(
+            "{what}: package scripts run package scripts more than {MAX_NESTING} deep"
+        )));
+    }
+    seen.push(key);
     for hook in [format!("pre{name}"), format!("post{name}")] {
         if scripts.is_some_and(|s| s.contains_key(&hook)) {
             tracing::warn!(
@@ -322,11 +396,42 @@ pub(crate) fn package_script(
                 }
             }
             argv.extend(words.map(OsString::from));
+            // `cross-env A=1 node x.js` and `env A=1 node x.js`: what they
+            // do, done here, so the app (not a Node wrapper) is the worker.
+            while argv.len() > 1
+                && matches!(
+                    Path::new(&argv[0]).file_name().and_then(|n| n.to_str()),
+                    Some("cross-env" | "env")
+                )
+                && argv[1].to_str().and_then(assignment).is_some()
+            {
+                argv.remove(0);
+                while let Some((k, v)) = argv.first().and_then(|a| a.to_str()).and_then(assignment)
+                {
+                    env.push((k.into(), v.into()));
+                    argv.remove(0);
+                }
+            }
+            let appended = extra.clone();
             argv.extend(extra);
             if argv.is_empty() {
                 return Err(CommandError::Script(format!(
                     "{what}: the {name:?} script runs no command: {script:?}"
                 )));
+            }
+            // `"start": "npm run serve"`: that script, resolved the same way.
+            let nested = Path::new(&argv[0])
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| MANAGERS.contains(&n));
+            if nested {
+                if let Some(mut inner) = resolve_script(&argv, &pkg_dir, seen)? {
+                    // The outer script's variables, then the inner's.
+                    env.retain(|(k, _)| !inner.env.iter().any(|(i, _)| i == k));
+                    env.append(&mut inner.env);
+                    inner.env = env;
+                    return Ok(Some(inner));
+                }
             }
             let program = find_program(&argv[0], &pkg_dir, &path).ok_or_else(|| {
                 CommandError::Script(format!(
@@ -335,6 +440,30 @@ pub(crate) fn package_script(
                     argv[0].to_string_lossy()
                 ))
             })?;
+            match std::fs::metadata(&program) {
+                Ok(m)
+                    if m.is_file()
+                        && rustix::fs::access(&program, rustix::fs::Access::EXEC_OK).is_ok() => {}
+                _ => return Err(CommandError::NotExecutable(program.display().to_string())),
+            }
+            if !runs_directly(&program) {
+                // No `#!` and no ELF header: sh runs it as a shell script,
+                // as it does under npm (execve's ENOEXEC fallback).
+                let mut line = script.clone();
+                for a in &appended {
+                    line.push(' ');
+                    line.push_str(&quote(&a.to_string_lossy()));
+                }
+                return Ok(Some(WorkerCommand {
+                    program: PathBuf::from("/bin/sh"),
+                    argv: vec!["sh".into(), "-c".into(), line.into()],
+                    env,
+                    dir: Some(pkg_dir),
+                    // As for any script run through sh: the channel and
+                    // NODE_UNIQUE_ID pass on to the node it runs.
+                    runtime: Runtime::NodeScript,
+                }));
+            }
             let runtime = runtime_of(&program);
             WorkerCommand {
                 program,
@@ -363,6 +492,14 @@ pub(crate) fn package_script(
         }
     };
     Ok(Some(command))
+}
+
+/// Whether exec can run `program` itself: an ELF binary or a `#!` script.
+fn runs_directly(program: &Path) -> bool {
+    let mut head = [0u8; 4];
+    std::fs::File::open(program)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| head.starts_with(b"#!") || head == *b"\x7fELF")
 }
 
 /// `'…'`-quotes a word for sh unless it needs none.
@@ -453,19 +590,24 @@ pub(crate) fn simple_command(script: &str) -> Option<Vec<String>> {
     Some(words)
 }
 
-/// The executable a script's first word names: a path (relative to the
-/// package) or a name looked up in `path`.
+/// The file a script's first word names: a path (relative to the package)
+/// or a name looked up in `path` (the first executable one, else the first
+/// that exists, so that a file without the execute bit is reported as such).
 fn find_program(word: &OsString, pkg_dir: &Path, path: &OsString) -> Option<PathBuf> {
     let is_exec =
         |p: &Path| p.is_file() && rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok();
     if word.to_string_lossy().contains('/') {
         let p = pkg_dir.join(word);
-        return is_exec(&p).then_some(p);
+        return p.exists().then_some(p);
     }
-    std::env::split_paths(path)
-        .map(|d| d.join(word))
+    let absolute = |p: PathBuf| if p.is_absolute() { p } else { pkg_dir.join(p) };
+    let candidates: Vec<PathBuf> = std::env::split_paths(path).map(|d| d.join(word)).collect();
+    candidates
+        .iter()
         .find(|p| is_exec(p))
-        .map(|p| if p.is_absolute() { p } else { pkg_dir.join(p) })
+        .or_else(|| candidates.iter().find(|p| p.exists()))
+        .cloned()
+        .map(absolute)
 }
 
 /// Whether `program` is Node: by its name (`node`, `nodejs`, `node20`), or

@@ -262,3 +262,95 @@ fn package_scripts_herd_cannot_run_are_one_line_and_status_2() {
     std::fs::write(dir.path().join("package.json"), "{not json").unwrap();
     check(dir.path(), &["pnpm", "start"], "is not valid JSON");
 }
+
+/// Scripts that run other scripts, or the app through `cross-env`, still
+/// make the app the worker: a Node wrapper in between would take the
+/// cluster channel and leave the app to bind the port itself.
+#[test]
+fn nested_scripts_and_cross_env_resolve_to_the_app() {
+    if npm_missing() {
+        return;
+    }
+    let dir = TempDir::new("npm-nested");
+    package(
+        dir.path(),
+        r#"{"start": "npm run serve", "serve": "cross-env NODE_ENV=production node server.js"}"#,
+    );
+    let (herd, port) = herd_in(dir.path(), &["npm", "start"]);
+    let seen = both_serve(&herd, port);
+    let cwd = dir.path().canonicalize().unwrap();
+    assert_eq!(
+        seen,
+        HashSet::from([format!("true serve production [] {}", cwd.display())])
+    );
+}
+
+/// An executable without a `#!` line runs under sh, as npm runs it.
+#[test]
+fn a_script_file_without_a_shebang_runs_under_sh() {
+    if npm_missing() {
+        return;
+    }
+    let dir = TempDir::new("npm-noshebang");
+    package(dir.path(), r#"{"start": "./run-it"}"#);
+    executable(&dir.path().join("run-it"), "exec node server.js \"$@\"\n");
+    let (herd, port) = herd_in(dir.path(), &["npm", "start"]);
+    let seen = both_serve(&herd, port);
+    assert!(seen.iter().all(|s| s.starts_with("true start")), "{seen:?}");
+}
+
+#[test]
+fn package_scripts_that_cannot_work_are_refused_by_name() {
+    let dir = TempDir::new("npm-refused");
+    let run = |cwd: &Path, args: &[&str]| {
+        let mut cmd = Command::new(herd_bin());
+        cmd.current_dir(cwd)
+            .args(["run", "-l", "127.0.0.1:0", "--"])
+            .args(args);
+        let mut herd = Herd::spawn(cmd);
+        let status = herd.wait(Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+        (status.code(), herd.stderr.all().join("\n"))
+    };
+    // A script that runs itself again.
+    std::fs::write(
+        dir.path().join("package.json"),
+        r#"{"scripts": {"start": "npm run again", "again": "npm start"}}"#,
+    )
+    .unwrap();
+    let (code, err) = run(dir.path(), &["npm", "start"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("runs itself again (through start → again)"),
+        "{err}"
+    );
+    // Not a string; a byte-order mark is fine.
+    std::fs::write(
+        dir.path().join("package.json"),
+        "\u{feff}{\"scripts\": {\"start\": 123}}",
+    )
+    .unwrap();
+    let (code, err) = run(dir.path(), &["npm", "start"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("script in") && err.contains("is not a string: 123"),
+        "{err}"
+    );
+    // A file that is not executable: 126, as for any command.
+    std::fs::write(
+        dir.path().join("package.json"),
+        r#"{"scripts": {"start": "./app.sh"}}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("app.sh"), "echo hi\n").unwrap();
+    let (code, err) = run(dir.path(), &["npm", "start"]);
+    assert_eq!(code, Some(126), "{err}");
+    // --prefix names the package itself: no search upwards.
+    std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+    let (code, err) = run(dir.path(), &["npm", "--prefix", "sub", "start"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("no package.json in") && !err.contains("or any directory above"),
+        "{err}"
+    );
+}
