@@ -134,6 +134,11 @@ impl Jitter {
         Jitter((nanos ^ (u64::from(std::process::id()) << 32)) | 1)
     }
 
+    /// Seeded with `seed`: the same numbers every run (tests).
+    pub fn seeded(seed: u64) -> Self {
+        Jitter(seed | 1)
+    }
+
     /// A number in `[0, 1)`.
     pub fn sample(&mut self) -> f64 {
         let mut x = self.0;

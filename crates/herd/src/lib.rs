@@ -73,6 +73,7 @@ mod events;
 mod inspect;
 pub mod ipc;
 mod launch;
+mod lifecycle;
 pub mod listen;
 pub mod output;
 mod round_robin;

@@ -31,13 +31,14 @@ use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::{Backoff, Intensity, Jitter};
+use crate::backoff::Jitter;
 use crate::cluster::{Cluster, Command, Event, Outcome, WorkerInfo, WorkerLink, WorkerStatus};
 use crate::config::Ipc;
-use crate::config::{signal_name, ClusterConfig, Containment, CrashLoopAction, RestartPolicy};
+use crate::config::{signal_name, ClusterConfig, Containment};
 use crate::events::EventSender;
 use crate::ipc::frame::FrameDecoder;
 use crate::ipc::node::{self, NodeDecoder};
+use crate::lifecycle::{Action, End, ExitFacts, Lifecycle, Note, Phase, Policy};
 use crate::output::{OutputSink, Stream, Tail};
 use crate::round_robin::RoundRobin;
 use crate::socket::Listeners;
@@ -55,13 +56,11 @@ use channel::{read_channel, write_channel, Batch, ChannelEvent};
 
 #[derive(Debug)]
 enum SlotState {
-    /// A worker is alive. `ready` once it said so (Node: `process.send('ready')`,
-    /// herd's channel: a Ready control frame); `channel` feeds the writer task
-    /// of its IPC channel, if it has one (dropping it closes the channel).
+    /// A worker is alive (its start time, readiness and retirement are the
+    /// lifecycle's); `channel` feeds the writer task of its IPC channel, if
+    /// it has one (dropping it closes the channel).
     Running {
         pid: u32,
-        started: Instant,
-        ready: bool,
         channel: Option<mpsc::UnboundedSender<Outgoing>>,
         /// What this worker's handles see; the supervisor is its only writer.
         status: watch::Sender<WorkerStatus>,
@@ -70,8 +69,6 @@ enum SlotState {
         /// The round-robin listeners a Node worker serves (its servers
         /// asked for them by `queryServer`): it takes their `newconn`s.
         rr_servers: Vec<usize>,
-        /// Set by a disconnect: when the worker gets SIGKILL if still alive.
-        disconnecting: Option<Instant>,
         /// Messages skipped (over the size limit, malformed); the first is logged.
         skipped: u64,
         /// Its own cgroup, when workers are contained by cgroups.
@@ -87,60 +84,28 @@ enum SlotState {
         /// that are no sign of ignoring herd's socket.
         inspector_ports: Vec<u16>,
     },
-    /// Waiting to restart (backoff); `failed` slots wait at the cap.
-    Waiting { until: Instant },
-    /// Not running and not coming back (restart policy, or stopping).
-    Done { succeeded: bool },
+    /// No live worker: waiting to restart, or done (the lifecycle knows which).
+    Empty,
 }
 
 struct Slot {
+    /// Its live worker's I/O.
     state: SlotState,
     /// Environment added for this slot's workers (`ClusterHandle::fork`).
     env: Vec<CString>,
-    backoff: Backoff,
-    intensity: Intensity,
-    failed: bool,
     /// How its last worker ended, and the last lines it wrote to stderr.
     last_exit: Option<(String, Vec<String>)>,
-    /// When its last few workers were started (at most `START_BURST`).
-    starts: VecDeque<Instant>,
 }
 
 impl Slot {
-    fn new(config: &ClusterConfig, env: Vec<CString>) -> Slot {
+    fn new(env: Vec<CString>) -> Slot {
         Slot {
-            state: SlotState::Done { succeeded: true },
+            state: SlotState::Empty,
             env,
-            backoff: Backoff::new(config.backoff),
-            intensity: Intensity::new(config.max_restarts, config.within),
-            failed: false,
             last_exit: None,
-            starts: VecDeque::new(),
         }
-    }
-
-    /// The earliest a new worker may start: whatever the policy says (even
-    /// with every delay set to zero), a slot starts at most `START_BURST`
-    /// workers a second, so a worker that exits at once cannot make herd spin.
-    fn may_start_at(&self, now: Instant) -> Instant {
-        match self.starts.front() {
-            Some(first) if self.starts.len() >= START_BURST => (*first + START_WINDOW).max(now),
-            _ => now,
-        }
-    }
-
-    fn started(&mut self, now: Instant) {
-        if self.starts.len() >= START_BURST {
-            self.starts.pop_front();
-        }
-        self.starts.push_back(now);
     }
 }
-
-/// A slot starts at most this many workers…
-const START_BURST: usize = 10;
-/// …within this window.
-const START_WINDOW: Duration = Duration::from_secs(1);
 
 /// What is left of a dead worker's process group (KillMode=control-group):
 /// it got the stop signal when the worker exited and gets SIGKILL at `kill_at`.
@@ -189,24 +154,6 @@ impl Remnant {
             tree::remove(dir);
         }
     }
-}
-
-/// A spawn that failed for lack of resources is retried no sooner than this,
-/// whatever the backoff says (zero delays must not become a busy loop).
-const SPAWN_RETRY_MIN: Duration = Duration::from_millis(100);
-
-enum Phase {
-    Running,
-    Stopping {
-        /// When what is left gets SIGKILL.
-        kill_at: Instant,
-        outcome: Outcome,
-        /// SIGKILL was sent (the stop timeout passed, or a second signal).
-        killed: bool,
-        /// When Node cluster workers get Node's `disconnect` (see
-        /// `release_node_workers`); `None` once sent or for other workers.
-        release_at: Option<Instant>,
-    },
 }
 
 /// Per probed worker: its slot, pid, and the addresses it listens on
@@ -268,7 +215,11 @@ pub(crate) struct Supervisor {
     config: ClusterConfig,
     listeners: Listeners,
     slots: Vec<Slot>,
-    phase: Phase,
+    /// Every decision about slots and workers: the pure core.
+    life: Lifecycle,
+    /// When Node cluster workers get Node's `disconnect` on stop (see
+    /// `release_node_workers`); `None` once sent, or for other workers.
+    node_release_at: Option<Instant>,
     exits: JoinSet<Exit>,
     /// The tasks forwarding workers' stdout and stderr: the cluster ends
     /// only once they drained what the workers wrote (bounded).
@@ -276,7 +227,6 @@ pub(crate) struct Supervisor {
     output: OutputSink,
     guardian: Option<Guardian>,
     marker: String,
-    jitter: Jitter,
     base_env: Vec<CString>,
     argv: Vec<CString>,
     /// From the workers' reader tasks: what one read decoded, in order.
@@ -293,9 +243,6 @@ pub(crate) struct Supervisor {
     commands: mpsc::UnboundedReceiver<Command>,
     /// What the library user sees; bounded, sends never block.
     events: EventSender,
-    /// Whether a worker has ever started successfully (up for `min_uptime`,
-    /// or ready). Until then a cluster whose every slot crash-loops gives up.
-    served: bool,
     /// An error that ends the cluster (the worker command cannot be executed).
     fatal: Option<Error>,
     /// Dead workers' process groups that still have members.
@@ -423,9 +370,13 @@ impl Supervisor {
                 }
             },
         };
-        let slots = (0..config.workers)
-            .map(|_| Slot::new(&config, Vec::new()))
-            .collect();
+        let slots = (0..config.workers).map(|_| Slot::new(Vec::new())).collect();
+        let life = Lifecycle::new(
+            Policy::from_config(&config),
+            config.workers,
+            Jitter::from_entropy(),
+            Instant::now(),
+        );
         let (channel_tx, channel_rx) = mpsc::channel(256);
         let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -434,13 +385,13 @@ impl Supervisor {
             config,
             listeners,
             slots,
-            phase: Phase::Running,
+            life,
+            node_release_at: None,
             exits: JoinSet::new(),
             forwarders: JoinSet::new(),
             output,
             guardian: None,
             marker,
-            jitter: Jitter::from_entropy(),
             base_env,
             argv,
             channel_tx,
@@ -456,7 +407,6 @@ impl Supervisor {
             node_ids: 0,
             backlog: VecDeque::new(),
             read_budget: std::sync::Arc::new(tokio::sync::Semaphore::new(channel::READ_BUDGET)),
-            served: false,
             fatal: None,
             remnants: Vec::new(),
             ignored_logged: 0,
@@ -514,12 +464,7 @@ impl Supervisor {
                 why.as_deref().unwrap_or("no cgroups")
             ),
         }
-        for slot in 0..self.slots.len() {
-            if !matches!(self.phase, Phase::Running) {
-                break; // the command cannot run: one error, not one per slot
-            }
-            self.spawn(slot);
-        }
+        self.perform();
 
         loop {
             if let Some(outcome) = self.finished() {
@@ -610,54 +555,50 @@ impl Supervisor {
 
     /// The cluster's result once nothing runs and nothing will.
     fn finished(&self) -> Option<Outcome> {
-        let all_done = self
-            .slots
-            .iter()
-            .all(|s| matches!(s.state, SlotState::Done { .. }));
-        if !all_done || !self.remnants.is_empty() {
+        let end = self.life.finished()?;
+        if !self.remnants.is_empty() {
             return None;
         }
-        Some(match &self.phase {
-            Phase::Stopping { outcome, .. } => outcome.clone(),
-            Phase::Running => Outcome::Finished {
-                all_succeeded: self
-                    .slots
-                    .iter()
-                    .all(|s| matches!(s.state, SlotState::Done { succeeded: true })),
-            },
+        let last = |slot: usize| self.slots[slot].last_exit.clone().unwrap_or_default();
+        Some(match end {
+            End::Stopped | End::CannotRun => Outcome::Stopped,
+            End::Finished { all_succeeded } => Outcome::Finished { all_succeeded },
+            End::CrashLoop { slot } => {
+                let (exit, stderr) = last(slot);
+                Outcome::CrashLoop { slot, exit, stderr }
+            }
+            End::BootFailed { slot } => {
+                let (exit, stderr) = last(slot);
+                Outcome::BootFailed { slot, exit, stderr }
+            }
         })
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         let remnants = self.remnants.iter().map(|r| r.kill_at).min();
-        let phase = match &self.phase {
-            Phase::Stopping {
-                kill_at,
-                killed,
-                release_at,
-                ..
-            } => (!killed)
-                .then_some(*kill_at)
-                .into_iter()
-                .chain(*release_at)
-                .min(),
-            Phase::Running => self
-                .slots
+        let probes = if self.life.stopping() {
+            None
+        } else {
+            self.slots
                 .iter()
-                .filter_map(|s| match s.state {
-                    SlotState::Waiting { until } => Some(until),
-                    SlotState::Running {
-                        disconnecting: Some(kill_at),
-                        ..
-                    } => Some(kill_at),
-                    SlotState::Running {
-                        started, probes, ..
-                    } => self.probe_due(started, probes),
-                    _ => None,
+                .enumerate()
+                .filter_map(|(i, s)| match s.state {
+                    SlotState::Running { probes, .. } => {
+                        self.probe_due(self.life.worker(i)?.started, probes)
+                    }
+                    SlotState::Empty => None,
                 })
-                .min(),
+                .min()
         };
-        phase.into_iter().chain(remnants).min()
+        [
+            self.life.next_deadline(),
+            remnants,
+            probes,
+            self.node_release_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// SIGKILLs the remnants whose time is up; gives up on any that a
@@ -708,58 +649,85 @@ impl Supervisor {
     fn on_timer(&mut self, now: Instant) {
         self.prune_remnants();
         self.kill_remnants(now);
-        if let Phase::Stopping { release_at, .. } = &mut self.phase {
-            if release_at.is_some_and(|at| at <= now) {
-                *release_at = None;
-                self.release_node_workers();
-            }
+        if self.node_release_at.is_some_and(|at| at <= now) {
+            self.node_release_at = None;
+            self.release_node_workers();
         }
-        match self.phase {
-            Phase::Stopping {
-                kill_at,
-                killed: false,
-                ..
-            } if now >= kill_at => {
-                warn!(
-                    "stop timeout ({:?}) expired; killing remaining workers",
-                    self.config.stop_timeout
-                );
-                self.kill_everything(now);
+        self.life.timer(now);
+        self.perform();
+        if !self.life.stopping() {
+            self.probe_workers(now);
+        }
+    }
+
+    /// Carries out what the lifecycle decided, until it decides nothing more.
+    fn perform(&mut self) {
+        loop {
+            let actions = self.life.take_actions();
+            if actions.is_empty() {
+                return;
             }
-            Phase::Stopping { .. } => {}
-            Phase::Running => {
-                let due: Vec<usize> = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(
-                        |(_, s)| matches!(s.state, SlotState::Waiting { until } if until <= now),
-                    )
-                    .map(|(i, _)| i)
-                    .collect();
-                for slot in due {
-                    self.spawn(slot);
-                }
-                self.probe_workers(now);
-                for s in &mut self.slots {
-                    if let SlotState::Running {
-                        pid,
-                        cgroup,
-                        disconnecting: disconnecting @ Some(_),
-                        ..
-                    } = &mut s.state
-                    {
-                        if disconnecting.is_some_and(|at| at <= now) {
-                            warn!(
-                                pid = *pid,
-                                "worker {pid} did not exit after disconnect; killing it"
-                            );
-                            signal_worker(*pid, cgroup.as_deref(), Signal::KILL);
-                            *disconnecting = Some(far_future());
+            for action in actions {
+                match action {
+                    Action::Spawn { slot } => {
+                        if !self.life.stopping() {
+                            self.spawn(slot);
                         }
                     }
+                    Action::StopAll => self.stop_all(),
+                    Action::KillAll => self.kill_everything(Instant::now()),
+                    Action::Kill { pid } => {
+                        let cgroup = self.slots.iter().find_map(|s| match &s.state {
+                            SlotState::Running { pid: p, cgroup, .. } if *p == pid => {
+                                cgroup.clone()
+                            }
+                            _ => None,
+                        });
+                        signal_worker(pid, cgroup.as_deref(), Signal::KILL);
+                    }
+                    Action::Note(note) => self.log_note(note),
                 }
             }
+        }
+    }
+
+    /// Words for what the lifecycle decided.
+    fn log_note(&self, note: Note) {
+        match note {
+            Note::Restarting { slot, delay } => info!(
+                slot,
+                delay_ms = delay.as_millis() as u64,
+                "restarting slot {slot} in {delay:?}"
+            ),
+            Note::CrashLoop { slot } => error!(
+                slot,
+                "CRASH LOOP: slot {slot} failed more than {} times within {:?}",
+                self.config.max_restarts,
+                self.config.within
+            ),
+            Note::Failed { slot, retry_every } => {
+                error!(
+                    slot,
+                    "slot {slot} marked failed; retrying every {retry_every:?}"
+                )
+            }
+            Note::Recovered { slot } => info!(slot, "slot {slot} recovered"),
+            Note::GaveUpBooting => {
+                error!("no worker ever started, and every slot is in a crash loop: giving up")
+            }
+            Note::NotRestarted { slot } => {
+                info!(slot, "slot {slot} not restarted (restart policy)")
+            }
+            Note::RetireTimedOut { pid } => {
+                warn!(
+                    pid,
+                    "worker {pid} did not exit after disconnect; killing it"
+                )
+            }
+            Note::StopTimedOut => warn!(
+                "stop timeout ({:?}) expired; killing remaining workers",
+                self.config.stop_timeout
+            ),
         }
     }
 
@@ -767,9 +735,6 @@ impl Supervisor {
     /// timeout passed, or a second stop signal came.
     fn kill_everything(&mut self, now: Instant) {
         self.signal_all(Signal::KILL);
-        if let Phase::Stopping { killed, .. } = &mut self.phase {
-            *killed = true;
-        }
         for r in &mut self.remnants {
             if !r.killed {
                 r.kill_at = now;
@@ -779,38 +744,28 @@ impl Supervisor {
     }
 
     fn on_stop_request(&mut self, name: &str) {
-        match self.phase {
-            Phase::Running => {
-                info!(
-                    "{name} received; stopping workers with {} (timeout {:?})",
-                    signal_name(self.config.stop_signal.as_raw()),
-                    self.config.stop_timeout
-                );
-                self.begin_stop(Outcome::Stopped);
-            }
-            Phase::Stopping { .. } => {
-                warn!("{name} received again; killing workers now");
-                self.kill_everything(Instant::now());
-            }
+        if self.life.request_stop(Instant::now()) {
+            info!(
+                "{name} received; stopping workers with {} (timeout {:?})",
+                signal_name(self.config.stop_signal.as_raw()),
+                self.config.stop_timeout
+            );
+        } else {
+            warn!("{name} received again; killing workers now");
         }
+        self.perform();
     }
 
-    fn begin_stop(&mut self, outcome: Outcome) {
+    /// The cluster began to stop: the stop signal to every worker, Node's
+    /// release scheduled, remnants put on the same deadline.
+    fn stop_all(&mut self) {
         let now = Instant::now();
-        let kill_at = now + self.config.stop_timeout;
-        let release_at = (self.config.ipc == Ipc::Node)
-            .then(|| now + NODE_RELEASE_DELAY.min(self.config.stop_timeout / 2));
-        self.phase = Phase::Stopping {
-            kill_at,
-            outcome,
-            killed: false,
-            release_at,
+        let kill_at = match self.life.phase() {
+            Phase::Stopping { kill_at, .. } => kill_at,
+            Phase::Running => now + self.config.stop_timeout,
         };
-        for slot in &mut self.slots {
-            if let SlotState::Waiting { .. } = slot.state {
-                slot.state = SlotState::Done { succeeded: true };
-            }
-        }
+        self.node_release_at = (self.config.ipc == Ipc::Node)
+            .then(|| now + NODE_RELEASE_DELAY.min(self.config.stop_timeout / 2));
         // Remnants of dead workers go by the same deadline.
         for r in &mut self.remnants {
             r.kill_at = r.kill_at.min(kill_at);
@@ -872,41 +827,19 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, slot: usize) {
-        let now = Instant::now();
         match self.try_spawn(slot) {
             Ok(new) => self.install(slot, new),
-            Err(e) => self.retry_failed_start(slot, format!("cannot spawn a worker: {e}"), now),
+            Err(e) => {
+                let why = format!("cannot spawn a worker: {e}");
+                error!(slot, "slot {slot}: {why}");
+                self.slots[slot].last_exit = Some((why, Vec::new()));
+                self.life.spawn_failed(slot, Instant::now());
+            }
         }
-    }
-
-    /// A worker that never ran (its spawn or its execve failed): logged,
-    /// backed off like a crash at start, and never retried sooner than
-    /// SPAWN_RETRY_MIN (resources rarely come back in microseconds).
-    fn retry_failed_start(&mut self, slot: usize, why: String, now: Instant) {
-        error!(slot, "slot {slot}: {why}");
-        self.slots[slot].last_exit = Some((why, Vec::new()));
-        self.schedule_restart(slot, Duration::ZERO, false, now);
-        if let SlotState::Waiting { until } = &mut self.slots[slot].state {
-            *until = (*until).max(now + SPAWN_RETRY_MIN);
-        }
-    }
-
-    /// Whether a worker has ever started successfully, counting live
-    /// workers that have been up for `min_uptime` or said they are ready.
-    /// `except`: a slot whose worker is not to count (it has just died).
-    fn has_served(&self, now: Instant, except: Option<usize>) -> bool {
-        self.served
-            || self.slots.iter().enumerate().any(|(i, s)| match s.state {
-                SlotState::Running { started, ready, .. } if Some(i) != except => {
-                    ready || now - started >= self.config.min_uptime
-                }
-                _ => false,
-            })
     }
 
     /// Makes a freshly spawned worker the slot's own and watches for its exit.
     fn install(&mut self, slot: usize, new: NewWorker) {
-        self.slots[slot].started(Instant::now());
         let NewWorker {
             pid,
             child,
@@ -917,6 +850,7 @@ impl Supervisor {
             exec_err,
             inspector_ports,
         } = new;
+        self.life.spawned(slot, pid, Instant::now());
         info!(slot, pid, "worker {pid} spawned in slot {slot}");
         self.events.send(Event::Spawned { slot, pid });
         let (status, _) = watch::channel(if channel.is_some() {
@@ -926,13 +860,10 @@ impl Supervisor {
         });
         self.slots[slot].state = SlotState::Running {
             pid,
-            started: Instant::now(),
-            ready: false,
             channel,
             status,
             online: false,
             rr_servers: Vec::new(),
-            disconnecting: None,
             skipped: 0,
             cgroup,
             refusals: 0,
@@ -1029,6 +960,7 @@ impl Supervisor {
     /// blocking-pool thread (a worker may hold thousands of descriptors):
     /// the answer comes back as a [`ProbeResult`].
     fn probe_workers(&mut self, now: Instant) {
+        let life = &self.life;
         let due: Vec<(usize, u32, Vec<u16>, Option<std::path::PathBuf>)> = self
             .slots
             .iter_mut()
@@ -1036,14 +968,15 @@ impl Supervisor {
             .filter_map(|(i, s)| match &mut s.state {
                 SlotState::Running {
                     pid,
-                    started,
                     probes,
                     inspector_ports,
                     cgroup,
                     ..
-                } if probe::PROBE_AFTER
-                    .get(*probes)
-                    .is_some_and(|after| *started + *after <= now) =>
+                } if life.worker(i).is_some_and(|w| {
+                    probe::PROBE_AFTER
+                        .get(*probes)
+                        .is_some_and(|after| w.started + *after <= now)
+                }) =>
                 {
                     *probes += 1;
                     Some((i, *pid, inspector_ports.clone(), cgroup.clone()))
@@ -1423,7 +1356,6 @@ impl Supervisor {
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
         let SlotState::Running {
             pid,
-            ready,
             channel,
             online,
             ..
@@ -1483,9 +1415,8 @@ impl Supervisor {
                 self.close_channel(slot, from);
             }
             ChannelEvent::Ready => {
-                if !*ready {
-                    *ready = true;
-                    self.served = true;
+                if self.life.worker(slot).is_some_and(|w| !w.ready) {
+                    self.life.ready(from);
                     info!(slot, pid = from, "worker {from} ready");
                     self.events.send(Event::Ready { slot, pid: from });
                 }
@@ -1536,20 +1467,17 @@ impl Supervisor {
                     .iter()
                     .enumerate()
                     .filter_map(|(slot, s)| match &s.state {
-                        SlotState::Running {
-                            pid,
-                            ready,
-                            channel,
-                            disconnecting,
-                            ..
-                        } => Some(WorkerInfo {
-                            slot,
-                            pid: *pid,
-                            ready: *ready,
-                            connected: channel.is_some(),
-                            disconnecting: disconnecting.is_some(),
-                            connections: self.rr.load(*pid),
-                        }),
+                        SlotState::Running { pid, channel, .. } => {
+                            let w = self.life.worker(slot)?;
+                            Some(WorkerInfo {
+                                slot,
+                                pid: *pid,
+                                ready: w.ready,
+                                connected: channel.is_some(),
+                                disconnecting: w.retire_kill_at.is_some(),
+                                connections: self.rr.load(*pid),
+                            })
+                        }
                         _ => None,
                     })
                     .collect();
@@ -1578,28 +1506,19 @@ impl Supervisor {
     /// channel, sends the stop signal, and SIGKILL at the stop timeout.
     fn disconnect(&mut self, slot: usize, only: Option<u32>) {
         let stop_signal = self.config.stop_signal;
-        let kill_at = Instant::now() + self.config.stop_timeout;
         let node = self.config.ipc == Ipc::Node;
+        let Some(pid) = self.life.retire(slot, only, Instant::now()) else {
+            return;
+        };
         let seq = self.next_node_seq();
         let Some(Slot {
-            state:
-                SlotState::Running {
-                    pid,
-                    channel,
-                    disconnecting: disconnecting @ None,
-                    ..
-                },
+            state: SlotState::Running { channel, .. },
             ..
         }) = self.slots.get_mut(slot)
         else {
             return;
         };
-        if only.is_some_and(|p| p != *pid) {
-            return;
-        }
-        let pid = *pid;
         info!(slot, pid, "disconnecting worker {pid}");
-        *disconnecting = Some(kill_at);
         match channel {
             Some(tx) if node => {
                 // As Node's primary does: the worker closes its servers, lets
@@ -1620,21 +1539,21 @@ impl Supervisor {
 
     /// A new slot with `env` added to its workers' environment.
     fn fork(&mut self, env: Vec<(String, String)>) -> Result<WorkerLink, String> {
-        if !matches!(self.phase, Phase::Running) {
+        let Some(slot) = self.life.add_slot(Instant::now()) else {
             return Err("the cluster is stopping".into());
-        }
-        let slot = self.slots.len();
+        };
         let env = env
             .iter()
             .filter_map(|(k, v)| env_entry(k.as_ref(), v.as_ref()))
             .collect();
-        self.slots.push(Slot::new(&self.config, env));
+        self.slots.push(Slot::new(env));
         match self.try_spawn(slot) {
             Ok(new) => {
                 self.install(slot, new);
                 Ok(self.link(slot).expect("just installed"))
             }
             Err(e) => {
+                self.life.remove_last_slot();
                 self.slots.pop();
                 Err(e.to_string())
             }
@@ -1672,42 +1591,24 @@ impl Supervisor {
             }
         }
         let now = Instant::now();
-        let (uptime, exited_after_disconnect, ready, skipped) = match self.slots[slot].state {
+        let skipped = match self.slots[slot].state {
             SlotState::Running {
-                pid: p,
-                started,
-                disconnecting,
-                ready,
-                skipped,
-                ..
-            } if p == pid => (
-                at.saturating_duration_since(started),
-                disconnecting.is_some(),
-                ready,
-                skipped,
-            ),
+                pid: p, skipped, ..
+            } if p == pid => skipped,
             _ => {
                 debug!(slot, pid, "exit of a worker no longer tracked");
                 return;
             }
         };
+        self.slots[slot].state = SlotState::Empty;
         if skipped > 1 {
             info!(slot, pid, "worker {pid} had {skipped} IPC messages skipped");
         }
         let how = describe(&status);
-        // Up long enough (or ready) and ended from outside (an OOM kill, an
-        // operator's kill -9) or cleanly: it started successfully, and its
-        // death is no crash-loop strike. A worker that fails by itself (a
-        // non-zero exit, a crash signal) is a strike whatever its uptime, so
-        // an app that fails a while after starting still backs off.
-        let healthy = (ready || uptime >= self.config.min_uptime) && !failed_by_itself(&status);
-        if healthy {
-            self.served = true;
-        }
-        if !healthy
-            && !self.address_in_use_warned
+        if !self.address_in_use_warned
             && !self.config.listen.is_empty()
             && probe::said_address_in_use(&stderr)
+            && matches!(&status, Ok(s) if !s.success())
         {
             self.address_in_use_warned = true;
             warn!(
@@ -1722,39 +1623,44 @@ impl Supervisor {
         }
         self.slots[slot].last_exit = Some((how.clone(), stderr));
         let succeeded = matches!(&status, Ok(s) if s.success());
+        let was_stopping = self.life.stopping();
+        let facts = ExitFacts {
+            at,
+            succeeded,
+            failed_by_itself: failed_by_itself(&status),
+        };
+        let Some((_, uptime, retired)) = self.life.exited(pid, facts, exec_errno.is_some(), now)
+        else {
+            debug!(slot, pid, "exit of a worker the lifecycle does not know");
+            return;
+        };
         self.events.send(Event::Exited {
             slot,
             pid,
             code: status.as_ref().ok().and_then(|s| s.code()),
             signal: status.as_ref().ok().and_then(|s| s.signal()),
-            exited_after_disconnect,
+            exited_after_disconnect: retired,
         });
-        if let Phase::Stopping { .. } = self.phase {
+        if was_stopping {
             info!(slot, pid, "worker {pid} stopped ({how})");
-            self.slots[slot].state = SlotState::Done { succeeded };
-            return;
-        }
-        if let Some(errno) = exec_errno {
+        } else if let Some(errno) = exec_errno {
             let e = exec_error(&self.config.command.program, errno);
-            if !self.has_served(now, Some(slot)) {
+            error!(slot, "slot {slot}: {e}");
+            if matches!(
+                self.life.phase(),
+                Phase::Stopping {
+                    end: End::CannotRun,
+                    ..
+                }
+            ) {
                 // The command cannot run at all: an error, not a crash loop.
-                error!(slot, "{e}");
-                self.slots[slot].state = SlotState::Done { succeeded: false };
                 self.fatal = Some(Error::Exec(e));
-                self.begin_stop(Outcome::Stopped);
-                return;
+            } else {
+                self.slots[slot].last_exit = Some((e.to_string(), Vec::new()));
             }
-            // After the cluster served (a deploy replaced the file under it).
-            self.retry_failed_start(slot, e.to_string(), now);
-            return;
-        }
-        if exited_after_disconnect {
-            // Asked to go: a replacement at once, and no mark against the slot.
+        } else if retired {
             info!(slot, pid, "worker {pid} exited after disconnect ({how})");
-            self.spawn(slot);
-            return;
-        }
-        if succeeded {
+        } else if succeeded {
             info!(
                 slot,
                 pid,
@@ -1769,17 +1675,7 @@ impl Supervisor {
                 "worker {pid} died ({how})"
             );
         }
-        let restart = match self.config.restart {
-            RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => !succeeded,
-            RestartPolicy::Never => false,
-        };
-        if !restart {
-            info!(slot, "slot {slot} not restarted (restart policy)");
-            self.slots[slot].state = SlotState::Done { succeeded };
-            return;
-        }
-        self.schedule_restart(slot, uptime, healthy, now);
+        self.perform();
     }
 
     /// What is left of an exited worker's process group (its children, and
@@ -1789,7 +1685,7 @@ impl Supervisor {
     /// KillMode=control-group), so nothing of it serves beside its
     /// replacement.
     fn contain_remnants(&mut self, pid: u32, cgroup: Option<std::path::PathBuf>) {
-        let kill_at = match self.phase {
+        let kill_at = match self.life.phase() {
             // Past the stop timeout: SIGKILL at once.
             Phase::Stopping { killed: true, .. } => Instant::now(),
             Phase::Stopping { kill_at, .. } => kill_at,
@@ -1814,90 +1710,6 @@ impl Supervisor {
         // A stopped process acts on the stop signal only once continued.
         remnant.signal(Signal::CONT);
         self.remnants.push(remnant);
-    }
-
-    /// Decides when slot `slot` gets its next worker after one ran for
-    /// `uptime` (`healthy`: it started successfully). Never spawns itself:
-    /// even a zero delay goes round the supervisor's loop (through the
-    /// timer), so a spawn that keeps failing cannot recurse.
-    fn schedule_restart(&mut self, slot: usize, uptime: Duration, healthy: bool, now: Instant) {
-        let jitter = self.jitter.sample();
-        let s = &mut self.slots[slot];
-        let delay = if healthy {
-            // At once, and no strike against the slot.
-            s.intensity.reset();
-            if uptime >= self.config.backoff.stable {
-                s.backoff = Backoff::new(self.config.backoff);
-            }
-            if s.failed {
-                info!(slot, "slot {slot} recovered");
-            }
-            s.failed = false;
-            Duration::ZERO
-        } else {
-            let looping = s.intensity.record(now);
-            let mut delay = s.backoff.next_delay(uptime, jitter);
-            if looping && !s.failed {
-                error!(
-                    slot,
-                    "CRASH LOOP: slot {slot} failed more than {} times within {:?}",
-                    self.config.max_restarts,
-                    self.config.within
-                );
-                if self.config.on_crash_loop == CrashLoopAction::Exit {
-                    s.state = SlotState::Done { succeeded: false };
-                    let (exit, stderr) = s.last_exit.clone().unwrap_or_default();
-                    self.begin_stop(Outcome::CrashLoop { slot, exit, stderr });
-                    return;
-                }
-                s.failed = true;
-                if self.gave_up_booting(slot, now) {
-                    return;
-                }
-                let s = &self.slots[slot];
-                error!(
-                    slot,
-                    "slot {slot} marked failed; retrying every {:?}",
-                    s.backoff.cap()
-                );
-            }
-            let s = &self.slots[slot];
-            if s.failed {
-                delay = s.backoff.cap();
-            }
-            delay
-        };
-        let until = (now + delay).max(self.slots[slot].may_start_at(now));
-        let delay = until - now;
-        if !delay.is_zero() {
-            info!(
-                slot,
-                delay_ms = delay.as_millis() as u64,
-                "restarting slot {slot} in {delay:?}"
-            );
-        }
-        self.slots[slot].state = SlotState::Waiting { until };
-    }
-
-    /// A cluster in which no worker ever started and every slot is in a
-    /// crash loop stops (gunicorn's "worker failed to boot") instead of
-    /// holding a dead port open. Returns whether it did.
-    fn gave_up_booting(&mut self, slot: usize, now: Instant) -> bool {
-        // The slot's own worker has just died: it proves nothing.
-        if self.has_served(now, Some(slot)) {
-            return false;
-        }
-        let all_failed = self.slots.iter().enumerate().all(|(i, s)| {
-            i == slot || s.failed || matches!(s.state, SlotState::Done { succeeded: false })
-        });
-        if !all_failed {
-            return false;
-        }
-        let (exit, stderr) = self.slots[slot].last_exit.clone().unwrap_or_default();
-        error!("no worker ever started, and every slot is in a crash loop: giving up");
-        self.slots[slot].state = SlotState::Done { succeeded: false };
-        self.begin_stop(Outcome::BootFailed { slot, exit, stderr });
-        true
     }
 
     /// Reaps zombies that are not our workers: orphaned grandchildren

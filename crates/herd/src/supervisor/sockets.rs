@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::channel::{encode_control, NodeQuery, Outgoing};
-use super::{Phase, SlotState, Supervisor};
+use super::{SlotState, Supervisor};
 use crate::cluster::Event;
 use crate::config::Ipc;
 use crate::ipc::node;
@@ -608,12 +608,13 @@ impl Supervisor {
     /// no worker can take now (a Node worker takes only those of listeners
     /// its servers asked for) keeps its place; the others go past it.
     pub(super) fn dispatch(&mut self) {
-        if !matches!(self.phase, Phase::Running) || self.rr.waiting.is_empty() {
+        if self.life.stopping() || self.rr.waiting.is_empty() {
             return;
         }
         // herd workers take every listener's connections once ready; Node
         // workers those of the round-robin servers they asked for.
         let node = self.config.ipc == Ipc::Node;
+        let life = &self.life;
         let workers: Vec<(usize, u32, Option<&[usize]>)> = self
             .slots
             .iter()
@@ -621,12 +622,14 @@ impl Supervisor {
             .filter_map(|(slot, s)| match &s.state {
                 SlotState::Running {
                     pid,
-                    ready,
                     rr_servers,
                     channel: Some(_),
-                    disconnecting: None,
                     ..
-                } if node || *ready => Some((slot, *pid, node.then_some(rr_servers.as_slice()))),
+                } => {
+                    let w = life.worker(slot)?;
+                    (w.retire_kill_at.is_none() && (node || w.ready))
+                        .then(|| (slot, *pid, node.then_some(rr_servers.as_slice())))
+                }
                 _ => None,
             })
             .collect();
