@@ -9,8 +9,8 @@ use herd::backoff::BackoffPolicy;
 use herd::config::{parse_duration, parse_signal, Signal, MAX_WORKERS};
 use herd::output::LogFormat;
 use herd::{
-    Balance, ClusterConfig, Containment, CrashLoopAction, ListenSpec, Picker, RestartPolicy,
-    WorkerCommand,
+    Balance, ClusterConfig, Containment, CrashLoopAction, ListenSpec, Picker, ReadyMode,
+    RestartPolicy, WorkerCommand,
 };
 
 const EXIT_STATUSES: &str = "\
@@ -138,6 +138,30 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub stop_timeout: Duration,
 
+    /// What makes a worker ready (it takes round-robin connections, counts as started):
+    /// auto = whatever it says first (READY=1 on its NOTIFY_SOCKET, Node's
+    /// process.send('ready') or listening, a library worker's ready() or listen()), or
+    /// --ready-delay after it started if it says nothing; notify = READY=1 (sd_notify:
+    /// systemd-notify --ready, any process of the worker); node = Node's 'ready' message or
+    /// its server listening; listen = its server listening; delay = --ready-delay after it
+    /// started. notify, node and listen wait at most --ready-timeout: a worker not ready by
+    /// then is killed and counts as a failed start.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|notify|node|listen|delay"
+    )]
+    pub ready: ReadyMode,
+
+    /// Under --ready delay (and auto, for a worker that says nothing): ready this long after
+    /// it started.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ready_delay: Duration,
+
+    /// Under --ready notify, node or listen: the longest a worker may take to be ready.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub ready_timeout: Duration,
+
     /// Run workers as Node cluster workers (NODE_UNIQUE_ID and Node's channel), so that
     /// server.listen() takes herd's socket as under Node's cluster primary. auto = when the
     /// command runs node: node itself, a script whose #! line runs node, or a package script
@@ -242,6 +266,9 @@ impl RunArgs {
         config.stop_timeout = self.stop_timeout;
         config.containment = self.contain;
         config.merge_output = self.merge_output;
+        config.ready = self.ready;
+        config.ready_delay = self.ready_delay;
+        config.ready_timeout = self.ready_timeout;
         config.node_cluster = match self.node_cluster {
             NodeCluster::Auto => None,
             NodeCluster::On => Some(true),

@@ -310,6 +310,81 @@ pub struct ClusterConfig {
     /// socket): `None` decides by the command
     /// ([`WorkerCommand::runs_node_script`]), `Some` forces it.
     pub node_cluster: Option<bool>,
+    /// What makes a worker ready.
+    pub ready: ReadyMode,
+    /// Under [`ReadyMode::Delay`] (and [`ReadyMode::Auto`], for a worker
+    /// that says nothing): ready this long after it started.
+    pub ready_delay: Duration,
+    /// Under [`ReadyMode::Notify`], [`ReadyMode::Node`] and
+    /// [`ReadyMode::Listen`]: a worker not ready this long after it started
+    /// failed to start (killed, and a crash-loop strike).
+    pub ready_timeout: Duration,
+}
+
+/// What makes a worker ready: the moment it takes traffic in a round-robin
+/// cluster, counts as started, and (later) lets a reload move on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadyMode {
+    /// Whatever the worker says first (`READY=1` on its `NOTIFY_SOCKET`,
+    /// Node's `process.send('ready')` or its server's `listening`, a
+    /// library worker's `ready()` or `listen()`), or, for a program that
+    /// says nothing, `ready_delay` after it started. No timeout.
+    #[default]
+    Auto,
+    /// `READY=1` on the worker's `NOTIFY_SOCKET` (sd_notify; a library
+    /// worker's `ready()` too), within `ready_timeout`.
+    Notify,
+    /// Node's `process.send('ready')` or its server's `listening`, within
+    /// `ready_timeout`.
+    Node,
+    /// The worker's server listening (Node's `listening`, a library
+    /// worker's `listen()`), within `ready_timeout`.
+    Listen,
+    /// `ready_delay` after it started, whatever it says.
+    Delay,
+}
+
+impl std::str::FromStr for ReadyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ReadyMode::Auto),
+            "notify" => Ok(ReadyMode::Notify),
+            "node" => Ok(ReadyMode::Node),
+            "listen" => Ok(ReadyMode::Listen),
+            "delay" => Ok(ReadyMode::Delay),
+            other => Err(format!(
+                "unknown readiness {other:?} (expected auto, notify, node, listen or delay)"
+            )),
+        }
+    }
+}
+
+/// How a worker said it is ready, as [`ReadyMode`] weighs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadySignal {
+    /// `READY=1` on its notify socket.
+    Notify,
+    /// Node's `process.send('ready')`.
+    NodeReady,
+    /// A library worker's `ready()`.
+    LibraryReady,
+    /// Its server listens (Node's `listening`, a library `listen()`).
+    Listening,
+}
+
+impl ReadyMode {
+    /// Whether `signal` makes a worker ready under this mode.
+    pub(crate) fn accepts(self, signal: ReadySignal) -> bool {
+        use ReadySignal::*;
+        match self {
+            ReadyMode::Auto => true,
+            ReadyMode::Notify => matches!(signal, Notify | LibraryReady),
+            ReadyMode::Node => matches!(signal, NodeReady | Listening),
+            ReadyMode::Listen => matches!(signal, Listening),
+            ReadyMode::Delay => false,
+        }
+    }
 }
 
 /// How a worker's whole process tree is kept together, so that it can be
@@ -389,6 +464,9 @@ impl ClusterConfig {
             containment: Containment::Auto,
             merge_output: false,
             node_cluster: None,
+            ready: ReadyMode::Auto,
+            ready_delay: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(30),
         }
     }
 }

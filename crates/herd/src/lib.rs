@@ -90,7 +90,7 @@ pub use cluster::{
 pub use config::{
     ClusterConfig, CommandError, Containment, CrashLoopAction, RestartPolicy, WorkerCommand,
 };
-pub use config::{Ipc, Runtime, Signal};
+pub use config::{Ipc, ReadyMode, Runtime, Signal};
 pub use events::Events;
 pub use ipc::frame::Codec;
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::backoff::{Backoff, BackoffPolicy, Intensity, Jitter};
-use crate::config::{ClusterConfig, CrashLoopAction, RestartPolicy};
+use crate::config::{ClusterConfig, CrashLoopAction, ReadyMode, RestartPolicy};
 
 /// A slot starts at most this many workers…
 pub(crate) const START_BURST: usize = 10;
@@ -47,6 +47,14 @@ pub(crate) struct Policy {
     pub(crate) on_crash_loop: CrashLoopAction,
     pub(crate) min_uptime: Duration,
     pub(crate) stop_timeout: Duration,
+    /// A worker that has said nothing is ready this long after it started
+    /// (`--ready delay`, and `auto`'s fallback for programs that can signal
+    /// nothing).
+    pub(crate) ready_delay: Option<Duration>,
+    /// A worker not ready this long after it started failed to start: it
+    /// is killed and counts as a crash (`--ready-timeout`, for the modes
+    /// that wait for the worker to say so).
+    pub(crate) ready_timeout: Option<Duration>,
 }
 
 impl Policy {
@@ -59,6 +67,13 @@ impl Policy {
             on_crash_loop: c.on_crash_loop,
             min_uptime: c.min_uptime,
             stop_timeout: c.stop_timeout,
+            ready_delay: matches!(c.ready, ReadyMode::Auto | ReadyMode::Delay)
+                .then_some(c.ready_delay),
+            ready_timeout: matches!(
+                c.ready,
+                ReadyMode::Notify | ReadyMode::Node | ReadyMode::Listen
+            )
+            .then_some(c.ready_timeout),
         }
     }
 }
@@ -108,6 +123,15 @@ pub(crate) enum Note {
     NotRestarted { slot: usize },
     /// A retired worker outlived the stop timeout.
     RetireTimedOut { pid: u32 },
+    /// A worker became ready by the delay (`--ready-delay`): it said nothing.
+    ReadyByDelay { slot: usize, pid: u32 },
+    /// A worker was not ready within the ready timeout: it is killed and
+    /// counts as a failed start.
+    NotReady {
+        slot: usize,
+        pid: u32,
+        timeout: Duration,
+    },
     /// The stop timeout passed with workers left.
     StopTimedOut,
 }
@@ -133,8 +157,14 @@ pub(crate) enum Action {
 pub(crate) struct Worker {
     pub(crate) pid: u32,
     pub(crate) started: Instant,
-    /// It said it was ready.
+    /// It is ready: it said so, or the ready delay passed.
     pub(crate) ready: bool,
+    /// Ready by the delay at this time, if it says nothing before.
+    pub(crate) ready_at: Option<Instant>,
+    /// Not ready by this time: a failed start.
+    pub(crate) ready_by: Option<Instant>,
+    /// It was killed for not being ready in time.
+    pub(crate) failed_start: bool,
     /// Retired (disconnected): SIGKILL at this time if still alive.
     pub(crate) retire_kill_at: Option<Instant>,
     /// It got that SIGKILL.
@@ -306,6 +336,9 @@ impl Lifecycle {
             pid,
             started: now,
             ready: false,
+            ready_at: self.policy.ready_delay.map(|d| now + d),
+            ready_by: self.policy.ready_timeout.map(|d| now + d),
+            failed_start: false,
             retire_kill_at: None,
             retire_killed: false,
         });
@@ -325,13 +358,19 @@ impl Lifecycle {
         }
     }
 
-    /// A worker said it is ready: it started successfully.
-    pub(crate) fn ready(&mut self, pid: u32) {
-        if let Some(slot) = self.slot_of(pid) {
-            if let SlotState::Running(w) = &mut self.slots[slot].state {
+    /// A worker said it is ready: it started successfully. Returns
+    /// whether that is news (it was not ready before).
+    pub(crate) fn ready(&mut self, pid: u32) -> bool {
+        let Some(slot) = self.slot_of(pid) else {
+            return false;
+        };
+        match &mut self.slots[slot].state {
+            SlotState::Running(w) if !w.ready && !w.failed_start => {
                 w.ready = true;
                 self.served = true;
+                true
             }
+            _ => false,
         }
     }
 
@@ -368,7 +407,9 @@ impl Lifecycle {
         // death is no crash-loop strike. A worker that fails by itself is a
         // strike whatever its uptime, so an app that fails a while after
         // starting still backs off.
-        let healthy = (w.ready || uptime >= self.policy.min_uptime) && !facts.failed_by_itself;
+        let healthy = (w.ready || uptime >= self.policy.min_uptime)
+            && !facts.failed_by_itself
+            && !w.failed_start;
         if healthy {
             self.served = true;
         }
@@ -571,6 +612,29 @@ impl Lifecycle {
                                 .push(Action::Note(Note::RetireTimedOut { pid: w.pid }));
                             self.actions.push(Action::Kill { pid: w.pid });
                         }
+                        SlotState::Running(w)
+                            if !w.ready
+                                && !w.failed_start
+                                && w.ready_at.is_some_and(|t| t <= now) =>
+                        {
+                            w.ready = true;
+                            self.served = true;
+                            self.actions
+                                .push(Action::Note(Note::ReadyByDelay { slot, pid: w.pid }));
+                        }
+                        SlotState::Running(w)
+                            if !w.ready
+                                && !w.failed_start
+                                && w.ready_by.is_some_and(|t| t <= now) =>
+                        {
+                            w.failed_start = true;
+                            self.actions.push(Action::Note(Note::NotReady {
+                                slot,
+                                pid: w.pid,
+                                timeout: self.policy.ready_timeout.unwrap_or_default(),
+                            }));
+                            self.actions.push(Action::Kill { pid: w.pid });
+                        }
                         _ => {}
                     }
                 }
@@ -592,7 +656,13 @@ impl Lifecycle {
                 .iter()
                 .filter_map(|s| match s.state {
                     SlotState::Waiting { until } => Some(until),
-                    SlotState::Running(w) if !w.retire_killed => w.retire_kill_at,
+                    SlotState::Running(w) => {
+                        let retire = w.retire_kill_at.filter(|_| !w.retire_killed);
+                        let pending = !w.ready && !w.failed_start;
+                        let ready = w.ready_at.filter(|_| pending);
+                        let timeout = w.ready_by.filter(|_| pending);
+                        [retire, ready, timeout].into_iter().flatten().min()
+                    }
                     _ => None,
                 })
                 .min(),
@@ -640,6 +710,8 @@ mod tests {
             on_crash_loop: CrashLoopAction::Retry,
             min_uptime: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(10),
+            ready_delay: None,
+            ready_timeout: None,
         }
     }
 
@@ -886,6 +958,49 @@ mod tests {
             sim.exit(0, 2);
         }
         assert!(matches!(sim.lc.finished(), Some(End::BootFailed { .. })));
+    }
+
+    #[test]
+    fn a_worker_not_ready_in_time_is_killed_and_counts_as_a_failed_start() {
+        let mut p = policy();
+        p.ready_timeout = Some(Duration::from_secs(30));
+        let mut sim = Sim::new(p, 1);
+        let pid = sim.alive[0].0;
+        assert_eq!(
+            sim.lc.next_deadline(),
+            Some(sim.now + Duration::from_secs(30))
+        );
+        sim.now += Duration::from_secs(30);
+        sim.lc.timer(sim.now);
+        let actions = sim.lc.take_actions();
+        assert!(actions.contains(&Action::Kill { pid }), "{actions:?}");
+        // Its death (SIGKILL, after 30 s up) is a strike, not a healthy exit:
+        // the next one is the immediate first restart, the one after waits.
+        sim.exit(0, 2);
+        assert_eq!(sim.alive.len(), 1);
+        // A ready worker is not killed by the timeout.
+        let pid = sim.alive[0].0;
+        assert!(sim.lc.ready(pid));
+        assert!(!sim.lc.ready(pid), "ready is news once");
+        sim.now += Duration::from_secs(60);
+        sim.lc.timer(sim.now);
+        assert!(!sim.lc.take_actions().contains(&Action::Kill { pid }));
+    }
+
+    #[test]
+    fn a_silent_worker_is_ready_after_the_delay() {
+        let mut p = policy();
+        p.ready_delay = Some(Duration::from_millis(500));
+        let mut sim = Sim::new(p, 1);
+        let pid = sim.alive[0].0;
+        sim.now += Duration::from_millis(500);
+        sim.lc.timer(sim.now);
+        let actions = sim.lc.take_actions();
+        assert!(
+            actions.contains(&Action::Note(Note::ReadyByDelay { slot: 0, pid })),
+            "{actions:?}"
+        );
+        assert!(sim.lc.worker(0).unwrap().ready);
     }
 
     #[test]

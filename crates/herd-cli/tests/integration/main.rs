@@ -10,6 +10,7 @@ mod limits;
 mod logs;
 mod node;
 mod orphans;
+mod readiness;
 mod sockets;
 mod stop;
 mod supervision;

@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Jitter;
 use crate::cluster::{Cluster, Command, Event, Outcome, WorkerInfo, WorkerLink, WorkerStatus};
 use crate::config::Ipc;
-use crate::config::{signal_name, ClusterConfig, Containment};
+use crate::config::{signal_name, ClusterConfig, Containment, ReadySignal};
 use crate::events::EventSender;
 use crate::ipc::frame::FrameDecoder;
 use crate::ipc::node::{self, NodeDecoder};
@@ -47,6 +47,7 @@ use crate::sys::{self, ExecPlan};
 use crate::{Error, ExecError};
 
 mod channel;
+mod notify;
 mod probe;
 mod sockets;
 mod tree;
@@ -83,6 +84,10 @@ enum SlotState {
         /// The ports herd gave its Node inspector: listeners of its own
         /// that are no sign of ignoring herd's socket.
         inspector_ports: Vec<u16>,
+        /// Its notify socket's reader (aborted when it exits) and path.
+        notify: Option<(tokio::task::AbortHandle, std::path::PathBuf)>,
+        /// Its last `STATUS=` text (sd_notify), kept for display.
+        status_text: Option<String>,
     },
     /// No live worker: waiting to restart, or done (the lifecycle knows which).
     Empty,
@@ -193,6 +198,8 @@ struct NewWorker {
     exec_err: OwnedFd,
     /// The ports herd gave its Node inspector (not servers of its own).
     inspector_ports: Vec<u16>,
+    /// Its notify socket's reader and path.
+    notify: Option<(tokio::task::AbortHandle, std::path::PathBuf)>,
 }
 
 /// How long an exit waits for the channel reader to reach EOF.
@@ -265,6 +272,11 @@ pub(crate) struct Supervisor {
     probing: bool,
     probe_tx: mpsc::UnboundedSender<ProbeResult>,
     probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
+    /// Where the workers' notify sockets are (none if it cannot be made),
+    /// and what their readers pass on (bounded).
+    notify_dir: Option<notify::NotifyDir>,
+    notify_tx: mpsc::Sender<(usize, u32, notify::Notice)>,
+    notify_rx: mpsc::Receiver<(usize, u32, notify::Notice)>,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
     worker_nofile: Option<sys::NoFile>,
     /// Where workers' cgroups go, when workers are contained by cgroups.
@@ -347,8 +359,15 @@ impl Supervisor {
         let base_env = std::env::vars_os()
             .filter(|(k, _)| {
                 let k = k.as_bytes();
-                !matches!(k, b"LISTEN_PID" | b"LISTEN_FDS" | b"LISTEN_FDNAMES")
-                    && !k.starts_with(b"HERD_")
+                !matches!(
+                    k,
+                    b"LISTEN_PID"
+                        | b"LISTEN_FDS"
+                        | b"LISTEN_FDNAMES"
+                        | b"NOTIFY_SOCKET"
+                        | b"WATCHDOG_USEC"
+                        | b"WATCHDOG_PID"
+                ) && !k.starts_with(b"HERD_")
                     && !command_env.iter().any(|(c, _)| c.as_bytes() == k)
             })
             .chain(command_env.iter().cloned())
@@ -380,6 +399,14 @@ impl Supervisor {
         let (channel_tx, channel_rx) = mpsc::channel(256);
         let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (notify_tx, notify_rx) = mpsc::channel(256);
+        let notify_dir = match notify::NotifyDir::create() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                warn!("cannot make a directory for the workers' notify sockets: {e}");
+                None
+            }
+        };
         let config_picker = config.picker;
         Ok(Supervisor {
             config,
@@ -418,6 +445,9 @@ impl Supervisor {
             probing: false,
             probe_tx,
             probe_rx,
+            notify_dir,
+            notify_tx,
+            notify_rx,
             worker_nofile,
             cgroups,
             no_cgroups,
@@ -513,6 +543,7 @@ impl Supervisor {
                 }
                 _ = self.events.room(), if !self.backlog.is_empty() => self.work_backlog(),
                 Some(found) = self.probe_rx.recv() => self.on_probe_result(found),
+                Some((slot, pid, notice)) = self.notify_rx.recv() => self.on_notice(slot, pid, notice),
                 Some(command) = self.commands.recv() => {
                     self.on_command(command);
                     for _ in 0..BATCH {
@@ -692,7 +723,7 @@ impl Supervisor {
     }
 
     /// Words for what the lifecycle decided.
-    fn log_note(&self, note: Note) {
+    fn log_note(&mut self, note: Note) {
         match note {
             Note::Restarting { slot, delay } => info!(
                 slot,
@@ -724,6 +755,17 @@ impl Supervisor {
                     "worker {pid} did not exit after disconnect; killing it"
                 )
             }
+            Note::ReadyByDelay { slot, pid } => {
+                info!(slot, pid, "worker {pid} ready (--ready-delay passed)");
+                self.events.send(Event::Ready { slot, pid });
+                self.dispatch();
+            }
+            Note::NotReady { slot, pid, timeout } => warn!(
+                slot,
+                pid,
+                "worker {pid} not ready within {timeout:?} (--ready-timeout); killing it, \
+                 a failed start"
+            ),
             Note::StopTimedOut => warn!(
                 "stop timeout ({:?}) expired; killing remaining workers",
                 self.config.stop_timeout
@@ -849,6 +891,7 @@ impl Supervisor {
             cgroup,
             exec_err,
             inspector_ports,
+            notify,
         } = new;
         self.life.spawned(slot, pid, Instant::now());
         info!(slot, pid, "worker {pid} spawned in slot {slot}");
@@ -869,6 +912,8 @@ impl Supervisor {
             refusals: 0,
             probes: 0,
             inspector_ports,
+            notify,
+            status_text: None,
         };
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
@@ -1074,6 +1119,47 @@ impl Supervisor {
             .join(", ")
     }
 
+    /// A worker said it is ready in a way the `--ready` mode counts: it
+    /// is ready (logged and reported once) and may take connections.
+    fn mark_ready(&mut self, slot: usize, pid: u32, signal: ReadySignal) {
+        if !self.config.ready.accepts(signal) {
+            debug!(
+                slot,
+                pid, "worker {pid} said {signal:?}, which --ready does not count"
+            );
+            return;
+        }
+        if self.life.worker(slot).is_some_and(|w| w.pid == pid) && self.life.ready(pid) {
+            info!(slot, pid, "worker {pid} ready");
+            self.events.send(Event::Ready { slot, pid });
+            self.dispatch();
+        }
+    }
+
+    /// What a worker said on its notify socket.
+    fn on_notice(&mut self, slot: usize, pid: u32, notice: notify::Notice) {
+        match notice {
+            notify::Notice::Ready => self.mark_ready(slot, pid, ReadySignal::Notify),
+            notify::Notice::Status(text) => {
+                if let Some(Slot {
+                    state:
+                        SlotState::Running {
+                            pid: p,
+                            status_text,
+                            ..
+                        },
+                    ..
+                }) = self.slots.get_mut(slot)
+                {
+                    if *p == pid {
+                        debug!(slot, pid, "worker {pid} status: {text}");
+                        *status_text = Some(text);
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether workers are Node cluster workers (`NODE_UNIQUE_ID`).
     fn node_cluster_worker(&self) -> bool {
         self.config
@@ -1144,6 +1230,20 @@ impl Supervisor {
             add("LISTEN_FDS", &fds.len().to_string());
             add("LISTEN_FDNAMES", &self.listeners.fd_names());
         }
+        // Its own notify socket (sd_notify READY=1 and STATUS=).
+        let notify = match &self.notify_dir {
+            Some(dir) => match dir.socket(node_id) {
+                Ok((path, sock)) => {
+                    add("NOTIFY_SOCKET", &path.to_string_lossy());
+                    Some((path, sock))
+                }
+                Err(e) => {
+                    warn!(slot, "cannot make a notify socket for the worker: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         // The IPC channel goes right after the sockets.
         let channel_fd = (sys::LISTEN_FDS_START as usize + fds.len()).to_string();
         let ipc = match self.config.ipc {
@@ -1221,6 +1321,10 @@ impl Supervisor {
         let child = spawned?;
         rustix::io::ioctl_fionbio(&exec_err_read, true).map_err(std::io::Error::from)?;
         let pid = child.id().unwrap_or(0);
+        let notify = notify.map(|(path, sock)| {
+            let reader = tokio::spawn(notify::read(sock, slot, pid, self.notify_tx.clone()));
+            (reader.abort_handle(), path)
+        });
         if !inspect.is_empty() {
             info!(
                 slot,
@@ -1294,6 +1398,7 @@ impl Supervisor {
                 .iter()
                 .filter_map(|a| a.rsplit(':').next()?.parse().ok())
                 .collect(),
+            notify,
         })
     }
 
@@ -1415,12 +1520,11 @@ impl Supervisor {
                 self.close_channel(slot, from);
             }
             ChannelEvent::Ready => {
-                if self.life.worker(slot).is_some_and(|w| !w.ready) {
-                    self.life.ready(from);
-                    info!(slot, pid = from, "worker {from} ready");
-                    self.events.send(Event::Ready { slot, pid: from });
-                }
-                self.dispatch();
+                let signal = match self.config.ipc {
+                    Ipc::Node => ReadySignal::NodeReady,
+                    _ => ReadySignal::LibraryReady,
+                };
+                self.mark_ready(slot, from, signal);
             }
             ChannelEvent::Message(message) => {
                 let bytes = message.bytes().len();
@@ -1570,7 +1674,18 @@ impl Supervisor {
             exec_errno,
         } = exit;
         let cgroup = match &mut self.slots[slot].state {
-            SlotState::Running { pid: p, cgroup, .. } if *p == pid => cgroup.take(),
+            SlotState::Running {
+                pid: p,
+                cgroup,
+                notify,
+                ..
+            } if *p == pid => {
+                if let Some((reader, path)) = notify.take() {
+                    reader.abort();
+                    let _ = std::fs::remove_file(path);
+                }
+                cgroup.take()
+            }
             _ => None,
         };
         self.contain_remnants(pid, cgroup);

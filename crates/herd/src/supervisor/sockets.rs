@@ -322,6 +322,7 @@ impl Supervisor {
             pid,
             address: address.to_string(),
         });
+        self.mark_ready(slot, pid, crate::config::ReadySignal::Listening);
     }
 
     /// The socket for listen spec `text` as slot `slot` gets it: one the

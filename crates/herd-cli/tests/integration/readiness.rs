@@ -1,0 +1,127 @@
+//! Readiness: a worker is ready when it says so (sd_notify's READY=1 on its
+//! own NOTIFY_SOCKET, from any process of its tree), after --ready-delay,
+//! or not at all within --ready-timeout (a failed start).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn systemd_notify_missing() -> bool {
+    if Command::new("systemd-notify")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-notify is not installed");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn ready_is_when_the_worker_says_so_on_its_notify_socket() {
+    if systemd_notify_missing() {
+        return;
+    }
+    // Slot 0 notifies from the worker itself; slot 1 from a grandchild. The
+    // NOTIFY_SOCKET herd was given (systemd's) never reaches a worker.
+    let script = r#"echo "socket $NOTIFY_SOCKET"; sleep 0.4;
+        if [ "$HERD_WORKER_ID" = 0 ]; then systemd-notify --ready --status="warm";
+        else (sh -c 'systemd-notify --ready') & fi; echo notified; exec sleep 30"#;
+    let mut cmd = Command::new(herd_bin());
+    cmd.args([
+        "run",
+        "-w",
+        "2",
+        "--no-listen",
+        "--ready",
+        "notify",
+        "--",
+        "sh",
+        "-c",
+    ])
+    .arg(script)
+    .env("NOTIFY_SOCKET", "/run/systemd/notify-of-herd");
+    let started = Instant::now();
+    let herd = Herd::spawn(cmd);
+    let pids = [herd.nth_spawned(1), herd.nth_spawned(2)];
+    for pid in pids {
+        herd.stderr.wait_for("a ready worker", STARTUP, |l| {
+            l.contains(&format!("worker {pid} ready"))
+        });
+    }
+    // Not before it said so: each sleeps 0.4 s first.
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    herd.stdout
+        .wait_for_nth("both notified", STARTUP, 2, |l| l.ends_with("] notified"));
+    let sockets: Vec<String> = herd
+        .stdout
+        .all()
+        .into_iter()
+        .filter_map(|l| l.split_once("] socket ").map(|(_, s)| s.to_string()))
+        .collect();
+    assert_eq!(sockets.len(), 2, "{sockets:?}");
+    assert_ne!(sockets[0], sockets[1], "a socket per worker");
+    assert!(
+        sockets
+            .iter()
+            .all(|s| !s.contains("notify-of-herd") && !s.is_empty()),
+        "{sockets:?}"
+    );
+}
+
+#[test]
+fn a_worker_not_ready_in_time_is_killed_and_backs_off() {
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--ready",
+        "notify",
+        "--ready-timeout",
+        "300ms",
+        "--backoff-initial",
+        "50ms",
+        "--",
+        "sh",
+        "-c",
+        "exec sleep 30",
+    ]);
+    let started = Instant::now();
+    let first = herd.nth_spawned(1);
+    herd.stderr.wait_for("the timeout", STARTUP, |l| {
+        l.contains(&format!("worker {first} not ready within 300ms"))
+    });
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Failed starts are strikes: the second one waits (backoff), not at once.
+    herd.stderr.wait_for_nth("second timeout", STARTUP, 2, |l| {
+        l.contains("not ready within")
+    });
+    herd.stderr
+        .wait_for("a backoff", STARTUP, |l| l.contains("restarting slot 0 in"));
+    assert!(!herd.stderr.all().iter().any(|l| l.contains(" ready slot")));
+}
+
+#[test]
+fn a_worker_that_says_nothing_is_ready_after_the_delay() {
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--ready",
+        "delay",
+        "--ready-delay",
+        "200ms",
+        "--",
+        "sh",
+        "-c",
+        "exec sleep 30",
+    ]);
+    let pid = herd.nth_spawned(1);
+    herd.stderr.wait_for("ready by delay", STARTUP, |l| {
+        l.contains(&format!("worker {pid} ready (--ready-delay passed)"))
+    });
+}
