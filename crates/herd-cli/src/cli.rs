@@ -162,6 +162,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ready_timeout: Duration,
 
+    /// A watchdog, as systemd's WatchdogSec=: workers get WATCHDOG_USEC, and one that sent
+    /// WATCHDOG=1 on its NOTIFY_SOCKET once and then nothing for this long is hung: SIGABRT,
+    /// SIGKILL 2 s later, replaced. WATCHDOG=trigger counts as hung at once. Off by default.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub watchdog: Option<Duration>,
+
     /// Run workers as Node cluster workers (NODE_UNIQUE_ID and Node's channel), so that
     /// server.listen() takes herd's socket as under Node's cluster primary. auto = when the
     /// command runs node: node itself, a script whose #! line runs node, or a package script
@@ -269,6 +275,7 @@ impl RunArgs {
         config.ready = self.ready;
         config.ready_delay = self.ready_delay;
         config.ready_timeout = self.ready_timeout;
+        config.watchdog = self.watchdog.filter(|d| !d.is_zero());
         config.node_cluster = match self.node_cluster {
             NodeCluster::Auto => None,
             NodeCluster::On => Some(true),

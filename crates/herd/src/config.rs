@@ -319,6 +319,11 @@ pub struct ClusterConfig {
     /// [`ReadyMode::Listen`]: a worker not ready this long after it started
     /// failed to start (killed, and a crash-loop strike).
     pub ready_timeout: Duration,
+    /// The watchdog (systemd's `WatchdogSec=`): workers get
+    /// `WATCHDOG_USEC`; one that sent `WATCHDOG=1` once and then nothing
+    /// for this long is hung: SIGABRT, SIGKILL 2 s later, replaced. `None`:
+    /// off (and no timer).
+    pub watchdog: Option<Duration>,
 }
 
 /// What makes a worker ready: the moment it takes traffic in a round-robin
@@ -467,6 +472,7 @@ impl ClusterConfig {
             ready: ReadyMode::Auto,
             ready_delay: Duration::from_secs(1),
             ready_timeout: Duration::from_secs(30),
+            watchdog: None,
         }
     }
 }

@@ -55,7 +55,13 @@ pub(crate) struct Policy {
     /// is killed and counts as a crash (`--ready-timeout`, for the modes
     /// that wait for the worker to say so).
     pub(crate) ready_timeout: Option<Duration>,
+    /// A worker that sent `WATCHDOG=1` once and then nothing for this long
+    /// is hung (`--watchdog`).
+    pub(crate) watchdog: Option<Duration>,
 }
+
+/// How long a hung worker has after SIGABRT (to dump core) before SIGKILL.
+pub(crate) const WATCHDOG_ABORT_GRACE: Duration = Duration::from_secs(2);
 
 impl Policy {
     pub(crate) fn from_config(c: &ClusterConfig) -> Policy {
@@ -74,6 +80,7 @@ impl Policy {
                 ReadyMode::Notify | ReadyMode::Node | ReadyMode::Listen
             )
             .then_some(c.ready_timeout),
+            watchdog: c.watchdog,
         }
     }
 }
@@ -125,6 +132,13 @@ pub(crate) enum Note {
     RetireTimedOut { pid: u32 },
     /// A worker became ready by the delay (`--ready-delay`): it said nothing.
     ReadyByDelay { slot: usize, pid: u32 },
+    /// A worker's watchdog expired (or it asked: `WATCHDOG=trigger`): it
+    /// gets SIGABRT, then SIGKILL after a grace.
+    Hung {
+        slot: usize,
+        pid: u32,
+        triggered: bool,
+    },
     /// A worker was not ready within the ready timeout: it is killed and
     /// counts as a failed start.
     NotReady {
@@ -146,8 +160,11 @@ pub(crate) enum Action {
     StopAll,
     /// SIGKILL every live worker and what is left of dead ones.
     KillAll,
-    /// SIGKILL one retired worker that outlived its stop timeout.
+    /// SIGKILL one worker (retired past its stop timeout, not ready in
+    /// time, hung past its abort grace).
     Kill { pid: u32 },
+    /// SIGABRT one hung worker (core dumps stay possible).
+    Abort { pid: u32 },
     /// Log this.
     Note(Note),
 }
@@ -165,6 +182,12 @@ pub(crate) struct Worker {
     pub(crate) ready_by: Option<Instant>,
     /// It was killed for not being ready in time.
     pub(crate) failed_start: bool,
+    /// Its watchdog: hung if no `WATCHDOG=1` by then (armed by its first).
+    pub(crate) watchdog_at: Option<Instant>,
+    /// It was found hung: SIGABRT sent, SIGKILL at this time.
+    pub(crate) hung_kill_at: Option<Instant>,
+    /// That SIGKILL was sent.
+    pub(crate) hung_killed: bool,
     /// Retired (disconnected): SIGKILL at this time if still alive.
     pub(crate) retire_kill_at: Option<Instant>,
     /// It got that SIGKILL.
@@ -339,6 +362,9 @@ impl Lifecycle {
             ready_at: self.policy.ready_delay.map(|d| now + d),
             ready_by: self.policy.ready_timeout.map(|d| now + d),
             failed_start: false,
+            watchdog_at: None,
+            hung_kill_at: None,
+            hung_killed: false,
             retire_kill_at: None,
             retire_killed: false,
         });
@@ -372,6 +398,44 @@ impl Lifecycle {
             }
             _ => false,
         }
+    }
+
+    /// A worker sent `WATCHDOG=1`: its watchdog is (re)armed. Ignored
+    /// without `--watchdog`, and from a worker already found hung.
+    pub(crate) fn heartbeat(&mut self, pid: u32, now: Instant) {
+        let Some(timeout) = self.policy.watchdog else {
+            return;
+        };
+        if let Some(slot) = self.slot_of(pid) {
+            if let SlotState::Running(w) = &mut self.slots[slot].state {
+                if w.hung_kill_at.is_none() {
+                    w.watchdog_at = Some(now + timeout);
+                }
+            }
+        }
+    }
+
+    /// A worker sent `WATCHDOG=trigger`: as systemd does, it is treated as
+    /// hung at once (with or without `--watchdog`).
+    pub(crate) fn watchdog_trigger(&mut self, pid: u32, now: Instant) {
+        if let Some(slot) = self.slot_of(pid) {
+            if let SlotState::Running(w) = &mut self.slots[slot].state {
+                if w.hung_kill_at.is_none() {
+                    Self::hang(&mut self.actions, slot, w, now, true);
+                }
+            }
+        }
+    }
+
+    fn hang(actions: &mut Vec<Action>, slot: usize, w: &mut Worker, now: Instant, triggered: bool) {
+        w.hung_kill_at = Some(now + WATCHDOG_ABORT_GRACE);
+        w.watchdog_at = None;
+        actions.push(Action::Note(Note::Hung {
+            slot,
+            pid: w.pid,
+            triggered,
+        }));
+        actions.push(Action::Abort { pid: w.pid });
     }
 
     /// Whether a worker has ever started successfully, counting live
@@ -612,6 +676,15 @@ impl Lifecycle {
                                 .push(Action::Note(Note::RetireTimedOut { pid: w.pid }));
                             self.actions.push(Action::Kill { pid: w.pid });
                         }
+                        SlotState::Running(w) if w.watchdog_at.is_some_and(|t| t <= now) => {
+                            Self::hang(&mut self.actions, slot, w, now, false);
+                        }
+                        SlotState::Running(w)
+                            if !w.hung_killed && w.hung_kill_at.is_some_and(|t| t <= now) =>
+                        {
+                            w.hung_killed = true;
+                            self.actions.push(Action::Kill { pid: w.pid });
+                        }
                         SlotState::Running(w)
                             if !w.ready
                                 && !w.failed_start
@@ -661,7 +734,11 @@ impl Lifecycle {
                         let pending = !w.ready && !w.failed_start;
                         let ready = w.ready_at.filter(|_| pending);
                         let timeout = w.ready_by.filter(|_| pending);
-                        [retire, ready, timeout].into_iter().flatten().min()
+                        let hung = w.hung_kill_at.filter(|_| !w.hung_killed);
+                        [retire, ready, timeout, w.watchdog_at, hung]
+                            .into_iter()
+                            .flatten()
+                            .min()
                     }
                     _ => None,
                 })
@@ -712,6 +789,7 @@ mod tests {
             stop_timeout: Duration::from_secs(10),
             ready_delay: None,
             ready_timeout: None,
+            watchdog: None,
         }
     }
 
@@ -766,7 +844,10 @@ mod tests {
                                 self.lc.spawned(slot, self.next_pid, self.now);
                             }
                         }
-                        Action::StopAll | Action::Kill { .. } | Action::Note(_) => {}
+                        Action::StopAll
+                        | Action::Kill { .. }
+                        | Action::Abort { .. }
+                        | Action::Note(_) => {}
                         Action::KillAll => {
                             // Everything dies (reported later by exits).
                         }
@@ -817,6 +898,8 @@ mod tests {
         Stop,
         Fork,
         SpawnFails(bool),
+        Heartbeat(usize),
+        Trigger(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -828,6 +911,8 @@ mod tests {
             Just(Step::Stop),
             Just(Step::Fork),
             any::<bool>().prop_map(Step::SpawnFails),
+            (0usize..8).prop_map(Step::Heartbeat),
+            (0usize..8).prop_map(Step::Trigger),
         ]
     }
 
@@ -841,8 +926,16 @@ mod tests {
             workers in 1usize..5,
             steps in proptest::collection::vec(step(), 0..120),
             exit_on_crash_loop in any::<bool>(),
+            watchdog in any::<bool>(),
+            ready_timeout in any::<bool>(),
         ) {
             let mut p = policy();
+            if watchdog {
+                p.watchdog = Some(Duration::from_secs(3));
+            }
+            if ready_timeout {
+                p.ready_timeout = Some(Duration::from_secs(5));
+            }
             if exit_on_crash_loop {
                 p.on_crash_loop = CrashLoopAction::Exit;
             }
@@ -888,6 +981,17 @@ mod tests {
                         sim.perform();
                     }
                     Step::SpawnFails(f) => sim.spawn_fails = f,
+                    Step::Heartbeat(i) => {
+                        if let Some((pid, _)) = sim.alive.get(i % sim.alive.len().max(1)) {
+                            sim.lc.heartbeat(*pid, sim.now);
+                        }
+                    }
+                    Step::Trigger(i) => {
+                        if let Some((pid, _)) = sim.alive.get(i % sim.alive.len().max(1)) {
+                            sim.lc.watchdog_trigger(*pid, sim.now);
+                            sim.perform();
+                        }
+                    }
                 }
                 starts.push(sim.now);
             }
@@ -985,6 +1089,35 @@ mod tests {
         sim.now += Duration::from_secs(60);
         sim.lc.timer(sim.now);
         assert!(!sim.lc.take_actions().contains(&Action::Kill { pid }));
+    }
+
+    #[test]
+    fn a_worker_silent_past_its_watchdog_gets_sigabrt_then_sigkill() {
+        let mut p = policy();
+        p.watchdog = Some(Duration::from_secs(2));
+        let mut sim = Sim::new(p, 1);
+        let pid = sim.alive[0].0;
+        // No timer until its first heartbeat.
+        assert_eq!(sim.lc.next_deadline(), None);
+        sim.lc.heartbeat(pid, sim.now);
+        sim.now += Duration::from_secs(1);
+        sim.lc.heartbeat(pid, sim.now);
+        assert_eq!(
+            sim.lc.next_deadline(),
+            Some(sim.now + Duration::from_secs(2))
+        );
+        sim.now += Duration::from_secs(2);
+        sim.lc.timer(sim.now);
+        let actions = sim.lc.take_actions();
+        assert!(actions.contains(&Action::Abort { pid }), "{actions:?}");
+        sim.now += WATCHDOG_ABORT_GRACE;
+        sim.lc.timer(sim.now);
+        assert!(sim.lc.take_actions().contains(&Action::Kill { pid }));
+        // WATCHDOG=trigger: hung at once.
+        sim.exit(0, 1);
+        let pid = sim.alive[0].0;
+        sim.lc.watchdog_trigger(pid, sim.now);
+        assert!(sim.lc.take_actions().contains(&Action::Abort { pid }));
     }
 
     #[test]

@@ -543,6 +543,32 @@ pub fn drain_requested() -> std::io::Result<impl std::future::Future<Output = ()
     })
 }
 
+/// Sends `state` (sd_notify's `KEY=VALUE` lines, e.g. `"READY=1"`,
+/// `"STATUS=warming caches"`) to the `NOTIFY_SOCKET` herd gave this worker,
+/// as `sd_notify(3)` would. Returns `Ok(false)` when there is none (not
+/// started by herd, or by a herd without notify sockets).
+pub fn notify(state: &str) -> std::io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    sock.send_to(state.as_bytes(), std::path::Path::new(&path))?;
+    Ok(true)
+}
+
+/// The watchdog heartbeat (`WATCHDOG=1`): under `--watchdog`
+/// (`ClusterConfig::watchdog`), a worker that sent one and then none for
+/// that long is hung and replaced. Send it at least every half period
+/// (`WATCHDOG_USEC` / 2), as systemd advises.
+///
+/// ```
+/// // Outside a cluster there is no notify socket: nothing is sent.
+/// assert!(!herd::worker::heartbeat().unwrap() || std::env::var_os("NOTIFY_SOCKET").is_some());
+/// ```
+pub fn heartbeat() -> std::io::Result<bool> {
+    notify("WATCHDOG=1")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

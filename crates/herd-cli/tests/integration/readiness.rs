@@ -125,3 +125,58 @@ fn a_worker_that_says_nothing_is_ready_after_the_delay() {
         l.contains(&format!("worker {pid} ready (--ready-delay passed)"))
     });
 }
+
+/// --watchdog: a worker that sent WATCHDOG=1 and then went silent is hung:
+/// SIGABRT, and a replacement; WATCHDOG=trigger is hung at once. A worker
+/// that never sent one is left alone.
+#[test]
+fn a_worker_silent_past_its_watchdog_is_aborted_and_replaced() {
+    if systemd_notify_missing() {
+        return;
+    }
+    let script = r#"echo "usec=$WATCHDOG_USEC";
+        if [ "$HERD_WORKER_ID" = 0 ]; then systemd-notify WATCHDOG=1; exec sleep 30; fi;
+        if [ "$HERD_WORKER_ID" = 1 ]; then sleep 0.2; systemd-notify WATCHDOG=trigger; exec sleep 30; fi;
+        exec sleep 30"#;
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "3",
+        "--no-listen",
+        "--watchdog",
+        "500ms",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    herd.stdout
+        .wait_for("WATCHDOG_USEC", STARTUP, |l| l.ends_with("] usec=500000"));
+    let hung = herd.stderr.wait_for("the hung worker", STARTUP, |l| {
+        l.contains("is hung: no WATCHDOG=1 for 500ms")
+    });
+    let pid = pid_after(&hung, "worker ");
+    herd.stderr.wait_for("its SIGABRT death", STARTUP, |l| {
+        l.contains(&format!("worker {pid} died (killed by SIGABRT"))
+    });
+    herd.stderr.wait_for("the trigger", STARTUP, |l| {
+        l.contains("asked for its watchdog (WATCHDOG=trigger)")
+    });
+    // Slot 2 never sent WATCHDOG=1: no watchdog for it.
+    let slot2 = herd
+        .stderr
+        .all()
+        .iter()
+        .find(|l| l.contains("spawned in slot 2"))
+        .cloned();
+    let slot2 = pid_after(&slot2.expect("slot 2 spawned"), "worker ");
+    assert!(
+        !herd
+            .stderr
+            .all()
+            .iter()
+            .any(|l| l.contains(&format!("worker {slot2} is hung"))),
+        "{:?}",
+        herd.stderr.all()
+    );
+}

@@ -716,6 +716,13 @@ impl Supervisor {
                         });
                         signal_worker(pid, cgroup.as_deref(), Signal::KILL);
                     }
+                    // The worker itself, not its group: its core dump is the
+                    // one that tells why it hung.
+                    Action::Abort { pid } => {
+                        if let Some(p) = Pid::from_raw(pid as i32) {
+                            let _ = rustix::process::kill_process(p, Signal::ABORT);
+                        }
+                    }
                     Action::Note(note) => self.log_note(note),
                 }
             }
@@ -754,6 +761,23 @@ impl Supervisor {
                     pid,
                     "worker {pid} did not exit after disconnect; killing it"
                 )
+            }
+            Note::Hung {
+                slot,
+                pid,
+                triggered,
+            } => {
+                if triggered {
+                    warn!(slot, pid, "worker {pid} asked for its watchdog (WATCHDOG=trigger); aborting it (SIGABRT, SIGKILL 2 s later)");
+                } else {
+                    warn!(
+                        slot,
+                        pid,
+                        "worker {pid} is hung: no WATCHDOG=1 for {:?} (--watchdog); aborting it \
+                         (SIGABRT, SIGKILL 2 s later)",
+                        self.config.watchdog.unwrap_or_default()
+                    );
+                }
             }
             Note::ReadyByDelay { slot, pid } => {
                 info!(slot, pid, "worker {pid} ready (--ready-delay passed)");
@@ -1140,6 +1164,17 @@ impl Supervisor {
     fn on_notice(&mut self, slot: usize, pid: u32, notice: notify::Notice) {
         match notice {
             notify::Notice::Ready => self.mark_ready(slot, pid, ReadySignal::Notify),
+            notify::Notice::Watchdog => {
+                if self.life.worker(slot).is_some_and(|w| w.pid == pid) {
+                    self.life.heartbeat(pid, Instant::now());
+                }
+            }
+            notify::Notice::WatchdogTrigger => {
+                if self.life.worker(slot).is_some_and(|w| w.pid == pid) {
+                    self.life.watchdog_trigger(pid, Instant::now());
+                    self.perform();
+                }
+            }
             notify::Notice::Status(text) => {
                 if let Some(Slot {
                     state:
@@ -1235,6 +1270,9 @@ impl Supervisor {
             Some(dir) => match dir.socket(node_id) {
                 Ok((path, sock)) => {
                     add("NOTIFY_SOCKET", &path.to_string_lossy());
+                    if let Some(w) = self.config.watchdog {
+                        add("WATCHDOG_USEC", &w.as_micros().to_string());
+                    }
                     Some((path, sock))
                 }
                 Err(e) => {

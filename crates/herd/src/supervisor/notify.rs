@@ -31,6 +31,10 @@ pub(super) enum Notice {
     Ready,
     /// `STATUS=…`, cut at 256 bytes.
     Status(String),
+    /// `WATCHDOG=1`: a heartbeat.
+    Watchdog,
+    /// `WATCHDOG=trigger`: the worker asks to be treated as hung.
+    WatchdogTrigger,
 }
 
 /// The directory of the workers' notify sockets.
@@ -112,6 +116,8 @@ pub(super) fn parse(datagram: &[u8]) -> Vec<Notice> {
     text.lines()
         .filter_map(|line| match line.split_once('=') {
             Some(("READY", "1")) => Some(Notice::Ready),
+            Some(("WATCHDOG", "1")) => Some(Notice::Watchdog),
+            Some(("WATCHDOG", "trigger")) => Some(Notice::WatchdogTrigger),
             Some(("STATUS", status)) => {
                 let mut status = status.to_string();
                 if status.len() > MAX_STATUS {
@@ -141,7 +147,8 @@ mod tests {
                 Notice::Status("serving 4 connections".into())
             ]
         );
-        assert_eq!(parse(b"READY=0\nWATCHDOG=1"), []);
+        assert_eq!(parse(b"READY=0\nWATCHDOG=1"), [Notice::Watchdog]);
+        assert_eq!(parse(b"WATCHDOG=trigger"), [Notice::WatchdogTrigger]);
         assert_eq!(parse(b"\xff\xfe"), []);
         let long = format!("STATUS={}", "é".repeat(300));
         let [Notice::Status(s)] = &parse(long.as_bytes())[..] else {
