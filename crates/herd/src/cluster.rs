@@ -373,6 +373,10 @@ pub(crate) enum Command {
         env: Vec<(String, String)>,
         reply: oneshot::Sender<Result<WorkerLink, String>>,
     },
+    Scale {
+        workers: usize,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
 }
 
 /// What the supervisor hands out for one worker: its channel's queue and its
@@ -515,6 +519,46 @@ impl ClusterHandle {
             .map_err(|_| HandleError::Stopped)?;
         let link = rx.await.map_err(|_| HandleError::Stopped)?;
         Ok(link.map(|l| self.handle_for(l)))
+    }
+
+    /// Scales the cluster to `workers` workers (at least 1, at most
+    /// 1024), as SIGTTIN and SIGTTOU do one at a time: new slots start at
+    /// once; the highest slots' workers are asked to drain (stop signal, or
+    /// Node's disconnect), SIGKILLed at the stop timeout, and not replaced.
+    /// Returns the new size.
+    ///
+    /// ```
+    /// use herd::{Cluster, ClusterConfig, Event, WorkerCommand};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let command = WorkerCommand::resolve(vec!["sh".into(), "-c".into(), "exec sleep 30".into()])?;
+    /// let (cluster, mut events) = Cluster::bind(ClusterConfig::new(command))?.start()?;
+    /// assert_eq!(cluster.scale(3).await?, 3);
+    /// while !matches!(events.recv().await, Some(Event::Spawned { slot: 2, .. })) {}
+    /// assert_eq!(cluster.scale(1).await?, 1);
+    /// // Slots 1 and 2 drain away.
+    /// let mut gone = 0;
+    /// while gone < 2 {
+    ///     if let Some(Event::Exited { .. }) = events.recv().await {
+    ///         gone += 1;
+    ///     }
+    /// }
+    /// assert_eq!(cluster.workers().await?.len(), 1);
+    /// cluster.stop()?;
+    /// cluster.wait().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn scale(&self, workers: usize) -> Result<usize, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Scale { workers, reply })
+            .map_err(|_| HandleError::Stopped)?;
+        // Refused only while stopping.
+        rx.await
+            .map_err(|_| HandleError::Stopped)?
+            .map_err(|_| HandleError::Stopped)
     }
 
     /// Adds a worker in a new slot, with `env` added to its environment

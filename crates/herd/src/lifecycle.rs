@@ -165,6 +165,11 @@ pub(crate) enum Action {
     Kill { pid: u32 },
     /// SIGABRT one hung worker (core dumps stay possible).
     Abort { pid: u32 },
+    /// Ask one worker to drain and go (stop signal, or Node's disconnect):
+    /// its slot is being scaled away. SIGKILL follows at the stop timeout.
+    Retire { slot: usize, pid: u32 },
+    /// The last slot is gone (scaled away, its worker exited).
+    RemoveSlot { slot: usize },
     /// Log this.
     Note(Note),
 }
@@ -176,6 +181,10 @@ pub(crate) struct Worker {
     pub(crate) started: Instant,
     /// It is ready: it said so, or the ready delay passed.
     pub(crate) ready: bool,
+    /// It said so itself: proof it started, as `min_uptime` of uptime is
+    /// (a delay is not: a worker dying after the delay but before
+    /// `min_uptime` still failed to start).
+    pub(crate) said_ready: bool,
     /// Ready by the delay at this time, if it says nothing before.
     pub(crate) ready_at: Option<Instant>,
     /// Not ready by this time: a failed start.
@@ -213,6 +222,9 @@ struct Slot {
     failed: bool,
     /// When its last few workers were started (at most `START_BURST`).
     starts: VecDeque<Instant>,
+    /// It is being scaled away: its worker is not replaced, and the slot is
+    /// removed once it is done (leaving slots are always the last ones).
+    leaving: bool,
 }
 
 impl Slot {
@@ -223,6 +235,7 @@ impl Slot {
             intensity: Intensity::new(policy.max_restarts, policy.within),
             failed: false,
             starts: VecDeque::new(),
+            leaving: false,
         }
     }
 
@@ -284,8 +297,7 @@ impl Lifecycle {
         std::mem::take(&mut self.actions)
     }
 
-    /// How many slots there are.
-    #[cfg(test)]
+    /// How many slots there are (leaving ones too).
     pub(crate) fn slots(&self) -> usize {
         self.slots.len()
     }
@@ -338,6 +350,74 @@ impl Lifecycle {
         Some(self.slots.len() - 1)
     }
 
+    /// How many slots are not being scaled away: the cluster's size.
+    pub(crate) fn active(&self) -> usize {
+        self.slots.iter().filter(|s| !s.leaving).count()
+    }
+
+    /// Scales to `n` workers (at least 1): new slots start at once; the
+    /// highest slots leave, their workers asked to drain (as a disconnect
+    /// retires them) and not replaced, each slot removed when its worker
+    /// is gone. Scaling up first takes back slots still leaving. Returns
+    /// the new size. Nothing changes while stopping.
+    pub(crate) fn scale(&mut self, n: usize, now: Instant) -> usize {
+        if self.stopping() {
+            return self.active();
+        }
+        let n = n.max(1);
+        while self.active() < n {
+            if let Some(i) = self.slots.iter().position(|s| s.leaving) {
+                // Its worker was asked to drain: it is replaced when it exits.
+                self.slots[i].leaving = false;
+            } else {
+                self.slots.push(Slot::new(&self.policy, now));
+                let slot = self.slots.len() - 1;
+                self.slots[slot].state = SlotState::Waiting {
+                    until: far_future(now),
+                };
+                self.actions.push(Action::Spawn { slot });
+            }
+        }
+        while self.active() > n {
+            let i = self
+                .slots
+                .iter()
+                .rposition(|s| !s.leaving)
+                .expect("active > n >= 1");
+            let kill_at = now + self.policy.stop_timeout;
+            let s = &mut self.slots[i];
+            s.leaving = true;
+            match &mut s.state {
+                SlotState::Running(w) => {
+                    if w.retire_kill_at.is_none() {
+                        w.retire_kill_at = Some(kill_at);
+                        self.actions.push(Action::Retire {
+                            slot: i,
+                            pid: w.pid,
+                        });
+                    }
+                }
+                state => *state = SlotState::Done { succeeded: true },
+            }
+        }
+        self.remove_gone();
+        self.active()
+    }
+
+    /// Removes the trailing slots that left and are done.
+    fn remove_gone(&mut self) {
+        while self
+            .slots
+            .last()
+            .is_some_and(|s| s.leaving && matches!(s.state, SlotState::Done { .. }))
+        {
+            self.slots.pop();
+            self.actions.push(Action::RemoveSlot {
+                slot: self.slots.len(),
+            });
+        }
+    }
+
     /// Removes the last slot again (its first worker could not be spawned).
     pub(crate) fn remove_last_slot(&mut self) {
         if matches!(
@@ -359,6 +439,7 @@ impl Lifecycle {
             pid,
             started: now,
             ready: false,
+            said_ready: false,
             ready_at: self.policy.ready_delay.map(|d| now + d),
             ready_by: self.policy.ready_timeout.map(|d| now + d),
             failed_start: false,
@@ -374,7 +455,7 @@ impl Lifecycle {
     /// execve failed after the cluster had served): backed off like a crash
     /// at start, and no sooner than [`SPAWN_RETRY_MIN`].
     pub(crate) fn spawn_failed(&mut self, slot: usize, now: Instant) {
-        if self.stopping() {
+        if self.stopping() || self.slots[slot].leaving {
             self.slots[slot].state = SlotState::Done { succeeded: false };
             return;
         }
@@ -391,10 +472,11 @@ impl Lifecycle {
             return false;
         };
         match &mut self.slots[slot].state {
-            SlotState::Running(w) if !w.ready && !w.failed_start => {
-                w.ready = true;
+            SlotState::Running(w) if !w.said_ready && !w.failed_start => {
+                w.said_ready = true;
                 self.served = true;
-                true
+                // News unless the delay had made it ready already.
+                !std::mem::replace(&mut w.ready, true)
             }
             _ => false,
         }
@@ -444,7 +526,8 @@ impl Lifecycle {
         self.served
             || self.slots.iter().enumerate().any(|(i, s)| match s.state {
                 SlotState::Running(w) if Some(i) != except => {
-                    w.ready || now.saturating_duration_since(w.started) >= self.policy.min_uptime
+                    w.said_ready
+                        || now.saturating_duration_since(w.started) >= self.policy.min_uptime
                 }
                 _ => false,
             })
@@ -471,7 +554,7 @@ impl Lifecycle {
         // death is no crash-loop strike. A worker that fails by itself is a
         // strike whatever its uptime, so an app that fails a while after
         // starting still backs off.
-        let healthy = (w.ready || uptime >= self.policy.min_uptime)
+        let healthy = (w.said_ready || uptime >= self.policy.min_uptime)
             && !facts.failed_by_itself
             && !w.failed_start;
         if healthy {
@@ -481,6 +564,14 @@ impl Lifecycle {
             self.slots[slot].state = SlotState::Done {
                 succeeded: facts.succeeded,
             };
+            return Some((slot, uptime, retired));
+        }
+        if self.slots[slot].leaving {
+            // Scaled away: not replaced, and the slot goes once it is done.
+            self.slots[slot].state = SlotState::Done {
+                succeeded: facts.succeeded,
+            };
+            self.remove_gone();
             return Some((slot, uptime, retired));
         }
         if exec_failed {
@@ -691,7 +782,6 @@ impl Lifecycle {
                                 && w.ready_at.is_some_and(|t| t <= now) =>
                         {
                             w.ready = true;
-                            self.served = true;
                             self.actions
                                 .push(Action::Note(Note::ReadyByDelay { slot, pid: w.pid }));
                         }
@@ -847,7 +937,15 @@ mod tests {
                         Action::StopAll
                         | Action::Kill { .. }
                         | Action::Abort { .. }
+                        | Action::Retire { .. }
                         | Action::Note(_) => {}
+                        Action::RemoveSlot { slot } => {
+                            assert!(slot >= self.lc.slots(), "only the last slots go");
+                            assert!(
+                                self.alive.iter().all(|(_, s)| *s != slot),
+                                "slot {slot} removed with a live worker"
+                            );
+                        }
                         Action::KillAll => {
                             // Everything dies (reported later by exits).
                         }
@@ -900,6 +998,7 @@ mod tests {
         SpawnFails(bool),
         Heartbeat(usize),
         Trigger(usize),
+        Scale(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -913,6 +1012,7 @@ mod tests {
             any::<bool>().prop_map(Step::SpawnFails),
             (0usize..8).prop_map(Step::Heartbeat),
             (0usize..8).prop_map(Step::Trigger),
+            (0usize..7).prop_map(Step::Scale),
         ]
     }
 
@@ -981,6 +1081,13 @@ mod tests {
                         sim.perform();
                     }
                     Step::SpawnFails(f) => sim.spawn_fails = f,
+                    Step::Scale(n) => {
+                        let size = sim.lc.scale(n, sim.now);
+                        if !sim.lc.stopping() {
+                            prop_assert_eq!(size, n.max(1));
+                        }
+                        sim.perform();
+                    }
                     Step::Heartbeat(i) => {
                         if let Some((pid, _)) = sim.alive.get(i % sim.alive.len().max(1)) {
                             sim.lc.heartbeat(*pid, sim.now);

@@ -11,6 +11,7 @@ mod logs;
 mod node;
 mod orphans;
 mod readiness;
+mod scaling;
 mod sockets;
 mod stop;
 mod supervision;

@@ -523,8 +523,8 @@ impl Supervisor {
                 _ = sighup.recv() => self.ignore_signal(libc::SIGHUP, "SIGHUP", "reload is not supported yet"),
                 _ = sigusr1.recv() => self.ignore_signal(libc::SIGUSR1, "SIGUSR1", "herd writes no log files yet"),
                 _ = sigusr2.recv() => self.ignore_signal(libc::SIGUSR2, "SIGUSR2", "it has no meaning to herd"),
-                _ = sigttin.recv() => self.ignore_signal(libc::SIGTTIN, "SIGTTIN", "scaling is not supported yet"),
-                _ = sigttou.recv() => self.ignore_signal(libc::SIGTTOU, "SIGTTOU", "scaling is not supported yet"),
+                _ = sigttin.recv() => self.scale_by(1, "SIGTTIN"),
+                _ = sigttou.recv() => self.scale_by(-1, "SIGTTOU"),
                 _ = sigwinch.recv() => self.ignore_signal(libc::SIGWINCH, "SIGWINCH", "it has no meaning to herd"),
                 _ = sigalrm.recv() => self.ignore_signal(libc::SIGALRM, "SIGALRM", "it has no meaning to herd"),
                 _ = sigpipe.recv() => self.ignore_signal(libc::SIGPIPE, "SIGPIPE", "a closed pipe is handled where it is written"),
@@ -721,6 +721,20 @@ impl Supervisor {
                     Action::Abort { pid } => {
                         if let Some(p) = Pid::from_raw(pid as i32) {
                             let _ = rustix::process::kill_process(p, Signal::ABORT);
+                        }
+                    }
+                    Action::Retire { slot, pid } => {
+                        info!(
+                            slot,
+                            pid, "worker {pid} retires: slot {slot} is scaled away"
+                        );
+                        let node = self.config.ipc == Ipc::Node;
+                        self.ask_to_go(slot, pid, self.config.stop_signal, node);
+                    }
+                    Action::RemoveSlot { slot } => {
+                        if slot + 1 == self.slots.len() {
+                            self.slots.pop();
+                            info!(slot, "slot {slot} removed");
                         }
                     }
                     Action::Note(note) => self.log_note(note),
@@ -1255,7 +1269,7 @@ impl Supervisor {
         let node_id = self.node_ids;
         let mut add = |k: &str, v: &str| env.extend(env_entry(k.as_ref(), v.as_ref()));
         add("HERD_WORKER_ID", &slot.to_string());
-        add("HERD_WORKERS", &self.config.workers.to_string());
+        add("HERD_WORKERS", &self.life.active().to_string());
         add("HERD_PRIMARY_PID", &std::process::id().to_string());
         add(
             "HERD_STOP_SIGNAL",
@@ -1641,6 +1655,14 @@ impl Supervisor {
             Command::Fork { env, reply } => {
                 let _ = reply.send(self.fork(env));
             }
+            Command::Scale { workers, reply } => {
+                let size = if self.life.stopping() {
+                    Err("the cluster is stopping".to_string())
+                } else {
+                    Ok(self.scale(workers))
+                };
+                let _ = reply.send(size);
+            }
         }
     }
 
@@ -1652,6 +1674,14 @@ impl Supervisor {
         let Some(pid) = self.life.retire(slot, only, Instant::now()) else {
             return;
         };
+        info!(slot, pid, "disconnecting worker {pid}");
+        self.ask_to_go(slot, pid, stop_signal, node);
+    }
+
+    /// Asks a retired worker to drain and exit: Node's own `disconnect`
+    /// for a Node worker with a channel, else its channel closed and the
+    /// stop signal.
+    fn ask_to_go(&mut self, slot: usize, pid: u32, stop_signal: Signal, node: bool) {
         let seq = self.next_node_seq();
         let Some(Slot {
             state: SlotState::Running { channel, .. },
@@ -1660,7 +1690,6 @@ impl Supervisor {
         else {
             return;
         };
-        info!(slot, pid, "disconnecting worker {pid}");
         match channel {
             Some(tx) if node => {
                 // As Node's primary does: the worker closes its servers, lets
@@ -1677,6 +1706,33 @@ impl Supervisor {
                 signal_worker(pid, None, stop_signal);
             }
         }
+    }
+
+    /// SIGTTIN / SIGTTOU: one worker more or fewer (gunicorn's and
+    /// Einhorn's convention).
+    fn scale_by(&mut self, delta: isize, why: &str) {
+        let now = self.life.active();
+        let n = now
+            .saturating_add_signed(delta)
+            .clamp(1, crate::config::MAX_WORKERS);
+        if n == now {
+            warn!("{why} received: already at {now} worker(s), the limit");
+            return;
+        }
+        info!("{why} received: scaling from {now} to {n} workers");
+        self.scale(n);
+    }
+
+    /// Scales to `n` workers: the lifecycle decides, the shell makes room
+    /// for new slots and performs the rest. Returns the new size.
+    fn scale(&mut self, n: usize) -> usize {
+        let n = n.clamp(1, crate::config::MAX_WORKERS);
+        let size = self.life.scale(n, Instant::now());
+        while self.slots.len() < self.life.slots() {
+            self.slots.push(Slot::new(Vec::new()));
+        }
+        self.perform();
+        size
     }
 
     /// A new slot with `env` added to its workers' environment.

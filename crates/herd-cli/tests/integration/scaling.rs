@@ -1,0 +1,74 @@
+//! Scaling: SIGTTIN adds a worker, SIGTTOU retires the highest slot's
+//! worker (drained, not replaced), with no request lost under load.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::util::*;
+
+#[test]
+fn sigttin_and_sigttou_scale_without_losing_a_request() {
+    let herd = Herd::start(["run", "-w", "2", "-l", "127.0.0.1:0"]);
+    let port = herd.port();
+    herd.nth_spawned(2);
+    // Load: one request after another, Connection: close, until told to stop
+    // (at most 20 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                match http_get(port) {
+                    Ok(r) if r.starts_with("HTTP/1.1 200") => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failed
+                        .lock()
+                        .unwrap()
+                        .push(r.lines().next().unwrap_or("").to_string()),
+                    Err(e) => failed.lock().unwrap().push(e.to_string()),
+                }
+            }
+        })
+    };
+    herd.signal("TTIN");
+    let third = herd.nth_spawned(3);
+    herd.stderr.wait_for("scaled up", STARTUP, |l| {
+        l.contains("scaling from 2 to 3 workers")
+    });
+    herd.signal("TTOU");
+    herd.stderr
+        .wait_for("slot 2 removed", STARTUP, |l| l.contains("slot 2 removed"));
+    herd.signal("TTOU");
+    herd.stderr
+        .wait_for("slot 1 removed", STARTUP, |l| l.contains("slot 1 removed"));
+    // At 1 worker, SIGTTOU is refused.
+    herd.signal("TTOU");
+    herd.stderr.wait_for("the floor", STARTUP, |l| {
+        l.contains("already at 1 worker(s)")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 20,
+        "load ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    // The scaled-away workers drained and exited; nothing replaced them.
+    assert!(herd.stderr.all().iter().any(|l| l
+        .contains(&format!("worker {third} exited after disconnect"))
+        || l.contains(&format!("worker {third} exited ("))));
+    assert_eq!(herd.spawned().len(), 3, "{:?}", herd.stderr.all());
+}
