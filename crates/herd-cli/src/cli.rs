@@ -158,7 +158,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     pub ready_delay: Duration,
 
-    /// Under --ready notify, node or listen: the longest a worker may take to be ready.
+    /// Under --ready notify, node or listen: the longest a worker may take to be ready
+    /// (0 = no limit).
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub ready_timeout: Duration,
 

@@ -75,11 +75,13 @@ impl Policy {
             stop_timeout: c.stop_timeout,
             ready_delay: matches!(c.ready, ReadyMode::Auto | ReadyMode::Delay)
                 .then_some(c.ready_delay),
+            // 0 means none, as systemd's TimeoutStartSec=0 does.
             ready_timeout: matches!(
                 c.ready,
                 ReadyMode::Notify | ReadyMode::Node | ReadyMode::Listen
             )
-            .then_some(c.ready_timeout),
+            .then_some(c.ready_timeout)
+            .filter(|t| !t.is_zero()),
             watchdog: c.watchdog,
         }
     }
@@ -130,6 +132,8 @@ pub(crate) enum Note {
     NotRestarted { slot: usize },
     /// A retired worker outlived the stop timeout.
     RetireTimedOut { pid: u32 },
+    /// A slot without a live worker (in backoff, failed) was scaled away.
+    ScaledAway { slot: usize },
     /// A worker became ready by the delay (`--ready-delay`): it said nothing.
     ReadyByDelay { slot: usize, pid: u32 },
     /// A worker's watchdog expired (or it asked: `WATCHDOG=trigger`): it
@@ -366,23 +370,41 @@ impl Lifecycle {
         }
         let n = n.max(1);
         while self.active() < n {
-            if let Some(i) = self.slots.iter().position(|s| s.leaving) {
-                // Its worker was asked to drain: it is replaced when it exits.
-                self.slots[i].leaving = false;
-            } else {
-                self.slots.push(Slot::new(&self.policy, now));
-                let slot = self.slots.len() - 1;
-                self.slots[slot].state = SlotState::Waiting {
-                    until: far_future(now),
-                };
-                self.actions.push(Action::Spawn { slot });
-            }
+            // A slot that left and is done (a gap), else a new one; a slot
+            // whose worker is still draining stays gone, so the new worker
+            // starts now rather than when that one exits.
+            let reuse = self
+                .slots
+                .iter()
+                .position(|s| s.leaving && matches!(s.state, SlotState::Done { .. }));
+            let slot = match reuse {
+                Some(i) => {
+                    self.slots[i] = Slot::new(&self.policy, now);
+                    i
+                }
+                None => {
+                    self.slots.push(Slot::new(&self.policy, now));
+                    self.slots.len() - 1
+                }
+            };
+            self.slots[slot].state = SlotState::Waiting {
+                until: far_future(now),
+            };
+            self.actions.push(Action::Spawn { slot });
         }
         while self.active() > n {
+            // The highest slot without a serving worker (in backoff, failed,
+            // not yet ready) goes first, then the highest one: scaling down
+            // must not retire the one healthy worker and keep a failed slot.
+            let serving = |s: &Slot| match s.state {
+                SlotState::Running(w) => w.ready && !s.failed,
+                _ => false,
+            };
             let i = self
                 .slots
                 .iter()
-                .rposition(|s| !s.leaving)
+                .rposition(|s| !s.leaving && !serving(s))
+                .or_else(|| self.slots.iter().rposition(|s| !s.leaving))
                 .expect("active > n >= 1");
             let kill_at = now + self.policy.stop_timeout;
             let s = &mut self.slots[i];
@@ -391,13 +413,19 @@ impl Lifecycle {
                 SlotState::Running(w) => {
                     if w.retire_kill_at.is_none() {
                         w.retire_kill_at = Some(kill_at);
+                        // A draining worker may go quiet: no watchdog.
+                        w.watchdog_at = None;
                         self.actions.push(Action::Retire {
                             slot: i,
                             pid: w.pid,
                         });
                     }
                 }
-                state => *state = SlotState::Done { succeeded: true },
+                state => {
+                    *state = SlotState::Done { succeeded: true };
+                    self.actions
+                        .push(Action::Note(Note::ScaledAway { slot: i }));
+                }
             }
         }
         self.remove_gone();
@@ -472,7 +500,9 @@ impl Lifecycle {
             return false;
         };
         match &mut self.slots[slot].state {
-            SlotState::Running(w) if !w.said_ready && !w.failed_start => {
+            SlotState::Running(w)
+                if !w.said_ready && !w.failed_start && w.retire_kill_at.is_none() =>
+            {
                 w.said_ready = true;
                 self.served = true;
                 // News unless the delay had made it ready already.
@@ -490,7 +520,7 @@ impl Lifecycle {
         };
         if let Some(slot) = self.slot_of(pid) {
             if let SlotState::Running(w) = &mut self.slots[slot].state {
-                if w.hung_kill_at.is_none() {
+                if w.hung_kill_at.is_none() && w.retire_kill_at.is_none() {
                     w.watchdog_at = Some(now + timeout);
                 }
             }
@@ -693,6 +723,7 @@ impl Lifecycle {
                 if w.retire_kill_at.is_none() && only.is_none_or(|p| p == w.pid) =>
             {
                 w.retire_kill_at = Some(kill_at);
+                w.watchdog_at = None;
                 Some(w.pid)
             }
             _ => None,
@@ -753,52 +784,44 @@ impl Lifecycle {
             Phase::Stopping { .. } => {}
             Phase::Running => {
                 for (slot, s) in self.slots.iter_mut().enumerate() {
-                    match &mut s.state {
+                    let w = match &mut s.state {
                         SlotState::Waiting { until } if *until <= now => {
                             // Once: the shell answers with spawned/spawn_failed.
                             *until = far_future(now);
                             self.actions.push(Action::Spawn { slot });
+                            continue;
                         }
-                        SlotState::Running(w)
-                            if !w.retire_killed && w.retire_kill_at.is_some_and(|t| t <= now) =>
-                        {
-                            w.retire_killed = true;
-                            self.actions
-                                .push(Action::Note(Note::RetireTimedOut { pid: w.pid }));
-                            self.actions.push(Action::Kill { pid: w.pid });
-                        }
-                        SlotState::Running(w) if w.watchdog_at.is_some_and(|t| t <= now) => {
-                            Self::hang(&mut self.actions, slot, w, now, false);
-                        }
-                        SlotState::Running(w)
-                            if !w.hung_killed && w.hung_kill_at.is_some_and(|t| t <= now) =>
-                        {
-                            w.hung_killed = true;
-                            self.actions.push(Action::Kill { pid: w.pid });
-                        }
-                        SlotState::Running(w)
-                            if !w.ready
-                                && !w.failed_start
-                                && w.ready_at.is_some_and(|t| t <= now) =>
-                        {
-                            w.ready = true;
-                            self.actions
-                                .push(Action::Note(Note::ReadyByDelay { slot, pid: w.pid }));
-                        }
-                        SlotState::Running(w)
-                            if !w.ready
-                                && !w.failed_start
-                                && w.ready_by.is_some_and(|t| t <= now) =>
-                        {
-                            w.failed_start = true;
-                            self.actions.push(Action::Note(Note::NotReady {
-                                slot,
-                                pid: w.pid,
-                                timeout: self.policy.ready_timeout.unwrap_or_default(),
-                            }));
-                            self.actions.push(Action::Kill { pid: w.pid });
-                        }
-                        _ => {}
+                        SlotState::Running(w) => w,
+                        _ => continue,
+                    };
+                    // Every deadline of the worker that is due, not just the
+                    // first: one left due would spin the supervisor.
+                    if !w.retire_killed && w.retire_kill_at.is_some_and(|t| t <= now) {
+                        w.retire_killed = true;
+                        self.actions
+                            .push(Action::Note(Note::RetireTimedOut { pid: w.pid }));
+                        self.actions.push(Action::Kill { pid: w.pid });
+                    }
+                    if w.watchdog_at.is_some_and(|t| t <= now) {
+                        Self::hang(&mut self.actions, slot, w, now, false);
+                    }
+                    if !w.hung_killed && w.hung_kill_at.is_some_and(|t| t <= now) {
+                        w.hung_killed = true;
+                        self.actions.push(Action::Kill { pid: w.pid });
+                    }
+                    let pending = !w.ready && !w.failed_start && w.retire_kill_at.is_none();
+                    if pending && w.ready_at.is_some_and(|t| t <= now) {
+                        w.ready = true;
+                        self.actions
+                            .push(Action::Note(Note::ReadyByDelay { slot, pid: w.pid }));
+                    } else if pending && w.ready_by.is_some_and(|t| t <= now) {
+                        w.failed_start = true;
+                        self.actions.push(Action::Note(Note::NotReady {
+                            slot,
+                            pid: w.pid,
+                            timeout: self.policy.ready_timeout.unwrap_or_default(),
+                        }));
+                        self.actions.push(Action::Kill { pid: w.pid });
                     }
                 }
             }
@@ -821,7 +844,7 @@ impl Lifecycle {
                     SlotState::Waiting { until } => Some(until),
                     SlotState::Running(w) => {
                         let retire = w.retire_kill_at.filter(|_| !w.retire_killed);
-                        let pending = !w.ready && !w.failed_start;
+                        let pending = !w.ready && !w.failed_start && w.retire_kill_at.is_none();
                         let ready = w.ready_at.filter(|_| pending);
                         let timeout = w.ready_by.filter(|_| pending);
                         let hung = w.hung_kill_at.filter(|_| !w.hung_killed);
@@ -1050,6 +1073,11 @@ mod tests {
                             if d <= sim.now {
                                 sim.lc.timer(sim.now);
                                 sim.perform();
+                                // What was due was done: a deadline left in
+                                // the past would spin the supervisor.
+                                if let Some(next) = sim.lc.next_deadline() {
+                                    prop_assert!(next > sim.now, "timer still due after firing");
+                                }
                             }
                         }
                     }

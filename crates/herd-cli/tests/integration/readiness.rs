@@ -180,3 +180,39 @@ fn a_worker_silent_past_its_watchdog_is_aborted_and_replaced() {
         herd.stderr.all()
     );
 }
+
+/// A worker that drains after SIGTTOU stops its heartbeats: it is going
+/// anyway, and the watchdog must not abort its drain.
+#[test]
+fn the_watchdog_leaves_a_draining_worker_alone() {
+    if systemd_notify_missing() {
+        return;
+    }
+    let script = "trap 'sleep 1.5; exit 0' TERM; \
+                  while :; do systemd-notify WATCHDOG=1; sleep 0.1; done";
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "--no-listen",
+        "--watchdog",
+        "500ms",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let second = herd.nth_spawned(2);
+    std::thread::sleep(Duration::from_millis(300));
+    herd.signal("TTOU");
+    herd.stderr.wait_for("its drain", STARTUP, |l| {
+        l.contains(&format!(
+            "worker {second} exited after disconnect (exit code 0)"
+        ))
+    });
+    assert!(
+        !herd.stderr.all().iter().any(|l| l.contains("is hung")),
+        "{:?}",
+        herd.stderr.all()
+    );
+}

@@ -72,3 +72,46 @@ fn sigttin_and_sigttou_scale_without_losing_a_request() {
         || l.contains(&format!("worker {third} exited ("))));
     assert_eq!(herd.spawned().len(), 3, "{:?}", herd.stderr.all());
 }
+
+/// Scaling down takes a slot that serves nothing (crash-looping) before
+/// the one healthy worker.
+#[test]
+fn sigttou_takes_a_failed_slot_before_a_serving_one() {
+    let script = format!(
+        "if [ \"$HERD_WORKER_ID\" = 0 ]; then exit 1; fi; exec {} hello",
+        herd_bin().display()
+    );
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--max-restarts",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let port = herd.port();
+    herd.stderr.wait_for("slot 0 failed", STARTUP, |l| {
+        l.contains("slot 0 marked failed")
+    });
+    herd.stderr.wait_for("slot 1 ready", STARTUP, |l| {
+        l.contains(" ready") && l.contains("slot=1")
+    });
+    herd.signal("TTOU");
+    herd.stderr.wait_for("slot 0 scaled away", STARTUP, |l| {
+        l.contains("slot 0 scaled away")
+    });
+    for _ in 0..5 {
+        let r = http_get(port).expect("the healthy worker still serves");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
+    assert!(
+        !herd.stderr.all().iter().any(|l| l.contains("retires")),
+        "{:?}",
+        herd.stderr.all()
+    );
+}

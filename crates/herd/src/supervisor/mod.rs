@@ -482,6 +482,26 @@ impl Supervisor {
         for spec in self.listeners.specs() {
             info!("listening on {spec}");
         }
+        // A readiness no worker of this kind can give.
+        let can_say = match self.config.ready {
+            crate::ReadyMode::Node => self.config.ipc == Ipc::Node,
+            crate::ReadyMode::Listen => self.config.ipc != Ipc::None,
+            _ => true,
+        };
+        if !can_say {
+            warn!(
+                "--ready {:?} waits for a signal only Node{} workers give; these workers will be \
+                 killed at --ready-timeout ({:?}) unless they give it (--ready notify or auto \
+                 for others)",
+                self.config.ready,
+                if self.config.ready == crate::ReadyMode::Listen {
+                    " or library"
+                } else {
+                    ""
+                },
+                self.config.ready_timeout
+            );
+        }
         match (&self.cgroups, &self.no_cgroups) {
             (Some(c), _) => info!(
                 "each worker runs in a cgroup of its own under {}: its whole process tree \
@@ -792,6 +812,9 @@ impl Supervisor {
                         self.config.watchdog.unwrap_or_default()
                     );
                 }
+            }
+            Note::ScaledAway { slot } => {
+                info!(slot, "slot {slot} scaled away (it had no live worker)")
             }
             Note::ReadyByDelay { slot, pid } => {
                 info!(slot, pid, "worker {pid} ready (--ready-delay passed)");
@@ -1700,6 +1723,12 @@ impl Supervisor {
                     bytes: node::encode_cluster(fields, seq, false),
                     fd: None,
                 });
+                // One not ready yet may open its server after the
+                // disconnect and live on: it serves nothing, so it is
+                // stopped.
+                if !self.life.worker(slot).is_some_and(|w| w.ready) {
+                    signal_worker(pid, None, stop_signal);
+                }
             }
             _ => {
                 self.close_channel(slot, pid);
@@ -1711,6 +1740,10 @@ impl Supervisor {
     /// SIGTTIN / SIGTTOU: one worker more or fewer (gunicorn's and
     /// Einhorn's convention).
     fn scale_by(&mut self, delta: isize, why: &str) {
+        if self.life.stopping() {
+            info!("{why} received and ignored: the cluster is stopping");
+            return;
+        }
         let now = self.life.active();
         let n = now
             .saturating_add_signed(delta)

@@ -55,7 +55,15 @@ impl NotifyDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = base.join(format!("herd-{}-{nanos:08x}", std::process::id()));
+        let name = format!("herd-{}-{nanos:08x}", std::process::id());
+        // Room for "/w<seq>" within sun_path's 107 bytes; a long TMPDIR
+        // falls back to /tmp.
+        let base = if base.join(&name).as_os_str().len() + 12 > crate::listen::UNIX_PATH_MAX {
+            PathBuf::from("/tmp")
+        } else {
+            base
+        };
+        let path = base.join(name);
         std::fs::DirBuilder::new().mode(0o700).create(&path)?;
         Ok(NotifyDir { path })
     }
@@ -97,11 +105,16 @@ pub(super) async fn read(
     let Ok(sock) = UnixDatagram::from_std(sock) else {
         return;
     };
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // One byte more than a datagram may hold: a longer one is cut, and a
+    // cut datagram is dropped whole (as systemd does), never half-read.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
         let Ok(n) = sock.recv(&mut buf).await else {
             return;
         };
+        if n > MAX_DATAGRAM {
+            continue;
+        }
         for notice in parse(&buf[..n]) {
             if tx.send((slot, pid, notice)).await.is_err() {
                 return;
