@@ -64,6 +64,7 @@ impl NotifyDir {
             base
         };
         let path = base.join(name);
+        sweep_stale(&base);
         std::fs::DirBuilder::new().mode(0o700).create(&path)?;
         Ok(NotifyDir { path })
     }
@@ -91,6 +92,39 @@ impl NotifyDir {
 impl Drop for NotifyDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes the notify directories of herds that died without removing
+/// their own (SIGKILL): `herd-<pid>-<hex>` of ours, whose pid is gone.
+fn sweep_stale(base: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let uid = rustix::process::geteuid().as_raw();
+    for entry in entries.flatten().take(10_000) {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("herd-")) else {
+            continue;
+        };
+        let Some((pid, hex)) = rest.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), true) = (
+            pid.parse::<i32>(),
+            hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        ) else {
+            continue;
+        };
+        let ours = entry
+            .metadata()
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o777 == 0o700);
+        let gone = rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH));
+        if ours && gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -168,6 +202,24 @@ mod tests {
             panic!()
         };
         assert!(s.len() <= MAX_STATUS);
+    }
+
+    #[test]
+    fn directories_of_dead_herds_are_swept() {
+        let base = std::env::temp_dir().join(format!("herd-sweep-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        // pid 2^22 + 1 is above Linux's pid_max limit: never alive.
+        let dead = base.join("herd-4194305-0badcafe");
+        let alive = base.join(format!("herd-{}-0badcafe", std::process::id()));
+        let other = base.join("herd-4194305-notmine");
+        for d in [&dead, &alive, &other] {
+            std::fs::DirBuilder::new().mode(0o700).create(d).unwrap();
+        }
+        std::fs::write(dead.join("w1"), b"").unwrap();
+        sweep_stale(&base);
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[tokio::test]
