@@ -262,6 +262,15 @@ impl Listeners {
             .collect()
     }
 
+    /// Spec `index`'s `SO_REUSEPORT` group, by its first socket (reuseport
+    /// balance; `None` for a shared socket), and how many sockets it has.
+    pub(crate) fn reuseport_group(&self, index: usize) -> Option<(BorrowedFd<'_>, usize)> {
+        match &self.sockets[index] {
+            SpecSockets::PerSlot(fds) => fds.first().map(|fd| (fd.as_fd(), fds.len())),
+            SpecSockets::Shared(_) => None,
+        }
+    }
+
     /// Whether the primary accepts on spec `index` itself (round-robin).
     pub fn primary_accepts(&self, index: usize) -> bool {
         self.primary_accepts.get(index).copied().unwrap_or(false)

@@ -16,7 +16,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -777,5 +777,64 @@ mod tests {
             b"HERD_PRIMARY_PID=12\0",
             b"HERD_PRIMARY_PID=12\0"
         ));
+    }
+}
+
+/// Steers new connections of a `SO_REUSEPORT` group (the group `fd`
+/// belongs to) to the sockets at `targets` (their places in the group:
+/// bind order), picked at random; with `targets` empty, back to the
+/// kernel's own hash over every socket. A classic BPF program
+/// (`SO_ATTACH_REUSEPORT_CBPF`, Linux 4.5): `A = random % n`, then a jump
+/// table from `A` to `targets[A]`; an index out of range makes the kernel
+/// use its hash, which is also how "every socket" is said.
+pub(crate) fn steer_reuseport(fd: BorrowedFd<'_>, targets: &[u32]) -> io::Result<()> {
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut prog = Vec::with_capacity(3 + 2 * targets.len());
+    if targets.is_empty() {
+        prog.push(op(libc::BPF_RET | libc::BPF_K, u32::MAX));
+    } else {
+        let n = targets.len() as u32;
+        prog.push(op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+        ));
+        prog.push(op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, n));
+        for (i, t) in targets.iter().enumerate() {
+            // A == i: return targets[i]; else skip that return.
+            prog.push(libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 1,
+                k: i as u32,
+            });
+            prog.push(op(libc::BPF_RET | libc::BPF_K, *t));
+        }
+        prog.push(op(libc::BPF_RET | libc::BPF_K, targets[0]));
+    }
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `prog`, alive for the call; the kernel
+    // copies the program and validates it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

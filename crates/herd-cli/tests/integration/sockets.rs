@@ -375,3 +375,47 @@ fn a_grandchild_serving_on_its_own_port_is_noticed() {
         );
     }
 }
+
+/// reuseport: a slot that crash-loops gets no new connections (steered to
+/// the slots with a ready worker); before, its hash share waited for a
+/// worker that never came.
+#[test]
+fn reuseport_steers_connections_away_from_a_crash_looping_slot() {
+    let script = format!(
+        "if [ \"$HERD_WORKER_ID\" = 1 ]; then exit 1; fi; exec {} hello",
+        herd_bin().display()
+    );
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "--balance",
+        "reuseport",
+        "-l",
+        "127.0.0.1:0",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let port = herd.port();
+    herd.stderr.wait_for("slot 0 ready", STARTUP, |l| {
+        l.contains(" ready") && l.contains("slot=0")
+    });
+    // Every connection is answered within a second (random would send
+    // about half to slot 1 without steering).
+    for i in 0..30 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .unwrap_or_else(|e| panic!("connection {i} not answered within 1 s: {e}"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert!(herd
+        .stderr
+        .all()
+        .iter()
+        .any(|l| l.contains("reuseport: new connections go to slot(s) [0] only")));
+}

@@ -275,6 +275,11 @@ pub(crate) struct Supervisor {
     /// Where the workers' notify sockets are (none if it cannot be made),
     /// and what their readers pass on (bounded).
     notify_dir: Option<notify::NotifyDir>,
+    /// reuseport: the sockets (places in each group) new connections are
+    /// steered to, as last attached (`Some(vec![])`: all, the kernel's
+    /// hash); and whether the kernel refused steering (said once).
+    steering: Option<Vec<u32>>,
+    steering_refused: bool,
     notify_tx: mpsc::Sender<(usize, u32, notify::Notice)>,
     notify_rx: mpsc::Receiver<(usize, u32, notify::Notice)>,
     /// RLIMIT_NOFILE as herd was started, restored in each worker.
@@ -446,6 +451,8 @@ impl Supervisor {
             probe_tx,
             probe_rx,
             notify_dir,
+            steering: None,
+            steering_refused: false,
             notify_tx,
             notify_rx,
             worker_nofile,
@@ -716,7 +723,7 @@ impl Supervisor {
         loop {
             let actions = self.life.take_actions();
             if actions.is_empty() {
-                return;
+                break;
             }
             for action in actions {
                 match action {
@@ -761,6 +768,68 @@ impl Supervisor {
                 }
             }
         }
+        self.steer();
+    }
+
+    /// reuseport: new connections go only to sockets a ready worker serves
+    /// (a slot crash-looping, in backoff or scaled away gets none, instead
+    /// of its hash share waiting for a worker), as a BPF program on each
+    /// group; to every socket, by the kernel's hash, when all are served or
+    /// none is. Cheap when nothing changed.
+    fn steer(&mut self) {
+        if self.config.balance != crate::Balance::Reuseport
+            || self.steering_refused
+            || self.life.stopping()
+        {
+            return;
+        }
+        let Some(group) = (0..self.listeners.specs().len())
+            .find_map(|i| self.listeners.reuseport_group(i).map(|(_, n)| n))
+        else {
+            return;
+        };
+        let mut served = vec![false; group];
+        for slot in 0..self.slots.len() {
+            if self
+                .life
+                .worker(slot)
+                .is_some_and(|w| w.ready && w.retire_kill_at.is_none())
+            {
+                served[slot % group] = true;
+            }
+        }
+        let targets: Vec<u32> = if served.iter().all(|s| *s) || !served.iter().any(|s| *s) {
+            Vec::new()
+        } else {
+            (0..group as u32).filter(|i| served[*i as usize]).collect()
+        };
+        if self.steering.as_ref() == Some(&targets) {
+            return;
+        }
+        for i in 0..self.listeners.specs().len() {
+            if let Some((fd, _)) = self.listeners.reuseport_group(i) {
+                if let Err(e) = sys::steer_reuseport(fd, &targets) {
+                    warn!(
+                        "cannot steer reuseport connections away from slots without a ready \
+                         worker ({e}); a slot without one keeps its share of new connections \
+                         (said once)"
+                    );
+                    self.steering_refused = true;
+                    return;
+                }
+            }
+        }
+        if targets.is_empty() {
+            if self.steering.as_ref().is_some_and(|t| !t.is_empty()) {
+                info!("reuseport: new connections go to every slot again");
+            }
+        } else {
+            info!(
+                "reuseport: new connections go to slot(s) {:?} only, which have a ready worker",
+                targets
+            );
+        }
+        self.steering = Some(targets);
     }
 
     /// Words for what the lifecycle decided.
@@ -1194,6 +1263,7 @@ impl Supervisor {
             info!(slot, pid, "worker {pid} ready");
             self.events.send(Event::Ready { slot, pid });
             self.dispatch();
+            self.steer();
         }
     }
 
