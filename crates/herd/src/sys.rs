@@ -751,35 +751,6 @@ pub(crate) fn register_async(
         .map_err(|e| e.into_parts().1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decimal() {
-        let mut b = [0xffu8; 24];
-        assert_eq!(write_decimal(&mut b, 0), 1);
-        assert_eq!(&b[..2], b"0\0");
-        assert_eq!(write_decimal(&mut b, 4194304), 7);
-        assert_eq!(&b[..8], b"4194304\0");
-    }
-
-    #[test]
-    fn env_entry_match_is_whole() {
-        let block = b"A=1\0HERD_PRIMARY_PID=12\0B=2\0";
-        assert!(env_has_entry(block, b"HERD_PRIMARY_PID=12\0"));
-        assert!(!env_has_entry(block, b"HERD_PRIMARY_PID=1\0"));
-        assert!(!env_has_entry(
-            b"XHERD_PRIMARY_PID=12\0",
-            b"HERD_PRIMARY_PID=12\0"
-        ));
-        assert!(env_has_entry(
-            b"HERD_PRIMARY_PID=12\0",
-            b"HERD_PRIMARY_PID=12\0"
-        ));
-    }
-}
-
 /// Steers new connections of a `SO_REUSEPORT` group (the group `fd`
 /// belongs to) to the sockets at `targets` (their places in the group:
 /// bind order), picked at random; with `targets` empty, back to the
@@ -836,5 +807,34 @@ pub(crate) fn steer_reuseport(fd: BorrowedFd<'_>, targets: &[u32]) -> io::Result
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        let mut b = [0xffu8; 24];
+        assert_eq!(write_decimal(&mut b, 0), 1);
+        assert_eq!(&b[..2], b"0\0");
+        assert_eq!(write_decimal(&mut b, 4194304), 7);
+        assert_eq!(&b[..8], b"4194304\0");
+    }
+
+    #[test]
+    fn env_entry_match_is_whole() {
+        let block = b"A=1\0HERD_PRIMARY_PID=12\0B=2\0";
+        assert!(env_has_entry(block, b"HERD_PRIMARY_PID=12\0"));
+        assert!(!env_has_entry(block, b"HERD_PRIMARY_PID=1\0"));
+        assert!(!env_has_entry(
+            b"XHERD_PRIMARY_PID=12\0",
+            b"HERD_PRIMARY_PID=12\0"
+        ));
+        assert!(env_has_entry(
+            b"HERD_PRIMARY_PID=12\0",
+            b"HERD_PRIMARY_PID=12\0"
+        ));
     }
 }
