@@ -276,7 +276,7 @@ impl RunArgs {
         config.ready = self.ready;
         config.ready_delay = self.ready_delay;
         config.ready_timeout = self.ready_timeout;
-        config.watchdog = self.watchdog.filter(|d| !d.is_zero());
+        config.watchdog = self.watchdog;
         config.node_cluster = match self.node_cluster {
             NodeCluster::Auto => None,
             NodeCluster::On => Some(true),

@@ -321,8 +321,8 @@ pub struct ClusterConfig {
     pub ready_timeout: Duration,
     /// The watchdog (systemd's `WatchdogSec=`): workers get
     /// `WATCHDOG_USEC`; one that sent `WATCHDOG=1` once and then nothing
-    /// for this long is hung: SIGABRT, SIGKILL 2 s later, replaced. `None`:
-    /// off (and no timer).
+    /// for this long is hung: SIGABRT, SIGKILL 2 s later, replaced. `None`
+    /// or zero (as systemd's `WatchdogSec=0`): off, and no timer.
     pub watchdog: Option<Duration>,
 }
 

@@ -82,7 +82,7 @@ impl Policy {
             )
             .then_some(c.ready_timeout)
             .filter(|t| !t.is_zero()),
-            watchdog: c.watchdog,
+            watchdog: c.watchdog.filter(|d| !d.is_zero()),
         }
     }
 }
@@ -1253,6 +1253,16 @@ mod tests {
         let pid = sim.alive[0].0;
         sim.lc.watchdog_trigger(pid, sim.now);
         assert!(sim.lc.take_actions().contains(&Action::Abort { pid }));
+    }
+
+    #[test]
+    fn a_zero_watchdog_is_off_from_the_library_too() {
+        let mut config = ClusterConfig::new(crate::WorkerCommand::current_exe().unwrap());
+        config.watchdog = Some(Duration::ZERO);
+        config.ready_timeout = Duration::ZERO;
+        config.ready = ReadyMode::Notify;
+        let p = Policy::from_config(&config);
+        assert_eq!((p.watchdog, p.ready_timeout), (None, None));
     }
 
     #[test]

@@ -1377,7 +1377,7 @@ impl Supervisor {
             Some(dir) => match dir.socket(node_id) {
                 Ok((path, sock)) => {
                     add("NOTIFY_SOCKET", &path.to_string_lossy());
-                    if let Some(w) = self.config.watchdog {
+                    if let Some(w) = self.config.watchdog.filter(|d| !d.is_zero()) {
                         add("WATCHDOG_USEC", &w.as_micros().to_string());
                     }
                     Some((path, sock))
