@@ -82,11 +82,37 @@ fn both_serve(herd: &Herd, port: u16) -> HashSet<String> {
     }
     assert_eq!(pids.len(), 2, "both workers serve: {rest:?}");
     assert!(
-        !herd.stderr.all().iter().any(|l| l.contains("EADDRINUSE")),
+        herd.stderr.count(|l| l.contains("EADDRINUSE")) == 0,
         "no worker binds the port itself:\n{}",
         herd.stderr.all().join("\n")
     );
     rest
+}
+
+/// What both workers of `herd run -w 2 -- ARGS`, started in `cwd`, answer.
+fn serves(cwd: &Path, args: &[&str]) -> HashSet<String> {
+    let (herd, port) = herd_in(cwd, args);
+    both_serve(&herd, port)
+}
+
+/// The one answer of cluster workers running in package `pkg`: `what` is
+/// the lifecycle event, NODE_ENV and the arguments, as SERVER prints them.
+fn answer(pkg: &Path, what: &str) -> HashSet<String> {
+    let cwd = pkg.canonicalize().unwrap();
+    HashSet::from([format!("true {what} {}", cwd.display())])
+}
+
+/// `herd run -l 127.0.0.1:0 -- ARGS` in `cwd`, to its end: its exit code
+/// and stderr.
+fn run_in(cwd: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(herd_bin());
+    cmd.current_dir(cwd)
+        .args(["run", "-l", "127.0.0.1:0", "--"])
+        .args(args);
+    let mut herd = Herd::spawn(cmd);
+    let status = herd.wait(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(50));
+    (status.code(), herd.stderr.all().join("\n"))
 }
 
 #[test]
@@ -99,12 +125,9 @@ fn npm_start_runs_the_app_as_a_cluster_worker() {
     // Started from a directory below the package, as npm allows.
     let sub = dir.path().join("src");
     std::fs::create_dir(&sub).unwrap();
-    let (herd, port) = herd_in(&sub, &["npm", "start"]);
-    let seen = both_serve(&herd, port);
-    let cwd = dir.path().canonicalize().unwrap();
     assert_eq!(
-        seen,
-        HashSet::from([format!("true start undefined [] {}", cwd.display())]),
+        serves(&sub, &["npm", "start"]),
+        answer(dir.path(), "start undefined []"),
         "a cluster worker, with npm's variables, in the package's directory"
     );
 }
@@ -126,15 +149,9 @@ fn npm_run_gives_the_script_its_bin_path_variables_and_arguments() {
         &bin.join("launch-test-server"),
         "#!/usr/bin/env node\nrequire('../../server.js');\n",
     );
-    let (herd, port) = herd_in(dir.path(), &["npm", "run", "serve", "--", "hello world"]);
-    let seen = both_serve(&herd, port);
-    let cwd = dir.path().canonicalize().unwrap();
     assert_eq!(
-        seen,
-        HashSet::from([format!(
-            "true serve production [--greeting hello world] {}",
-            cwd.display()
-        )])
+        serves(dir.path(), &["npm", "run", "serve", "--", "hello world"]),
+        answer(dir.path(), "serve production [--greeting hello world]")
     );
 }
 
@@ -148,12 +165,9 @@ fn a_script_that_needs_a_shell_runs_under_sh_and_still_gets_the_sockets() {
         dir.path(),
         r#"{"start": "test -f server.js && NODE_ENV=shell node server.js"}"#,
     );
-    let (herd, port) = herd_in(dir.path(), &["npm", "start"]);
-    let seen = both_serve(&herd, port);
-    let cwd = dir.path().canonicalize().unwrap();
     assert_eq!(
-        seen,
-        HashSet::from([format!("true start shell [] {}", cwd.display())])
+        serves(dir.path(), &["npm", "start"]),
+        answer(dir.path(), "start shell []")
     );
 }
 
@@ -170,12 +184,9 @@ fn a_script_with_a_node_shebang_is_a_cluster_worker() {
     ] {
         let script = dir.path().join(name);
         executable(&script, &format!("{line}\nrequire('./server.js');\n"));
-        let (herd, port) = herd_in(dir.path(), &[script.to_str().unwrap(), "x"]);
-        let seen = both_serve(&herd, port);
-        let cwd = dir.path().canonicalize().unwrap();
         assert_eq!(
-            seen,
-            HashSet::from([format!("true undefined undefined [x] {}", cwd.display())]),
+            serves(dir.path(), &[script.to_str().unwrap(), "x"]),
+            answer(dir.path(), "undefined undefined [x]"),
             "{line}"
         );
     }
@@ -223,15 +234,8 @@ fn node_cluster_off_runs_the_command_as_given() {
 fn package_scripts_herd_cannot_run_are_one_line_and_status_2() {
     let dir = TempDir::new("npm-errors");
     let check = |cwd: &Path, args: &[&str], expect: &str| {
-        let mut cmd = Command::new(herd_bin());
-        cmd.current_dir(cwd)
-            .args(["run", "-l", "127.0.0.1:0", "--"])
-            .args(args);
-        let mut herd = Herd::spawn(cmd);
-        let status = herd.wait(Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(50));
-        let stderr = herd.stderr.all().join("\n");
-        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, stderr) = run_in(cwd, args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: one line:\n{stderr}");
         assert!(
             stderr.contains(expect),
@@ -276,12 +280,9 @@ fn nested_scripts_and_cross_env_resolve_to_the_app() {
         dir.path(),
         r#"{"start": "npm run serve", "serve": "cross-env NODE_ENV=production node server.js"}"#,
     );
-    let (herd, port) = herd_in(dir.path(), &["npm", "start"]);
-    let seen = both_serve(&herd, port);
-    let cwd = dir.path().canonicalize().unwrap();
     assert_eq!(
-        seen,
-        HashSet::from([format!("true serve production [] {}", cwd.display())])
+        serves(dir.path(), &["npm", "start"]),
+        answer(dir.path(), "serve production []")
     );
 }
 
@@ -294,31 +295,20 @@ fn a_script_file_without_a_shebang_runs_under_sh() {
     let dir = TempDir::new("npm-noshebang");
     package(dir.path(), r#"{"start": "./run-it"}"#);
     executable(&dir.path().join("run-it"), "exec node server.js \"$@\"\n");
-    let (herd, port) = herd_in(dir.path(), &["npm", "start"]);
-    let seen = both_serve(&herd, port);
+    let seen = serves(dir.path(), &["npm", "start"]);
     assert!(seen.iter().all(|s| s.starts_with("true start")), "{seen:?}");
 }
 
 #[test]
 fn package_scripts_that_cannot_work_are_refused_by_name() {
     let dir = TempDir::new("npm-refused");
-    let run = |cwd: &Path, args: &[&str]| {
-        let mut cmd = Command::new(herd_bin());
-        cmd.current_dir(cwd)
-            .args(["run", "-l", "127.0.0.1:0", "--"])
-            .args(args);
-        let mut herd = Herd::spawn(cmd);
-        let status = herd.wait(Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(50));
-        (status.code(), herd.stderr.all().join("\n"))
-    };
     // A script that runs itself again.
     std::fs::write(
         dir.path().join("package.json"),
         r#"{"scripts": {"start": "npm run again", "again": "npm start"}}"#,
     )
     .unwrap();
-    let (code, err) = run(dir.path(), &["npm", "start"]);
+    let (code, err) = run_in(dir.path(), &["npm", "start"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("runs itself again (through start → again)"),
@@ -330,7 +320,7 @@ fn package_scripts_that_cannot_work_are_refused_by_name() {
         "\u{feff}{\"scripts\": {\"start\": 123}}",
     )
     .unwrap();
-    let (code, err) = run(dir.path(), &["npm", "start"]);
+    let (code, err) = run_in(dir.path(), &["npm", "start"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("script in") && err.contains("is not a string: 123"),
@@ -343,11 +333,11 @@ fn package_scripts_that_cannot_work_are_refused_by_name() {
     )
     .unwrap();
     std::fs::write(dir.path().join("app.sh"), "echo hi\n").unwrap();
-    let (code, err) = run(dir.path(), &["npm", "start"]);
+    let (code, err) = run_in(dir.path(), &["npm", "start"]);
     assert_eq!(code, Some(126), "{err}");
     // --prefix names the package itself: no search upwards.
     std::fs::create_dir_all(dir.path().join("sub")).unwrap();
-    let (code, err) = run(dir.path(), &["npm", "--prefix", "sub", "start"]);
+    let (code, err) = run_in(dir.path(), &["npm", "--prefix", "sub", "start"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("no package.json in") && !err.contains("or any directory above"),

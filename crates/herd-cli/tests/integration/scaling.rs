@@ -110,7 +110,7 @@ fn sigttou_takes_a_failed_slot_before_a_serving_one() {
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     }
     assert!(
-        !herd.stderr.all().iter().any(|l| l.contains("retires")),
+        herd.stderr.count(|l| l.contains("retires")) == 0,
         "{:?}",
         herd.stderr.all()
     );

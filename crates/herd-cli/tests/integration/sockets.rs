@@ -249,8 +249,7 @@ fn address_in_use_is_named() {
 /// already in use", instead of failing silently.
 #[test]
 fn a_server_that_ignores_herds_socket_is_named_once() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("skipped: python3 is not installed");
+    if python_missing() {
         return;
     }
     let herds = free_port();
@@ -343,8 +342,7 @@ fn a_unix_socket_held_by_a_server_that_never_accepts_is_in_use_at_once() {
 /// port of its own is noticed too, with or without a cgroup per worker.
 #[test]
 fn a_grandchild_serving_on_its_own_port_is_noticed() {
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("skipped: python3 is not installed");
+    if python_missing() {
         return;
     }
     for contain in ["auto", "process-group"] {

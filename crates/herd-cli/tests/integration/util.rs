@@ -444,6 +444,15 @@ pub fn node_missing() -> bool {
     false
 }
 
+/// Whether `python3` can be run; says so when it cannot (the test then skips).
+pub fn python_missing() -> bool {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipped: python3 is not installed");
+        return true;
+    }
+    false
+}
+
 /// `herd run -w 1 --no-listen -- node APP`.
 pub fn one_node_worker(app: &Path) -> Herd {
     Herd::start([
