@@ -45,7 +45,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a command as N workers sharing the listening sockets.
     #[command(after_help = EXIT_STATUSES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The built-in HTTP hello-world server (what `herd run` runs with no command).
     Hello(HelloArgs),
 }
@@ -169,6 +169,24 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub watchdog: Option<Duration>,
 
+    /// How many new workers a rolling reload (SIGHUP) starts at a time, beside the workers they
+    /// replace (Kubernetes' maxSurge): each new worker must be ready before its old one drains,
+    /// and the next starts once that one exited, so at most WORKERS + N workers run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
+    pub reload_surge: u16,
+
+    /// Replace a worker after it ran this long (plus up to 10% jitter, so workers do not all go
+    /// together), the way a reload does: its replacement ready first, then it drains. Off by
+    /// default.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub max_lifetime: Option<Duration>,
+
+    /// Replace a worker whose process tree's resident memory exceeds SIZE (bytes, or with K, M,
+    /// G: 512M, 1.5G; powers of 1024), the way a reload does, never mid-request. Read once a
+    /// second, only when set.
+    #[arg(long, value_parser = parse_memory, value_name = "SIZE")]
+    pub max_memory: Option<u64>,
+
     /// Run workers as Node cluster workers (NODE_UNIQUE_ID and Node's channel), so that
     /// server.listen() takes herd's socket as under Node's cluster primary. auto = when the
     /// command runs node: node itself, a script whose #! line runs node, or a package script
@@ -277,6 +295,9 @@ impl RunArgs {
         config.ready_delay = self.ready_delay;
         config.ready_timeout = self.ready_timeout;
         config.watchdog = self.watchdog;
+        config.reload_surge = usize::from(self.reload_surge);
+        config.max_lifetime = self.max_lifetime.filter(|d| !d.is_zero());
+        config.max_memory = self.max_memory.filter(|m| *m > 0);
         config.node_cluster = match self.node_cluster {
             NodeCluster::Auto => None,
             NodeCluster::On => Some(true),
@@ -383,5 +404,49 @@ pub fn report_parse_error(e: clap::Error) -> ExitCode {
             let _ = writeln!(std::io::stderr(), "herd: {message}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// A size in bytes: a number, or with K, M, G, T (powers of 1024; a
+/// trailing `B` or `iB` allowed), as systemd's `MemoryMax=`.
+fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let upper = t.to_ascii_uppercase();
+    let upper = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let (number, shift) = match upper.chars().last() {
+        Some('K') => (&upper[..upper.len() - 1], 10),
+        Some('M') => (&upper[..upper.len() - 1], 20),
+        Some('G') => (&upper[..upper.len() - 1], 30),
+        Some('T') => (&upper[..upper.len() - 1], 40),
+        _ => (upper, 0),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 512M, 1.5G, 1048576)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("'{text}' is not a size (e.g. 512M, 1.5G, 1048576)"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::parse_memory;
+
+    #[test]
+    fn sizes_are_bytes_or_binary_units() {
+        assert_eq!(parse_memory("1048576"), Ok(1 << 20));
+        assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_memory("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_memory("2gb"), Ok(2 << 30));
+        assert!(parse_memory("lots").is_err());
+        assert!(parse_memory("-1M").is_err());
+        assert!(parse_memory("").is_err());
     }
 }

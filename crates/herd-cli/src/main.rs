@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         Err(e) => return cli::report_parse_error(e),
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Hello(args) => match hello::main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_USAGE, &format!("{e:#}")),

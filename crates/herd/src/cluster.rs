@@ -258,6 +258,8 @@ pub enum Event {
         /// The worker's pid.
         pid: u32,
     },
+    /// A reload ended (SIGHUP, [`ClusterHandle::reload`]).
+    Reloaded(ReloadOutcome),
     /// The worker got a listening socket it asked for (`Channel::listen`).
     Listening {
         /// The slot.
@@ -377,6 +379,49 @@ pub(crate) enum Command {
         workers: usize,
         reply: oneshot::Sender<Result<usize, String>>,
     },
+    Reload {
+        reply: oneshot::Sender<ReloadOutcome>,
+    },
+}
+
+/// How a rolling reload ended ([`ClusterHandle::reload`], SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// Every slot runs a worker of the command as resolved for this reload,
+    /// each ready before the one it replaced was asked to drain.
+    Reloaded {
+        /// The command generation now running (0 at start, one more per
+        /// reload).
+        generation: u64,
+    },
+    /// A new worker failed to start or to become ready in time: the reload
+    /// stopped, the new workers were stopped, and every slot runs the
+    /// previous command again (slots already replaced were reloaded back
+    /// the same way).
+    RolledBack {
+        /// The slot whose new worker failed.
+        slot: usize,
+        /// That worker (`None`: it could not be spawned).
+        pid: Option<u32>,
+        /// What happened to it, in words.
+        why: String,
+        /// Its last lines of stderr.
+        stderr: Vec<String>,
+        /// How many slots had switched and went back.
+        rolled_back: usize,
+    },
+    /// The command could not be resolved again (not found any more, a
+    /// package script gone): nothing was changed.
+    CannotResolve(String),
+    /// The cluster began to stop first.
+    Stopped,
+}
+
+impl ReloadOutcome {
+    /// Whether every slot now runs the new command.
+    pub fn succeeded(&self) -> bool {
+        matches!(self, ReloadOutcome::Reloaded { .. })
+    }
 }
 
 /// What the supervisor hands out for one worker: its channel's queue and its
@@ -559,6 +604,24 @@ impl ClusterHandle {
         rx.await
             .map_err(|_| HandleError::Stopped)?
             .map_err(|_| HandleError::Stopped)
+    }
+
+    /// Reloads the cluster with no connection lost, as SIGHUP does: the
+    /// command is resolved again (a new binary, a moved `current ->
+    /// releases/N` symlink, an edited package script are picked up), then
+    /// slot by slot, `reload_surge` at a time, a new worker starts beside
+    /// the old one, and only once it is ready (see `ClusterConfig::ready`)
+    /// is the old one asked to drain. If a new worker fails to start or to
+    /// become ready, the reload rolls back and the old command keeps
+    /// serving. A reload asked for while one runs waits for it (requests
+    /// meanwhile are one: coalesced) and resolves the command when it
+    /// begins. Returns how it ended.
+    pub async fn reload(&self) -> Result<ReloadOutcome, HandleError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reload { reply })
+            .map_err(|_| HandleError::Stopped)?;
+        rx.await.map_err(|_| HandleError::Stopped)
     }
 
     /// Adds a worker in a new slot, with `env` added to its environment

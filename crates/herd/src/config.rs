@@ -79,6 +79,35 @@ pub struct WorkerCommand {
     pub dir: Option<PathBuf>,
     /// What runs: Node (and how), or anything else.
     pub runtime: Runtime,
+    /// How it was resolved: what a reload resolves again.
+    pub origin: Origin,
+}
+
+/// How a [`WorkerCommand`] was resolved, so that a reload can resolve it
+/// again and pick up what a deploy changed: a new binary on `PATH`, an
+/// edited `package.json`, a `current -> releases/N` symlink moved under
+/// the working directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// Used as it is (built by hand, or [`WorkerCommand::current_exe`]): a
+    /// reload runs the same path again, whatever file is there now.
+    #[default]
+    Fixed,
+    /// By [`WorkerCommand::resolve`] from `argv` in `cwd`.
+    Resolved {
+        /// The command line as given.
+        argv: Vec<OsString>,
+        /// The working directory as the user sees it (`$PWD` when it names
+        /// the same directory as `getcwd`, so a symlinked path stays one).
+        cwd: PathBuf,
+    },
+    /// By [`WorkerCommand::resolve_as_given`] from `argv` in `cwd`.
+    AsGiven {
+        /// The command line as given.
+        argv: Vec<OsString>,
+        /// As for `Resolved`.
+        cwd: PathBuf,
+    },
 }
 
 /// Whether a worker command is Node, which decides whether herd speaks
@@ -123,26 +152,70 @@ impl WorkerCommand {
     /// the package manager, is the worker; anything else is
     /// [`resolve_as_given`](Self::resolve_as_given).
     pub fn resolve(argv: Vec<OsString>) -> Result<Self, CommandError> {
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        match crate::launch::package_script(&argv, &cwd)? {
-            Some(command) => Ok(command),
-            None => Self::resolve_as_given(argv),
+        Self::resolve_in(argv, &logical_cwd())
+    }
+
+    fn resolve_in(argv: Vec<OsString>, cwd: &Path) -> Result<Self, CommandError> {
+        let origin = Origin::Resolved {
+            argv: argv.clone(),
+            cwd: cwd.to_path_buf(),
+        };
+        let mut command = match crate::launch::package_script(&argv, cwd)? {
+            Some(command) => command,
+            None => Self::resolve_as_given_in(argv, cwd)?,
+        };
+        command.origin = origin;
+        Ok(command)
+    }
+
+    /// The command resolved again the way it was first ([`Origin`]), for a
+    /// reload: in the working directory as the user named it, so a moved
+    /// symlink leads to the new release; its workers start there.
+    pub fn resolve_again(&self) -> Result<Self, CommandError> {
+        let mut again = match &self.origin {
+            Origin::Fixed => return Ok(self.clone()),
+            Origin::Resolved { argv, cwd } => Self::resolve_in(argv.clone(), cwd)?,
+            Origin::AsGiven { argv, cwd } => Self::resolve_as_given_in(argv.clone(), cwd)?,
+        };
+        if let Origin::Resolved { cwd, .. } | Origin::AsGiven { cwd, .. } = &self.origin {
+            if again.dir.is_none() {
+                again.dir = Some(cwd.clone());
+            }
+            if again.program.is_relative() {
+                again.program = cwd.join(&again.program);
+            }
         }
+        Ok(again)
     }
 
     /// Resolves `argv[0]` the way a shell would: a name with a `/` is a path,
     /// anything else is looked up in `PATH`. Node is recognised by the
     /// program's name or its `#!` line.
     pub fn resolve_as_given(argv: Vec<OsString>) -> Result<Self, CommandError> {
+        Self::resolve_as_given_in(argv, &logical_cwd())
+    }
+
+    fn resolve_as_given_in(argv: Vec<OsString>, cwd: &Path) -> Result<Self, CommandError> {
+        let origin = Origin::AsGiven {
+            argv: argv.clone(),
+            cwd: cwd.to_path_buf(),
+        };
         let first = argv.first().ok_or(CommandError::Empty)?;
         let shown = first.to_string_lossy().into_owned();
         if first.is_empty() {
             return Err(CommandError::Empty);
         }
         let program = if first.to_string_lossy().contains('/') {
-            let path = PathBuf::from(first);
+            // Relative to the working directory as the user named it (the
+            // same directory as herd's at start; after a deploy, the new
+            // release's).
+            let path = cwd.join(first);
             check_executable(&path, &shown)?;
-            path
+            if Path::new(first).is_absolute() {
+                path
+            } else {
+                PathBuf::from(first)
+            }
         } else {
             let path_var = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
             let mut not_executable = None;
@@ -164,13 +237,14 @@ impl WorkerCommand {
                 (None, None) => return Err(CommandError::NotFound(shown)),
             }
         };
-        let runtime = crate::launch::runtime_of(&program);
+        let runtime = crate::launch::runtime_of(&cwd.join(&program));
         Ok(WorkerCommand {
             program,
             argv,
             env: Vec::new(),
             dir: None,
             runtime,
+            origin,
         })
     }
 
@@ -235,6 +309,7 @@ impl WorkerCommand {
             env: Vec::new(),
             dir: None,
             runtime: Runtime::Other,
+            origin: Origin::Fixed,
         })
     }
 
@@ -242,6 +317,24 @@ impl WorkerCommand {
     pub fn display(&self) -> String {
         let parts: Vec<_> = self.argv.iter().map(|a| a.to_string_lossy()).collect();
         parts.join(" ")
+    }
+}
+
+/// The working directory as the user sees it: `$PWD` when it is absolute
+/// and names the same directory as `getcwd` (a shell keeps the symlinked
+/// path there), else `getcwd`'s.
+fn logical_cwd() -> PathBuf {
+    let physical = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            a.dev() == b.dev() && a.ino() == b.ino()
+        }
+        _ => false,
+    };
+    match std::env::var_os("PWD").map(PathBuf::from) {
+        Some(pwd) if pwd.is_absolute() && same(&pwd, &physical) => pwd,
+        _ => physical,
     }
 }
 
@@ -324,6 +417,21 @@ pub struct ClusterConfig {
     /// for this long is hung: SIGABRT, SIGKILL 2 s later, replaced. `None`
     /// or zero (as systemd's `WatchdogSec=0`): off, and no timer.
     pub watchdog: Option<Duration>,
+    /// How many replacement workers a rolling reload starts at a time,
+    /// beside the workers they replace (`--reload-surge`; Kubernetes'
+    /// `maxSurge`). A replaced worker is drained only once its replacement
+    /// is ready, and the next slot's replacement starts once it exited, so
+    /// at most `workers + reload_surge` workers are alive. At least 1.
+    pub reload_surge: usize,
+    /// `--max-lifetime`: a worker that ran this long (plus up to 10 %
+    /// jitter, so workers started together do not go together) is
+    /// replaced the way a reload replaces it: its replacement ready first,
+    /// then it drains (gunicorn's `max_requests`, by time). `None`: never.
+    pub max_lifetime: Option<Duration>,
+    /// `--max-memory`: a worker whose process tree's resident memory
+    /// (RSS, bytes) exceeds this is replaced the same way. Read at most
+    /// once a second, and only when set. `None`: never.
+    pub max_memory: Option<u64>,
 }
 
 /// What makes a worker ready: the moment it takes traffic in a round-robin
@@ -473,6 +581,9 @@ impl ClusterConfig {
             ready_delay: Duration::from_secs(1),
             ready_timeout: Duration::from_secs(30),
             watchdog: None,
+            reload_surge: 1,
+            max_lifetime: None,
+            max_memory: None,
         }
     }
 }
@@ -561,6 +672,7 @@ mod node_script_tests {
             env: Vec::new(),
             dir: None,
             runtime: super::Runtime::Node,
+            origin: super::Origin::Fixed,
         }
         .runs_node_script()
     }

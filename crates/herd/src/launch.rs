@@ -462,6 +462,7 @@ fn resolve_script(
                     // As for any script run through sh: the channel and
                     // NODE_UNIQUE_ID pass on to the node it runs.
                     runtime: Runtime::NodeScript,
+                    origin: Default::default(),
                 }));
             }
             let runtime = runtime_of(&program);
@@ -471,6 +472,7 @@ fn resolve_script(
                 env,
                 dir: Some(pkg_dir),
                 runtime,
+                origin: Default::default(),
             }
         }
         None => {
@@ -488,6 +490,7 @@ fn resolve_script(
                 // The shell passes the channel and NODE_UNIQUE_ID on to
                 // the Node program it runs.
                 runtime: Runtime::NodeScript,
+                origin: Default::default(),
             }
         }
     };

@@ -84,13 +84,13 @@ mod sys;
 pub mod worker;
 
 pub use cluster::{
-    Cluster, ClusterHandle, Event, HandleError, Message, Outcome, WorkerHandle, WorkerInfo,
-    WorkerStatus,
+    Cluster, ClusterHandle, Event, HandleError, Message, Outcome, ReloadOutcome, WorkerHandle,
+    WorkerInfo, WorkerStatus,
 };
 pub use config::{
     ClusterConfig, CommandError, Containment, CrashLoopAction, RestartPolicy, WorkerCommand,
 };
-pub use config::{Ipc, ReadyMode, Runtime, Signal};
+pub use config::{Ipc, Origin, ReadyMode, Runtime, Signal};
 pub use events::Events;
 pub use ipc::frame::Codec;
 pub use listen::{ListenAddress, ListenSpec, ListenSpecError};

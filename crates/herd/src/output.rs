@@ -264,7 +264,7 @@ impl Write for LogWriter {
 /// A worker's last [`TAIL_LINES`] lines of one stream, shared between its
 /// forwarder (which writes them) and its exit watcher (which reads them for
 /// an error report, without waiting for the stream's EOF).
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub(crate) struct Tail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
 
 impl Tail {

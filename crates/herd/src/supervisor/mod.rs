@@ -15,10 +15,9 @@
 //! tasks; [`sockets`] answers workers' requests for sockets and runs
 //! round-robin (acceptors and handing connections over).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -38,64 +37,64 @@ use crate::config::{signal_name, ClusterConfig, Containment, ReadySignal};
 use crate::events::EventSender;
 use crate::ipc::frame::FrameDecoder;
 use crate::ipc::node::{self, NodeDecoder};
-use crate::lifecycle::{Action, End, ExitFacts, Lifecycle, Note, Phase, Policy};
+use crate::lifecycle::{Action, End, ExitFacts, Lifecycle, Note, Phase, Policy, RetireWhy, Role};
 use crate::output::{OutputSink, Stream, Tail};
 use crate::round_robin::RoundRobin;
 use crate::socket::Listeners;
-use crate::spawn::{argv_cstrings, env_entry};
+use crate::spawn::env_entry;
 use crate::sys::{self, ExecPlan};
 use crate::{Error, ExecError};
 
 mod channel;
 mod notify;
 mod probe;
+mod reload;
 mod sockets;
 mod tree;
 
 pub(crate) use channel::Outgoing;
 use channel::{read_channel, write_channel, Batch, ChannelEvent};
 
+/// A live worker's I/O (its start time, readiness, role and retirement
+/// are the lifecycle's); `channel` feeds the writer task of its IPC
+/// channel, if it has one (dropping it closes the channel).
 #[derive(Debug)]
-enum SlotState {
-    /// A worker is alive (its start time, readiness and retirement are the
-    /// lifecycle's); `channel` feeds the writer task of its IPC channel, if
-    /// it has one (dropping it closes the channel).
-    Running {
-        pid: u32,
-        channel: Option<mpsc::UnboundedSender<Outgoing>>,
-        /// What this worker's handles see; the supervisor is its only writer.
-        status: watch::Sender<WorkerStatus>,
-        /// Whether it reported `Online`.
-        online: bool,
-        /// The round-robin listeners a Node worker serves (its servers
-        /// asked for them by `queryServer`): it takes their `newconn`s.
-        rr_servers: Vec<usize>,
-        /// Messages skipped (over the size limit, malformed); the first is logged.
-        skipped: u64,
-        /// Its own cgroup, when workers are contained by cgroups.
-        cgroup: Option<std::path::PathBuf>,
-        /// Its requests for sockets that were refused; the first is logged
-        /// as a warning, the rest at debug level (a worker must not flood
-        /// herd's log).
-        refusals: u64,
-        /// How many of its listening-socket probes ([`probe::PROBE_AFTER`])
-        /// were done.
-        probes: usize,
-        /// The ports herd gave its Node inspector: listeners of its own
-        /// that are no sign of ignoring herd's socket.
-        inspector_ports: Vec<u16>,
-        /// Its notify socket's reader (aborted when it exits) and path.
-        notify: Option<(tokio::task::AbortHandle, std::path::PathBuf)>,
-        /// Its last `STATUS=` text (sd_notify), kept for display.
-        status_text: Option<String>,
-    },
-    /// No live worker: waiting to restart, or done (the lifecycle knows which).
-    Empty,
+struct WorkerIo {
+    pid: u32,
+    channel: Option<mpsc::UnboundedSender<Outgoing>>,
+    /// What this worker's handles see; the supervisor is its only writer.
+    status: watch::Sender<WorkerStatus>,
+    /// Whether it reported `Online`.
+    online: bool,
+    /// The round-robin listeners a Node worker serves (its servers
+    /// asked for them by `queryServer`): it takes their `newconn`s.
+    rr_servers: Vec<usize>,
+    /// Messages skipped (over the size limit, malformed); the first is logged.
+    skipped: u64,
+    /// Its own cgroup, when workers are contained by cgroups.
+    cgroup: Option<std::path::PathBuf>,
+    /// Its requests for sockets that were refused; the first is logged
+    /// as a warning, the rest at debug level (a worker must not flood
+    /// herd's log).
+    refusals: u64,
+    /// How many of its listening-socket probes ([`probe::PROBE_AFTER`])
+    /// were done.
+    probes: usize,
+    /// The ports herd gave its Node inspector: listeners of its own
+    /// that are no sign of ignoring herd's socket.
+    inspector_ports: Vec<u16>,
+    /// Its notify socket's reader (aborted when it exits) and path.
+    notify: Option<(tokio::task::AbortHandle, std::path::PathBuf)>,
+    /// Its last `STATUS=` text (sd_notify), kept for display.
+    status_text: Option<String>,
+    /// Its last lines of stderr, for a reload's failure report.
+    tail: Option<Tail>,
 }
 
 struct Slot {
-    /// Its live worker's I/O.
-    state: SlotState,
+    /// Its live workers' I/O: its own, and during a reload or recycling
+    /// its replacement and the draining (the lifecycle knows which is which).
+    workers: Vec<WorkerIo>,
     /// Environment added for this slot's workers (`ClusterHandle::fork`).
     env: Vec<CString>,
     /// How its last worker ended, and the last lines it wrote to stderr.
@@ -103,9 +102,17 @@ struct Slot {
 }
 
 impl Slot {
+    fn io(&self, pid: u32) -> Option<&WorkerIo> {
+        self.workers.iter().find(|w| w.pid == pid)
+    }
+
+    fn io_mut(&mut self, pid: u32) -> Option<&mut WorkerIo> {
+        self.workers.iter_mut().find(|w| w.pid == pid)
+    }
+
     fn new(env: Vec<CString>) -> Slot {
         Slot {
-            state: SlotState::Empty,
+            workers: Vec::new(),
             env,
             last_exit: None,
         }
@@ -234,8 +241,17 @@ pub(crate) struct Supervisor {
     output: OutputSink,
     guardian: Option<Guardian>,
     marker: String,
-    base_env: Vec<CString>,
-    argv: Vec<CString>,
+    /// The worker commands in use, by generation (0: as started; each
+    /// reload resolves the command again into the next).
+    gens: BTreeMap<u64, reload::Gen>,
+    next_gen: u64,
+    /// Who waits for the running reload, and for the one queued after it.
+    reload_waiters: Vec<oneshot::Sender<crate::cluster::ReloadOutcome>>,
+    queued_waiters: Vec<oneshot::Sender<crate::cluster::ReloadOutcome>>,
+    /// When the running reload began.
+    reload_began: Option<Instant>,
+    /// How the last few failed replacements ended: pid, how, stderr.
+    failed_replacements: VecDeque<(u32, String, Vec<String>)>,
     /// From the workers' reader tasks: what one read decoded, in order.
     /// Bounded: a flooding worker waits, the primary does not grow.
     channel_tx: mpsc::Sender<Batch>,
@@ -272,6 +288,12 @@ pub(crate) struct Supervisor {
     probing: bool,
     probe_tx: mpsc::UnboundedSender<ProbeResult>,
     probe_rx: mpsc::UnboundedReceiver<ProbeResult>,
+    /// `--max-memory`: when workers' memory is next read (once a second,
+    /// only when set), whether a reading runs, and where it answers.
+    memory_check_at: Option<Instant>,
+    measuring: bool,
+    memory_tx: mpsc::UnboundedSender<Vec<(usize, u32, u64)>>,
+    memory_rx: mpsc::UnboundedReceiver<Vec<(usize, u32, u64)>>,
     /// Where the workers' notify sockets are (none if it cannot be made),
     /// and what their readers pass on (bounded).
     notify_dir: Option<notify::NotifyDir>,
@@ -305,6 +327,9 @@ pub(crate) struct Supervisor {
     /// The next `NODE_UNIQUE_ID` (Node numbers its workers from 1).
     node_ids: u64,
 }
+
+/// How often workers' memory is read under `--max-memory`.
+const MEMORY_EVERY: Duration = Duration::from_secs(1);
 
 /// The most queued channel events or commands handled per select round.
 const BATCH: usize = 256;
@@ -358,27 +383,7 @@ impl Supervisor {
         }
         let output = OutputSink::start(config.log_format).map_err(Error::Spawn)?;
         let marker = format!("HERD_PRIMARY_PID={}", std::process::id());
-        // The command's own variables (a package script's PATH, npm_*)
-        // replace herd's.
-        let command_env = &config.command.env;
-        let base_env = std::env::vars_os()
-            .filter(|(k, _)| {
-                let k = k.as_bytes();
-                !matches!(
-                    k,
-                    b"LISTEN_PID"
-                        | b"LISTEN_FDS"
-                        | b"LISTEN_FDNAMES"
-                        | b"NOTIFY_SOCKET"
-                        | b"WATCHDOG_USEC"
-                        | b"WATCHDOG_PID"
-                ) && !k.starts_with(b"HERD_")
-                    && !command_env.iter().any(|(c, _)| c.as_bytes() == k)
-            })
-            .chain(command_env.iter().cloned())
-            .filter_map(|(k, v)| env_entry(&k, &v))
-            .collect();
-        let argv = argv_cstrings(&config.command);
+        let gens = BTreeMap::from([(0, reload::Gen::new(config.command.clone()))]);
         let (cgroups, no_cgroups) = match config.containment {
             Containment::ProcessGroup => (None, Some("--contain process-group".to_string())),
             Containment::Auto => match tree::Cgroups::create() {
@@ -404,6 +409,8 @@ impl Supervisor {
         let (channel_tx, channel_rx) = mpsc::channel(256);
         let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (memory_tx, memory_rx) = mpsc::unbounded_channel();
+        let memory_check_at = config.max_memory.map(|_| Instant::now() + MEMORY_EVERY);
         let (notify_tx, notify_rx) = mpsc::channel(256);
         let notify_dir = match notify::NotifyDir::create() {
             Ok(d) => Some(d),
@@ -424,8 +431,12 @@ impl Supervisor {
             output,
             guardian: None,
             marker,
-            base_env,
-            argv,
+            gens,
+            next_gen: 1,
+            reload_waiters: Vec::new(),
+            queued_waiters: Vec::new(),
+            reload_began: None,
+            failed_replacements: VecDeque::new(),
             channel_tx,
             channel_rx,
             commands,
@@ -450,6 +461,10 @@ impl Supervisor {
             probing: false,
             probe_tx,
             probe_rx,
+            memory_check_at,
+            measuring: false,
+            memory_tx,
+            memory_rx,
             notify_dir,
             steering: None,
             steering_refused: false,
@@ -547,7 +562,7 @@ impl Supervisor {
                 _ = sigint.recv() => self.on_stop_request("SIGINT"),
                 _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
                 _ = sigquit.recv() => self.on_stop_request("SIGQUIT"),
-                _ = sighup.recv() => self.ignore_signal(libc::SIGHUP, "SIGHUP", "reload is not supported yet"),
+                _ = sighup.recv() => self.request_reload(None, "SIGHUP"),
                 _ = sigusr1.recv() => self.ignore_signal(libc::SIGUSR1, "SIGUSR1", "herd writes no log files yet"),
                 _ = sigusr2.recv() => self.ignore_signal(libc::SIGUSR2, "SIGUSR2", "it has no meaning to herd"),
                 _ = sigttin.recv() => self.scale_by(1, "SIGTTIN"),
@@ -570,6 +585,7 @@ impl Supervisor {
                 }
                 _ = self.events.room(), if !self.backlog.is_empty() => self.work_backlog(),
                 Some(found) = self.probe_rx.recv() => self.on_probe_result(found),
+                Some(usage) = self.memory_rx.recv() => self.on_memory(usage),
                 Some((slot, pid, notice)) = self.notify_rx.recv() => self.on_notice(slot, pid, notice),
                 Some(command) = self.commands.recv() => {
                     self.on_command(command);
@@ -639,20 +655,17 @@ impl Supervisor {
         } else {
             self.slots
                 .iter()
-                .enumerate()
-                .filter_map(|(i, s)| match s.state {
-                    SlotState::Running { probes, .. } => {
-                        self.probe_due(self.life.worker(i)?.started, probes)
-                    }
-                    SlotState::Empty => None,
-                })
+                .flat_map(|s| &s.workers)
+                .filter_map(|w| self.probe_due(self.life.find(w.pid)?.2.started, w.probes))
                 .min()
         };
+        let memory = self.memory_check_at.filter(|_| !self.life.stopping());
         [
             self.life.next_deadline(),
             remnants,
             probes,
             self.node_release_at,
+            memory,
         ]
         .into_iter()
         .flatten()
@@ -715,7 +728,56 @@ impl Supervisor {
         self.perform();
         if !self.life.stopping() {
             self.probe_workers(now);
+            if self.memory_check_at.is_some_and(|at| at <= now) {
+                self.memory_check_at = Some(now + MEMORY_EVERY);
+                self.measure_memory();
+            }
         }
+    }
+
+    /// `--max-memory`: reads each worker's tree's RSS on the blocking pool
+    /// (procfs), one reading at a time.
+    fn measure_memory(&mut self) {
+        if self.measuring {
+            return;
+        }
+        let workers: Vec<(usize, u32, Option<std::path::PathBuf>)> = (0..self.slots.len())
+            .filter_map(|slot| {
+                let pid = self.life.worker(slot)?.pid;
+                let io = self.slots[slot].io(pid)?;
+                Some((slot, pid, io.cgroup.clone()))
+            })
+            .collect();
+        if workers.is_empty() {
+            return;
+        }
+        self.measuring = true;
+        let tx = self.memory_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let usage = workers
+                .into_iter()
+                .map(|(slot, pid, cgroup)| (slot, pid, probe::tree_rss(pid, cgroup.as_deref())))
+                .collect();
+            let _ = tx.send(usage);
+        });
+    }
+
+    /// Workers over `--max-memory` are replaced the way a reload replaces
+    /// them (not while a reload runs, and `reload_surge` at a time: the rest
+    /// at the next reading).
+    fn on_memory(&mut self, usage: Vec<(usize, u32, u64)>) {
+        self.measuring = false;
+        let Some(max) = self.config.max_memory else {
+            return;
+        };
+        for (slot, pid, rss) in usage {
+            if rss > max {
+                debug!(slot, pid, rss, "worker {pid} uses {rss} bytes");
+                self.life
+                    .recycle(slot, pid, crate::lifecycle::RecycleWhy::Memory);
+            }
+        }
+        self.perform();
     }
 
     /// Carries out what the lifecycle decided, until it decides nothing more.
@@ -727,20 +789,19 @@ impl Supervisor {
             }
             for action in actions {
                 match action {
-                    Action::Spawn { slot } => {
-                        if !self.life.stopping() {
-                            self.spawn(slot);
+                    Action::Spawn { slot, replacement } => {
+                        if let Some(generation) = self.life.spawn_wanted(slot, replacement) {
+                            self.spawn(slot, generation);
                         }
                     }
                     Action::StopAll => self.stop_all(),
                     Action::KillAll => self.kill_everything(Instant::now()),
                     Action::Kill { pid } => {
-                        let cgroup = self.slots.iter().find_map(|s| match &s.state {
-                            SlotState::Running { pid: p, cgroup, .. } if *p == pid => {
-                                cgroup.clone()
-                            }
-                            _ => None,
-                        });
+                        let cgroup = self
+                            .slots
+                            .iter()
+                            .find_map(|s| s.io(pid))
+                            .and_then(|w| w.cgroup.clone());
                         signal_worker(pid, cgroup.as_deref(), Signal::KILL);
                     }
                     // The worker itself, not its group: its core dump is the
@@ -750,11 +811,20 @@ impl Supervisor {
                             let _ = rustix::process::kill_process(p, Signal::ABORT);
                         }
                     }
-                    Action::Retire { slot, pid } => {
-                        info!(
-                            slot,
-                            pid, "worker {pid} retires: slot {slot} is scaled away"
-                        );
+                    Action::Retire { slot, pid, why } => {
+                        match why {
+                            RetireWhy::ScaledAway => info!(
+                                slot,
+                                pid, "worker {pid} retires: slot {slot} is scaled away"
+                            ),
+                            RetireWhy::Replaced => {
+                                info!(slot, pid, "worker {pid} drains: it was replaced")
+                            }
+                            RetireWhy::Abandoned => info!(
+                                slot,
+                                pid, "stopping new worker {pid}: it is not needed any more"
+                            ),
+                        }
                         let node = self.config.ipc == Ipc::Node;
                         self.ask_to_go(slot, pid, self.config.stop_signal, node);
                     }
@@ -763,6 +833,11 @@ impl Supervisor {
                             self.slots.pop();
                             info!(slot, "slot {slot} removed");
                         }
+                    }
+                    Action::ReloadEnded(report) => self.reload_ended(report),
+                    Action::ReloadNext => {
+                        self.reload_waiters = std::mem::take(&mut self.queued_waiters);
+                        self.begin_reload("the reload asked for during the last one");
                     }
                     Action::Note(note) => self.log_note(note),
                 }
@@ -900,6 +975,7 @@ impl Supervisor {
                 "stop timeout ({:?}) expired; killing remaining workers",
                 self.config.stop_timeout
             ),
+            note => self.log_reload_note(note),
         }
     }
 
@@ -959,21 +1035,19 @@ impl Supervisor {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| match s.state {
-                SlotState::Running {
-                    pid,
-                    channel: Some(_),
-                    ..
-                } => Some((i, pid)),
-                _ => None,
+            .flat_map(|(i, s)| {
+                s.workers
+                    .iter()
+                    .filter(|w| w.channel.is_some())
+                    .map(move |w| (i, w.pid))
             })
             .collect();
         for (slot, pid) in running {
             if cluster_worker {
                 let seq = self.next_node_seq();
-                if let SlotState::Running {
+                if let Some(WorkerIo {
                     channel: Some(tx), ..
-                } = &self.slots[slot].state
+                }) = self.slots[slot].io(pid)
                 {
                     let mut fields = serde_json::Map::new();
                     fields.insert("act".into(), "disconnect".into());
@@ -991,15 +1065,13 @@ impl Supervisor {
     /// Signals every live worker: its process group, the worker itself (in
     /// case it left the group) and, for SIGKILL, its whole cgroup.
     fn signal_all(&self, sig: Signal) {
-        for slot in &self.slots {
-            if let SlotState::Running { pid, cgroup, .. } = &slot.state {
-                signal_worker(*pid, cgroup.as_deref(), sig);
-            }
+        for w in self.slots.iter().flat_map(|s| &s.workers) {
+            signal_worker(w.pid, w.cgroup.as_deref(), sig);
         }
     }
 
-    fn spawn(&mut self, slot: usize) {
-        match self.try_spawn(slot) {
+    fn spawn(&mut self, slot: usize, generation: u64) {
+        match self.try_spawn(slot, generation) {
             Ok(new) => self.install(slot, new),
             Err(e) => {
                 let why = format!("cannot spawn a worker: {e}");
@@ -1031,7 +1103,7 @@ impl Supervisor {
         } else {
             WorkerStatus::Disconnected
         });
-        self.slots[slot].state = SlotState::Running {
+        self.slots[slot].workers.push(WorkerIo {
             pid,
             channel,
             status,
@@ -1044,7 +1116,8 @@ impl Supervisor {
             inspector_ports,
             notify,
             status_text: None,
-        };
+            tail: stderr.as_ref().map(|(tail, _)| tail.clone()),
+        });
         self.tell_guardian(pid as i32);
         self.exits.spawn(async move {
             let mut child = child;
@@ -1078,39 +1151,27 @@ impl Supervisor {
         });
     }
 
-    /// A handle's view of the worker in `slot`, if one is alive.
+    /// A handle's view of the worker in `slot` (its own), if one is alive.
     fn link(&self, slot: usize) -> Option<WorkerLink> {
-        match &self.slots.get(slot)?.state {
-            SlotState::Running {
-                pid,
-                channel,
-                status,
-                ..
-            } => Some(WorkerLink {
-                slot,
-                pid: *pid,
-                outbox: channel.clone(),
-                status: status.subscribe(),
-            }),
-            _ => None,
-        }
+        let pid = self.life.worker(slot)?.pid;
+        let w = self.slots.get(slot)?.io(pid)?;
+        Some(WorkerLink {
+            slot,
+            pid,
+            outbox: w.channel.clone(),
+            status: w.status.subscribe(),
+        })
     }
 
     /// Closes the channel of the worker in `slot` if it is `pid` and has one
     /// open: everything queued is still written, then the worker reads EOF.
     fn close_channel(&mut self, slot: usize, pid: u32) {
-        let SlotState::Running {
-            pid: p,
-            channel,
-            status,
-            ..
-        } = &mut self.slots[slot].state
+        let Some(WorkerIo {
+            channel, status, ..
+        }) = self.slots.get_mut(slot).and_then(|s| s.io_mut(pid))
         else {
             return;
         };
-        if *p != pid {
-            return;
-        }
         if let Some(tx) = channel.take() {
             let _ = tx.send(Outgoing::Close);
             status.send_replace(WorkerStatus::Disconnected);
@@ -1140,23 +1201,15 @@ impl Supervisor {
             .slots
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, s)| match &mut s.state {
-                SlotState::Running {
-                    pid,
-                    probes,
-                    inspector_ports,
-                    cgroup,
-                    ..
-                } if life.worker(i).is_some_and(|w| {
-                    probe::PROBE_AFTER
-                        .get(*probes)
-                        .is_some_and(|after| w.started + *after <= now)
-                }) =>
-                {
-                    *probes += 1;
-                    Some((i, *pid, inspector_ports.clone(), cgroup.clone()))
+            .flat_map(|(i, s)| s.workers.iter_mut().map(move |w| (i, w)))
+            .filter_map(|(i, w)| {
+                let started = life.find(w.pid)?.2.started;
+                let after = probe::PROBE_AFTER.get(w.probes)?;
+                if started + *after > now {
+                    return None;
                 }
-                _ => None,
+                w.probes += 1;
+                Some((i, w.pid, w.inspector_ports.clone(), w.cgroup.clone()))
             })
             .collect();
         if due.is_empty()
@@ -1259,11 +1312,13 @@ impl Supervisor {
             );
             return;
         }
-        if self.life.worker(slot).is_some_and(|w| w.pid == pid) && self.life.ready(pid) {
+        if self.life.find(pid).is_some_and(|(s, _, _)| s == slot)
+            && self.life.ready(pid, Instant::now())
+        {
             info!(slot, pid, "worker {pid} ready");
             self.events.send(Event::Ready { slot, pid });
+            self.perform();
             self.dispatch();
-            self.steer();
         }
     }
 
@@ -1272,31 +1327,20 @@ impl Supervisor {
         match notice {
             notify::Notice::Ready => self.mark_ready(slot, pid, ReadySignal::Notify),
             notify::Notice::Watchdog => {
-                if self.life.worker(slot).is_some_and(|w| w.pid == pid) {
+                if self.life.find(pid).is_some_and(|(s, _, _)| s == slot) {
                     self.life.heartbeat(pid, Instant::now());
                 }
             }
             notify::Notice::WatchdogTrigger => {
-                if self.life.worker(slot).is_some_and(|w| w.pid == pid) {
+                if self.life.find(pid).is_some_and(|(s, _, _)| s == slot) {
                     self.life.watchdog_trigger(pid, Instant::now());
                     self.perform();
                 }
             }
             notify::Notice::Status(text) => {
-                if let Some(Slot {
-                    state:
-                        SlotState::Running {
-                            pid: p,
-                            status_text,
-                            ..
-                        },
-                    ..
-                }) = self.slots.get_mut(slot)
-                {
-                    if *p == pid {
-                        debug!(slot, pid, "worker {pid} status: {text}");
-                        *status_text = Some(text);
-                    }
+                if let Some(w) = self.slots.get_mut(slot).and_then(|s| s.io_mut(pid)) {
+                    debug!(slot, pid, "worker {pid} status: {text}");
+                    w.status_text = Some(text);
                 }
             }
         }
@@ -1312,18 +1356,23 @@ impl Supervisor {
     /// The argv for slot `slot`'s worker, with Node's inspector options
     /// given the slot's own port (also in `env`'s NODE_OPTIONS), and the
     /// `host:port`s they name. Other commands: the argv as it is.
-    fn inspector_for_slot(&self, slot: usize, env: &mut [CString]) -> (Vec<CString>, Vec<String>) {
-        if !self.config.command.is_node() {
-            return (self.argv.clone(), Vec::new());
+    fn inspector_for_slot(
+        &self,
+        slot: usize,
+        gen: &reload::Gen,
+        env: &mut [CString],
+    ) -> (Vec<CString>, Vec<String>) {
+        if !gen.command.is_node() {
+            return (gen.argv.clone(), Vec::new());
         }
-        let strings: Vec<String> = self
+        let strings: Vec<String> = gen
             .argv
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         // Node's own options are on the command line only when the program
         // is node itself; a `#!` script's arguments are the script's.
-        let (argv, mut ports) = if self.config.command.runtime == crate::config::Runtime::Node {
+        let (argv, mut ports) = if gen.command.runtime == crate::config::Runtime::Node {
             crate::inspect::argv_for_slot(&strings, slot)
         } else {
             (strings, Vec::new())
@@ -1342,7 +1391,7 @@ impl Supervisor {
             }
         }
         if ports.is_empty() {
-            return (self.argv.clone(), ports);
+            return (gen.argv.clone(), ports);
         }
         let argv = argv
             .into_iter()
@@ -1354,9 +1403,18 @@ impl Supervisor {
     /// Starts a worker. Returns once it is forked: whether its `execve`
     /// succeeds is learnt when it exits (`Exit::exec_errno`), so the
     /// supervisor never waits on the child's set-up.
-    fn try_spawn(&mut self, slot: usize) -> std::io::Result<NewWorker> {
+    fn try_spawn(&mut self, slot: usize, generation: u64) -> std::io::Result<NewWorker> {
+        let gen = match self.gens.get(&generation) {
+            Some(g) => g.clone(),
+            None => self
+                .gens
+                .values()
+                .next_back()
+                .expect("a generation")
+                .clone(),
+        };
         let mut fds = self.listeners.fds_for_slot(slot);
-        let mut env = self.base_env.clone();
+        let mut env = gen.base_env.clone();
         env.extend(self.slots[slot].env.iter().cloned());
         self.node_ids += 1;
         let node_id = self.node_ids;
@@ -1430,9 +1488,9 @@ impl Supervisor {
         };
         // Node's inspector: each slot its own port (Node's primary does the
         // same), on the command line and in NODE_OPTIONS.
-        let (argv, inspect) = self.inspector_for_slot(slot, &mut env);
+        let (argv, inspect) = self.inspector_for_slot(slot, &gen, &mut env);
         let plan = ExecPlan::new(
-            &self.config.command.program,
+            &gen.command.program,
             argv,
             env,
             fds,
@@ -1452,8 +1510,8 @@ impl Supervisor {
             let (read, write) = sys::output_pipe()?;
             (Some(read), write)
         };
-        let mut cmd = tokio::process::Command::new(&self.config.command.program);
-        if let Some(dir) = &self.config.command.dir {
+        let mut cmd = tokio::process::Command::new(&gen.command.program);
+        if let Some(dir) = &gen.command.dir {
             cmd.current_dir(dir);
         }
         cmd.stdin(Stdio::null())
@@ -1604,18 +1662,12 @@ impl Supervisor {
     }
 
     fn on_channel_event(&mut self, slot: usize, from: u32, event: ChannelEvent) {
-        let SlotState::Running {
-            pid,
-            channel,
-            online,
-            ..
-        } = &mut self.slots[slot].state
+        let Some(WorkerIo {
+            channel, online, ..
+        }) = self.slots.get_mut(slot).and_then(|s| s.io_mut(from))
         else {
-            return;
+            return; // from a worker since gone
         };
-        if *pid != from {
-            return; // from a worker since replaced
-        }
         if channel.is_none()
             && !matches!(
                 event,
@@ -1641,8 +1693,8 @@ impl Supervisor {
                 if let Some(listener) = self.rr.refuse(id, from) {
                     debug!(slot, pid = from, "worker {from} refused connection {id}");
                     // Its server for that listener closed: no more from it.
-                    if let SlotState::Running { rr_servers, .. } = &mut self.slots[slot].state {
-                        rr_servers.retain(|l| *l != listener);
+                    if let Some(w) = self.slots[slot].io_mut(from) {
+                        w.rr_servers.retain(|l| *l != listener);
                     }
                     self.dispatch();
                 }
@@ -1681,7 +1733,7 @@ impl Supervisor {
                 });
             }
             ChannelEvent::Skipped(why) => {
-                if let SlotState::Running { skipped, .. } = &mut self.slots[slot].state {
+                if let Some(WorkerIo { skipped, .. }) = self.slots[slot].io_mut(from) {
                     *skipped += 1;
                     if *skipped == 1 {
                         warn!(
@@ -1700,9 +1752,10 @@ impl Supervisor {
         match command {
             Command::Stop => self.on_stop_request("stop request"),
             Command::Send { slot, frame } => {
-                if let Some(SlotState::Running {
+                let own = self.life.worker(slot).map(|w| w.pid);
+                if let Some(WorkerIo {
                     channel: Some(tx), ..
-                }) = self.slots.get(slot).map(|s| &s.state)
+                }) = own.and_then(|pid| self.slots.get(slot)?.io(pid))
                 {
                     let _ = tx.send(Outgoing::Frame {
                         bytes: frame,
@@ -1715,31 +1768,30 @@ impl Supervisor {
                     .slots
                     .iter()
                     .enumerate()
-                    .filter_map(|(slot, s)| match &s.state {
-                        SlotState::Running { pid, channel, .. } => {
-                            let w = self.life.worker(slot)?;
-                            Some(WorkerInfo {
-                                slot,
-                                pid: *pid,
-                                ready: w.ready,
-                                connected: channel.is_some(),
-                                disconnecting: w.retire_kill_at.is_some(),
-                                connections: self.rr.load(*pid),
-                            })
-                        }
-                        _ => None,
+                    .flat_map(|(slot, s)| s.workers.iter().map(move |io| (slot, io)))
+                    .filter_map(|(slot, io)| {
+                        let (_, _, w) = self.life.find(io.pid)?;
+                        Some(WorkerInfo {
+                            slot,
+                            pid: io.pid,
+                            ready: w.ready,
+                            connected: io.channel.is_some(),
+                            disconnecting: w.retire_kill_at.is_some(),
+                            connections: self.rr.load(io.pid),
+                        })
                     })
                     .collect();
                 let _ = reply.send(workers);
             }
             Command::Disconnect { slot, pid } => self.disconnect(slot, pid),
             Command::Signal { slot, pid, signal } => {
-                if let Some(SlotState::Running { pid: p, .. }) =
-                    self.slots.get(slot).map(|s| &s.state)
-                {
-                    if pid.is_none_or(|pid| pid == *p) {
-                        signal_worker(*p, None, signal);
-                    }
+                // A pid given: any live worker of the slot; else its own.
+                let target = match pid {
+                    Some(pid) => self.slots.get(slot).and_then(|s| s.io(pid)).map(|w| w.pid),
+                    None => self.life.worker(slot).map(|w| w.pid),
+                };
+                if let Some(p) = target {
+                    signal_worker(p, None, signal);
                 }
             }
             Command::Worker { slot, reply } => {
@@ -1748,6 +1800,7 @@ impl Supervisor {
             Command::Fork { env, reply } => {
                 let _ = reply.send(self.fork(env));
             }
+            Command::Reload { reply } => self.request_reload(Some(reply), "reload request"),
             Command::Scale { workers, reply } => {
                 let size = if self.life.stopping() {
                     Err("the cluster is stopping".to_string())
@@ -1776,10 +1829,7 @@ impl Supervisor {
     /// stop signal.
     fn ask_to_go(&mut self, slot: usize, pid: u32, stop_signal: Signal, node: bool) {
         let seq = self.next_node_seq();
-        let Some(Slot {
-            state: SlotState::Running { channel, .. },
-            ..
-        }) = self.slots.get_mut(slot)
+        let Some(WorkerIo { channel, .. }) = self.slots.get_mut(slot).and_then(|s| s.io_mut(pid))
         else {
             return;
         };
@@ -1796,7 +1846,7 @@ impl Supervisor {
                 // One not ready yet may open its server after the
                 // disconnect and live on: it serves nothing, so it is
                 // stopped.
-                if !self.life.worker(slot).is_some_and(|w| w.ready) {
+                if !self.life.find(pid).is_some_and(|(_, _, w)| w.ready) {
                     signal_worker(pid, None, stop_signal);
                 }
             }
@@ -1840,7 +1890,7 @@ impl Supervisor {
 
     /// A new slot with `env` added to its workers' environment.
     fn fork(&mut self, env: Vec<(String, String)>) -> Result<WorkerLink, String> {
-        let Some(slot) = self.life.add_slot(Instant::now()) else {
+        let Some((slot, generation)) = self.life.add_slot(Instant::now()) else {
             return Err("the cluster is stopping".into());
         };
         let env = env
@@ -1848,7 +1898,7 @@ impl Supervisor {
             .filter_map(|(k, v)| env_entry(k.as_ref(), v.as_ref()))
             .collect();
         self.slots.push(Slot::new(env));
-        match self.try_spawn(slot) {
+        match self.try_spawn(slot, generation) {
             Ok(new) => {
                 self.install(slot, new);
                 Ok(self.link(slot).expect("just installed"))
@@ -1870,20 +1920,15 @@ impl Supervisor {
             at,
             exec_errno,
         } = exit;
-        let cgroup = match &mut self.slots[slot].state {
-            SlotState::Running {
-                pid: p,
-                cgroup,
-                notify,
-                ..
-            } if *p == pid => {
+        let cgroup = match self.slots.get_mut(slot).and_then(|s| s.io_mut(pid)) {
+            Some(WorkerIo { cgroup, notify, .. }) => {
                 if let Some((reader, path)) = notify.take() {
                     reader.abort();
                     let _ = std::fs::remove_file(path);
                 }
                 cgroup.take()
             }
-            _ => None,
+            None => None,
         };
         self.contain_remnants(pid, cgroup);
         // A dead worker holds no socket.
@@ -1891,28 +1936,21 @@ impl Supervisor {
         // Nothing more is handed to it; what it never took goes elsewhere.
         self.close_channel(slot, pid);
         self.requeue(pid);
-        if let SlotState::Running {
-            pid: p, status: s, ..
-        } = &self.slots[slot].state
-        {
-            if *p == pid {
-                s.send_replace(WorkerStatus::Dead {
-                    code: status.as_ref().ok().and_then(|s| s.code()),
-                    signal: status.as_ref().ok().and_then(|s| s.signal()),
-                });
-            }
-        }
         let now = Instant::now();
-        let skipped = match self.slots[slot].state {
-            SlotState::Running {
-                pid: p, skipped, ..
-            } if p == pid => skipped,
-            _ => {
-                debug!(slot, pid, "exit of a worker no longer tracked");
-                return;
-            }
+        let Some(i) = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.workers.iter().position(|w| w.pid == pid))
+        else {
+            debug!(slot, pid, "exit of a worker no longer tracked");
+            return;
         };
-        self.slots[slot].state = SlotState::Empty;
+        let io = self.slots[slot].workers.remove(i);
+        io.status.send_replace(WorkerStatus::Dead {
+            code: status.as_ref().ok().and_then(|s| s.code()),
+            signal: status.as_ref().ok().and_then(|s| s.signal()),
+        });
+        let skipped = io.skipped;
         if skipped > 1 {
             info!(slot, pid, "worker {pid} had {skipped} IPC messages skipped");
         }
@@ -1933,7 +1971,29 @@ impl Supervisor {
                 self.socket_advice()
             );
         }
-        self.slots[slot].last_exit = Some((how.clone(), stderr));
+        let (role, generation) = self
+            .life
+            .find(pid)
+            .map_or((Role::Current, 0), |(_, r, w)| (r, w.generation));
+        let program = self
+            .gens
+            .get(&generation)
+            .map_or(self.config.command.program.clone(), |g| {
+                g.command.program.clone()
+            });
+        if role == Role::Incoming {
+            // A replacement that failed: the reload's report, not the slot's.
+            let how = match exec_errno {
+                Some(errno) => exec_error(&program, errno).to_string(),
+                None => how.clone(),
+            };
+            self.failed_replacements.push_back((pid, how, stderr));
+            while self.failed_replacements.len() > 8 {
+                self.failed_replacements.pop_front();
+            }
+        } else {
+            self.slots[slot].last_exit = Some((how.clone(), stderr));
+        }
         let succeeded = matches!(&status, Ok(s) if s.success());
         let was_stopping = self.life.stopping();
         let facts = ExitFacts {
@@ -1941,7 +2001,9 @@ impl Supervisor {
             succeeded,
             failed_by_itself: failed_by_itself(&status),
         };
-        let Some((_, uptime, retired)) = self.life.exited(pid, facts, exec_errno.is_some(), now)
+        let Some(crate::lifecycle::Exited {
+            uptime, retired, ..
+        }) = self.life.exited(pid, facts, exec_errno.is_some(), now)
         else {
             debug!(slot, pid, "exit of a worker the lifecycle does not know");
             return;
@@ -1955,8 +2017,13 @@ impl Supervisor {
         });
         if was_stopping {
             info!(slot, pid, "worker {pid} stopped ({how})");
+        } else if role == Role::Incoming && !retired {
+            warn!(
+                slot,
+                pid, "new worker {pid} died before it was ready ({how})"
+            );
         } else if let Some(errno) = exec_errno {
-            let e = exec_error(&self.config.command.program, errno);
+            let e = exec_error(&program, errno);
             error!(slot, "slot {slot}: {e}");
             if matches!(
                 self.life.phase(),
@@ -2030,10 +2097,8 @@ impl Supervisor {
         let mut ours: HashSet<u32> = self
             .slots
             .iter()
-            .filter_map(|s| match s.state {
-                SlotState::Running { pid, .. } => Some(pid),
-                _ => None,
-            })
+            .flat_map(|s| &s.workers)
+            .map(|w| w.pid)
             .collect();
         if let Some(g) = self.guardian.as_ref().and_then(|g| g.child.id()) {
             ours.insert(g);
@@ -2059,10 +2124,8 @@ impl Supervisor {
         match sys::spawn_guardian(&self.marker, cgroup.as_deref()) {
             Ok((child, pipe)) => {
                 let g = Guardian { child, pipe };
-                for s in &self.slots {
-                    if let SlotState::Running { pid, .. } = s.state {
-                        send_to_guardian(&g, pid as i32);
-                    }
+                for w in self.slots.iter().flat_map(|s| &s.workers) {
+                    send_to_guardian(&g, w.pid as i32);
                 }
                 self.guardian = Some(g);
             }

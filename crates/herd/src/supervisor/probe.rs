@@ -117,6 +117,18 @@ pub(super) fn own_listeners(
     found
 }
 
+/// The resident memory (RSS, bytes) of worker `pid`'s whole process
+/// tree: its cgroup's members, or its descendants. Run on a blocking-pool
+/// thread: it reads procfs.
+pub(super) fn tree_rss(pid: u32, cgroup: Option<&Path>) -> u64 {
+    let page = procfs::page_size();
+    tree(pid, cgroup)
+        .into_iter()
+        .filter_map(|p| Process::new(p as i32).ok()?.statm().ok())
+        .map(|m| m.resident * page)
+        .sum()
+}
+
 /// Whether a worker's last stderr lines say it could not bind an address
 /// (Python, Go, Ruby: "Address already in use"; Node: EADDRINUSE).
 pub(super) fn said_address_in_use(stderr: &[String]) -> bool {
@@ -139,6 +151,14 @@ mod tests {
         let found = own_listeners(std::process::id(), None, &herd_inodes);
         assert!(found.contains(&mine.local_addr().unwrap()), "{found:?}");
         assert!(!found.contains(&herds.local_addr().unwrap()), "{found:?}");
+    }
+
+    #[test]
+    fn measures_a_trees_resident_memory() {
+        let rss = tree_rss(std::process::id(), None);
+        // This test process holds at least its own binary's pages.
+        assert!(rss > 1 << 20, "{rss}");
+        assert_eq!(tree_rss(u32::MAX - 1, None), 0, "no such process");
     }
 
     #[test]

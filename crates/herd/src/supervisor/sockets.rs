@@ -10,11 +10,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::channel::{encode_control, NodeQuery, Outgoing};
-use super::{SlotState, Supervisor};
+use super::Supervisor;
 use crate::cluster::Event;
 use crate::config::Ipc;
 use crate::ipc::node;
 use crate::ipc::Control;
+use crate::lifecycle::Role;
 use crate::listen::{ListenAddress, ListenSpec, ListenSpecError};
 use crate::round_robin::client_hash;
 use crate::socket::Listeners;
@@ -79,7 +80,7 @@ impl Supervisor {
                 }
             }
             Err((error, _)) => {
-                if self.first_refusal(slot) {
+                if self.first_refusal(slot, from) {
                     warn!(
                         slot,
                         pid = from,
@@ -146,9 +147,9 @@ impl Supervisor {
                     pid = from,
                     "node worker {from} serves {address} round-robin"
                 );
-                if let SlotState::Running { rr_servers, .. } = &mut self.slots[slot].state {
-                    if !rr_servers.contains(&listener) {
-                        rr_servers.push(listener);
+                if let Some(w) = self.slots[slot].io_mut(from) {
+                    if !w.rr_servers.contains(&listener) {
+                        w.rr_servers.push(listener);
                     }
                 }
                 fields.insert("key".into(), address.into());
@@ -169,7 +170,7 @@ impl Supervisor {
                 }
             }
             Err((error, errno)) => {
-                if self.first_refusal(slot) {
+                if self.first_refusal(slot, from) {
                     warn!(
                         slot,
                         pid = from,
@@ -260,14 +261,14 @@ impl Supervisor {
         })
     }
 
-    /// Counts a refused socket request of the worker in `slot`; true for its first.
-    fn first_refusal(&mut self, slot: usize) -> bool {
-        match &mut self.slots[slot].state {
-            SlotState::Running { refusals, .. } => {
-                *refusals += 1;
-                *refusals == 1
+    /// Counts a refused socket request of worker `pid` in `slot`; true for its first.
+    fn first_refusal(&mut self, slot: usize, pid: u32) -> bool {
+        match self.slots[slot].io_mut(pid) {
+            Some(w) => {
+                w.refusals += 1;
+                w.refusals == 1
             }
-            _ => true,
+            None => true,
         }
     }
 
@@ -282,14 +283,7 @@ impl Supervisor {
         slot: usize,
         pid: u32,
     ) -> Option<mpsc::UnboundedSender<Outgoing>> {
-        match &self.slots[slot].state {
-            SlotState::Running {
-                pid: p,
-                channel: Some(tx),
-                ..
-            } if *p == pid => Some(tx.clone()),
-            _ => None,
-        }
+        self.slots.get(slot)?.io(pid)?.channel.clone()
     }
 
     /// How to name a Node worker's listening server: as it reports it, or,
@@ -620,18 +614,13 @@ impl Supervisor {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(slot, s)| match &s.state {
-                SlotState::Running {
-                    pid,
-                    rr_servers,
-                    channel: Some(_),
-                    ..
-                } => {
-                    let w = life.worker(slot)?;
-                    (w.retire_kill_at.is_none() && (node || w.ready))
-                        .then(|| (slot, *pid, node.then_some(rr_servers.as_slice())))
-                }
-                _ => None,
+            .flat_map(|(slot, s)| s.workers.iter().map(move |io| (slot, io)))
+            .filter_map(|(slot, io)| {
+                io.channel.as_ref()?;
+                // Its own worker or its replacement; not one draining.
+                let (_, role, w) = life.find(io.pid)?;
+                (role != Role::Draining && w.retire_kill_at.is_none() && (node || w.ready))
+                    .then(|| (slot, io.pid, node.then_some(io.rr_servers.as_slice())))
             })
             .collect();
         let mut skipped = std::collections::VecDeque::new();
@@ -653,10 +642,7 @@ impl Supervisor {
                 skipped.push_back(accepted);
                 continue;
             };
-            let SlotState::Running {
-                channel: Some(tx), ..
-            } = &self.slots[slot].state
-            else {
+            let Some(tx) = self.slots[slot].io(pid).and_then(|w| w.channel.as_ref()) else {
                 unreachable!("picked among workers with a channel");
             };
             let bytes = if node {
