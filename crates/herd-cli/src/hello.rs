@@ -105,6 +105,9 @@ async fn serve(args: HelloArgs) -> Result<()> {
     for l in listeners {
         tasks.spawn(accept_loop(l, drain.clone(), header.clone()));
     }
+    // Ready: it accepts now (sd_notify, as any server under herd or systemd
+    // can say it), so a reload moves on without waiting for --ready-delay.
+    let _ = herd::worker::notify("READY=1");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

@@ -11,6 +11,7 @@ mod logs;
 mod node;
 mod orphans;
 mod readiness;
+mod reload;
 mod scaling;
 mod sockets;
 mod stop;

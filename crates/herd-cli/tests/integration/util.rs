@@ -465,3 +465,123 @@ pub fn one_node_worker(app: &Path) -> Herd {
         app.to_str().unwrap(),
     ])
 }
+
+/// Continuous HTTP load on 127.0.0.1:`port` from in-process threads, until
+/// [`Load::finish`] (and at most 60 s): each thread sends `GET /` one after
+/// another, half of them over kept-alive connections (a new one when the
+/// server says `Connection: close`), half with `Connection: close`. Every
+/// request that gets no `200` is a failure, by kind.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(port: u16, threads: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::spawn(move || load_thread(port, i % 2 == 0, &stop))
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the load: (requests answered 200, failures).
+    pub fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for t in std::mem::take(&mut self.threads) {
+            let (n, f) = t.join().expect("load thread");
+            ok += n;
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn load_thread(
+    port: u16,
+    keep_alive: bool,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (usize, Vec<String>) {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut ok, mut failed) = (0, Vec::new());
+    let mut conn: Option<std::io::BufReader<TcpStream>> = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < until {
+        if !keep_alive {
+            match http_get(port) {
+                Ok(r) if r.starts_with("HTTP/1.1 200") => ok += 1,
+                Ok(r) => failed.push(format!("close: {}", r.lines().next().unwrap_or("empty"))),
+                Err(e) => failed.push(format!("close: {e}")),
+            }
+            continue;
+        }
+        let reused = conn.is_some();
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    std::io::BufReader::new(s)
+                }
+                Err(e) => {
+                    failed.push(format!("keep-alive connect: {e}"));
+                    continue;
+                }
+            },
+        };
+        match keep_alive_request(c) {
+            Ok((status, again)) if status.starts_with("HTTP/1.1 200") => {
+                ok += 1;
+                conn = again;
+            }
+            Ok((status, _)) => failed.push(format!("keep-alive: {status}")),
+            Err(e) => failed.push(format!("keep-alive (reused: {reused}): {e}")),
+        }
+    }
+    (ok, failed)
+}
+
+/// One request on a kept-alive connection: its status line, and the
+/// connection if the server keeps it open.
+fn keep_alive_request(
+    mut c: std::io::BufReader<TcpStream>,
+) -> std::io::Result<(String, Option<std::io::BufReader<TcpStream>>)> {
+    use std::io::BufRead;
+    c.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+    let mut status = String::new();
+    if c.read_line(&mut status)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed with no response",
+        ));
+    }
+    let (mut length, mut close) = (0usize, false);
+    loop {
+        let mut line = String::new();
+        c.read_line(&mut line)?;
+        let l = line.trim_end().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if l == "connection: close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0; length];
+    c.read_exact(&mut body)?;
+    Ok((status.trim_end().to_string(), (!close).then_some(c)))
+}

@@ -154,7 +154,7 @@ impl Supervisor {
                 if stderr.is_empty() {
                     String::new()
                 } else {
-                    format!(". Its last stderr lines:\n  {}", stderr.join("\n  "))
+                    format!(". Its last stderr lines: {}", stderr.join(" | "))
                 }
             );
             ReloadOutcome::RolledBack {
