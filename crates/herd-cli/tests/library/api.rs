@@ -542,3 +542,25 @@ async fn unread_events_are_dropped_counted_and_reported() {
     let outcome = tokio::time::timeout(WAIT, cluster.wait()).await;
     assert_eq!(outcome.expect("stops in time").unwrap(), Outcome::Stopped);
 }
+
+/// `ClusterHandle::reload()`: every worker replaced by a ready one, and it
+/// says how it ended; `worker(slot)` then names the new worker.
+#[tokio::test]
+async fn reload_replaces_every_worker_and_reports_how_it_ended() {
+    let _serial = serial().await;
+    let (cluster, mut events) = start(config(2));
+    let old = all_ready(&mut events, 2).await;
+    let outcome = tokio::time::timeout(WAIT, cluster.reload())
+        .await
+        .expect("reload ends")
+        .unwrap();
+    assert_eq!(outcome, herd::ReloadOutcome::Reloaded { generation: 1 });
+    assert!(outcome.succeeded());
+    for (slot, pid) in old.iter().enumerate() {
+        let now = cluster.worker(slot).await.unwrap().expect("a worker");
+        assert_ne!(now.pid(), *pid, "slot {slot} was replaced");
+    }
+    let (e, _) = until(&mut events, "reloaded", |e| matches!(e, Event::Reloaded(_))).await;
+    assert!(matches!(&e, Event::Reloaded(o) if *o == outcome), "{e:?}");
+    stop(cluster).await;
+}
