@@ -171,7 +171,7 @@ pub struct RunArgs {
 
     /// How many new workers a rolling reload (SIGHUP) starts at a time, beside the workers they
     /// replace (Kubernetes' maxSurge): each new worker must be ready before its old one drains,
-    /// and the next starts once that one exited, so at most WORKERS + N workers run.
+    /// and the next starts once that one exited, so at most WORKERS + N workers run. 1 to 1024.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
     pub reload_surge: u16,
 

@@ -212,3 +212,98 @@ fn a_reload_follows_a_moved_current_symlink_and_coalesces_requests() {
     assert_eq!((done.len(), began.len()), (2, 2), "{all:?}");
     assert!(done[0] < began[1], "interleaved: {all:?}");
 }
+
+/// `--max-lifetime`: workers are recycled through the reload path (the
+/// replacement ready first, then the old one drains), under load, with no
+/// request lost.
+#[test]
+fn max_lifetime_recycles_workers_replacement_first_with_no_request_lost() {
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--max-lifetime",
+        "1s",
+    ]);
+    let port = herd.port();
+    let load = Load::start(port, 2);
+    herd.stderr
+        .wait_for_nth("recycled", Duration::from_secs(20), 3, |l| {
+            l.contains("is ready and serves; worker")
+        });
+    let (ok, failed) = load.finish();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 50, "the load ran: {ok}");
+    let all = herd.stderr.all();
+    let recycling = all
+        .iter()
+        .filter(|l| l.contains("recycling worker") && l.contains("--max-lifetime"))
+        .count();
+    assert!(recycling >= 3, "{all:?}");
+    // Never more than 2 + 1 (the surge) workers.
+    assert!(workers_of(herd.pid()).len() <= 3 + 1, "with the guardian");
+}
+
+/// `--max-memory`: a worker whose process tree grows past the limit (a
+/// child holding 80 MB) is replaced, replacement first; the hog goes with
+/// its tree, and workers under the limit stay.
+#[test]
+fn max_memory_recycles_a_worker_whose_tree_grows_past_the_limit() {
+    if python_missing() {
+        return;
+    }
+    let dir = TempDir::new("max-memory");
+    let flag = dir.path().join("hogged");
+    let script = format!(
+        "if [ \"$HERD_WORKER_ID\" = 0 ] && [ ! -e {flag} ]; then touch {flag}; \
+         python3 -c 'import time; b = bytearray(80000000); time.sleep(600)' & fi; \
+         exec {herd} hello",
+        flag = flag.display(),
+        herd = herd_bin().display()
+    );
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--max-memory",
+        "48M",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let port = herd.port();
+    let first = herd.nth_spawned(1);
+    let second = herd.nth_spawned(2);
+    let load = Load::start(port, 2);
+    let line = herd
+        .stderr
+        .wait_for("recycled", Duration::from_secs(20), |l| {
+            l.contains("recycling worker") && l.contains("--max-memory")
+        });
+    herd.stderr
+        .wait_for("replaced", Duration::from_secs(20), |l| {
+            l.contains(&format!("worker {first} drains"))
+        });
+    assert!(eventually(Duration::from_secs(10), || !alive(first)));
+    std::thread::sleep(Duration::from_millis(2500));
+    let (ok, failed) = load.finish();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 20, "the load ran: {ok}");
+    assert!(
+        line.contains(&format!("worker {first} in slot 0")),
+        "{line}"
+    );
+    // Once: the replacement and slot 1 stay under the limit.
+    assert_eq!(
+        herd.stderr.count(|l| l.contains("recycling worker")),
+        1,
+        "{:?}",
+        herd.stderr.all()
+    );
+    assert!(alive(second));
+}

@@ -292,6 +292,7 @@ pub(crate) struct Supervisor {
     /// only when set), whether a reading runs, and where it answers.
     memory_check_at: Option<Instant>,
     measuring: bool,
+    memory_warned: bool,
     memory_tx: mpsc::UnboundedSender<Vec<(usize, u32, u64)>>,
     memory_rx: mpsc::UnboundedReceiver<Vec<(usize, u32, u64)>>,
     /// Where the workers' notify sockets are (none if it cannot be made),
@@ -463,6 +464,7 @@ impl Supervisor {
             probe_rx,
             memory_check_at,
             measuring: false,
+            memory_warned: false,
             memory_tx,
             memory_rx,
             notify_dir,
@@ -773,6 +775,20 @@ impl Supervisor {
         for (slot, pid, rss) in usage {
             if rss > max {
                 debug!(slot, pid, rss, "worker {pid} uses {rss} bytes");
+                let young = self
+                    .life
+                    .find(pid)
+                    .is_some_and(|(_, _, w)| w.started.elapsed() < MEMORY_EVERY * 3);
+                if young && !self.memory_warned {
+                    self.memory_warned = true;
+                    warn!(
+                        slot,
+                        pid,
+                        "worker {pid} uses {rss} bytes within seconds of starting, more than \
+                         --max-memory ({max} bytes): workers will be replaced over and over; \
+                         raise the limit (said once)"
+                    );
+                }
                 self.life
                     .recycle(slot, pid, crate::lifecycle::RecycleWhy::Memory);
             }

@@ -86,7 +86,7 @@ impl Supervisor {
         let command = match self.config.command.resolve_again() {
             Ok(c) => c,
             Err(e) => {
-                error!("{why}: cannot reload: {e}; nothing was changed");
+                error!("RELOAD FAILED ({why}): cannot resolve the command again: {e}; nothing was changed, the workers serve on");
                 self.answer_reload(ReloadOutcome::CannotResolve(e.to_string()));
                 return;
             }
