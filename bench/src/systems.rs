@@ -211,6 +211,16 @@ impl System {
 
     /// Starts it with `workers` workers on a fresh port. Does not wait.
     pub fn start(&self, ctx: &Ctx, workers: usize) -> Result<Running> {
+        self.start_with(ctx, |port| self.command(ctx, workers, port))
+    }
+
+    /// Starts it with the command line and environment `command` makes for
+    /// a fresh port (a variant of [`command`](Self::command)'s).
+    pub fn start_with(
+        &self,
+        ctx: &Ctx,
+        command: impl FnOnce(u16) -> (Vec<String>, Vec<(String, String)>),
+    ) -> Result<Running> {
         if self.sys == Sys::Pm2 && ctx.pm2.is_none() {
             bail!("pm2 is not installed");
         }
@@ -220,7 +230,7 @@ impl System {
         std::fs::create_dir_all(&dir)?;
         let stats_dir = dir.join("stats");
         std::fs::create_dir_all(&stats_dir)?;
-        let (argv, mut env) = self.command(ctx, workers, port);
+        let (argv, mut env) = command(port);
         env.push(("BENCH_STATS_DIR".into(), stats_dir.display().to_string()));
         let pm2_home = (self.sys == Sys::Pm2).then(|| dir.join("pm2-home"));
         if let Some(home) = &pm2_home {
@@ -298,6 +308,20 @@ impl Running {
     /// What the system wrote to stdout (herd's worker lines, Node cluster's events).
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.join("output.log")).unwrap_or_default()
+    }
+
+    /// PM2's CLI with this system's `PM2_HOME`: `pm2 ARGS`, run to its end.
+    pub fn pm2(&self, args: &[&str]) -> Result<std::process::ExitStatus> {
+        let (Some(home), Some((node, cli))) = (&self.pm2_home, &self.pm2_cli) else {
+            bail!("not PM2");
+        };
+        Ok(Command::new(node)
+            .arg(cli)
+            .args(args)
+            .env("PM2_HOME", home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?)
     }
 
     /// What the system wrote to stderr (herd's own events).

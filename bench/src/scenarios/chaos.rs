@@ -28,7 +28,7 @@ use crate::report::{mib, Results};
 use crate::systems::{get_worker, signal, App, Ctx, Running, Sys, System};
 
 /// A request that has no full answer by then failed (a timeout).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A failure on a connection whose worker was hit this recently is that
 /// hit's doing: the request was in flight in it (a stopped worker's window
 /// runs from its SIGCONT, and a request waits at most [`REQUEST_TIMEOUT`]).
@@ -47,7 +47,7 @@ const SERVING_WITHIN: Duration = Duration::from_secs(5);
 
 /// One request's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     /// A 2xx answer.
     Ok,
     /// Any other status.
@@ -64,7 +64,7 @@ enum Outcome {
     Other,
 }
 
-const KINDS: [Outcome; 7] = [
+pub(super) const KINDS: [Outcome; 7] = [
     Outcome::Ok,
     Outcome::BadStatus,
     Outcome::Refused,
@@ -74,7 +74,7 @@ const KINDS: [Outcome; 7] = [
     Outcome::Other,
 ];
 
-fn classify(e: &std::io::Error) -> Outcome {
+pub(super) fn classify(e: &std::io::Error) -> Outcome {
     match e.kind() {
         ErrorKind::ConnectionRefused => Outcome::Refused,
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
@@ -151,20 +151,20 @@ impl Tally {
 type Hits = Mutex<HashMap<u32, Instant>>;
 
 /// A keep-alive connection and the worker that last answered on it.
-struct Conn {
+pub(super) struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
-    worker: Option<u32>,
+    pub(super) worker: Option<u32>,
 }
 
 /// A response's status, worker, and whether the server closes after it.
-struct Response {
-    status: u16,
-    worker: Option<u32>,
-    close: bool,
+pub(super) struct Response {
+    pub(super) status: u16,
+    pub(super) worker: Option<u32>,
+    pub(super) close: bool,
 }
 
-fn connect(addr: &SocketAddr) -> Result<Conn, Outcome> {
+pub(super) fn connect(addr: &SocketAddr) -> Result<Conn, Outcome> {
     let stream = TcpStream::connect_timeout(addr, REQUEST_TIMEOUT).map_err(|e| classify(&e))?;
     let _ = stream.set_nodelay(true);
     Ok(Conn {
@@ -203,7 +203,7 @@ fn read_more(c: &mut Conn, deadline: Instant) -> Result<bool, Outcome> {
 }
 
 /// One `GET /` on the connection, HTTP/1.1 keep-alive, by `deadline`.
-fn request(c: &mut Conn, deadline: Instant) -> Result<Response, Outcome> {
+pub(super) fn request(c: &mut Conn, deadline: Instant) -> Result<Response, Outcome> {
     c.stream
         .set_write_timeout(Some(left(deadline)?))
         .map_err(|e| classify(&e))?;

@@ -12,6 +12,7 @@ pub mod coldstart;
 pub mod ipc;
 pub mod memory;
 pub mod recovery;
+pub mod reload;
 pub mod roundrobin;
 pub mod throughput;
 
@@ -26,5 +27,6 @@ pub const ALL: &[Scenario] = &[
     ("recovery", recovery::run),
     ("coldstart", coldstart::run),
     ("ipc", ipc::run),
+    ("reload", reload::run),
     ("chaos", chaos::run),
 ];

@@ -828,6 +828,9 @@ impl Supervisor {
                         }
                     }
                     Action::Retire { slot, pid, why } => {
+                        // reuseport: new connections stop going to a socket
+                        // before its worker stops accepting from it.
+                        self.steer();
                         match why {
                             RetireWhy::ScaledAway => info!(
                                 slot,
