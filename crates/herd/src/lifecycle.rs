@@ -520,6 +520,11 @@ impl Lifecycle {
         Some((slot, role, w))
     }
 
+    /// Whether slot `slot` is being scaled away.
+    pub(crate) fn leaving(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.leaving)
+    }
+
     /// The phase.
     pub(crate) fn phase(&self) -> Phase {
         self.phase

@@ -751,6 +751,34 @@ pub(crate) fn register_async(
         .map_err(|e| e.into_parts().1)
 }
 
+/// How many connections wait in listening TCP socket `fd`'s accept queue:
+/// `TCP_INFO`'s `tcpi_unacked`, which for a listener is the queue's length
+/// (`sk_ack_backlog`, Linux `tcp_get_info`). `None` for a socket that is
+/// not TCP or not listening.
+pub(crate) fn accept_queue_len(fd: BorrowedFd<'_>) -> Option<u32> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable `tcp_info` of `len` bytes, alive for the
+    // call; the kernel writes at most `len` bytes and sets `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || (len as usize) < std::mem::size_of::<libc::tcp_info>().min(32) {
+        return None;
+    }
+    // SAFETY: zero-initialised, and the kernel filled what it has.
+    let info = unsafe { info.assume_init() };
+    // TCP_LISTEN in the kernel's include/net/tcp_states.h.
+    const TCP_LISTEN: u8 = 10;
+    (info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked)
+}
+
 /// Steers new connections of a `SO_REUSEPORT` group (the group `fd`
 /// belongs to) to the sockets at `targets` (their places in the group:
 /// bind order), picked at random; with `targets` empty, back to the
@@ -812,6 +840,31 @@ pub(crate) fn steer_reuseport(fd: BorrowedFd<'_>, targets: &[u32]) -> io::Result
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reads_a_listeners_accept_queue_length() {
+        use std::os::fd::AsFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(super::accept_queue_len(l.as_fd()), Some(0));
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // The handshakes complete in the kernel: three wait to be accepted.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while super::accept_queue_len(l.as_fd()) != Some(3) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                super::accept_queue_len(l.as_fd())
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = l.accept().unwrap();
+        assert_eq!(super::accept_queue_len(l.as_fd()), Some(2));
+        // Not a listener.
+        assert_eq!(super::accept_queue_len(clients[0].as_fd()), None);
+    }
+
     use super::*;
 
     #[test]

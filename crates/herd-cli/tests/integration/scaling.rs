@@ -115,3 +115,91 @@ fn sigttou_takes_a_failed_slot_before_a_serving_one() {
         herd.stderr.all()
     );
 }
+
+/// reuseport: a scaled-away worker keeps accepting what is queued on its
+/// slot's socket (new connections go elsewhere at once) and is asked to go
+/// only once the queue is empty: none of those connections is stranded. The
+/// slot-1 worker here accepts slowly (one per 40 ms), so a burst queues.
+#[test]
+fn reuseport_scale_down_serves_what_is_queued_on_the_leaving_socket() {
+    if python_missing() {
+        return;
+    }
+    let dir = TempDir::new("slow-acceptor");
+    let slow = dir.path().join("slow.py");
+    std::fs::write(
+        &slow,
+        r#"
+import os, signal, socket, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.recv(4096)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nslow\n")
+    c.close()
+    time.sleep(0.04)
+"#,
+    )
+    .unwrap();
+    let script = format!(
+        "if [ \"$HERD_WORKER_ID\" = 1 ]; then exec python3 {}; fi; exec {} hello",
+        slow.display(),
+        herd_bin().display()
+    );
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "2",
+        "--balance",
+        "reuseport",
+        "-l",
+        "127.0.0.1:0",
+        "--ready-delay",
+        "300ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let port = herd.port();
+    // Both ready: steering sends new connections to both sockets again.
+    herd.stderr.wait_for("both ready", STARTUP, |l| {
+        l.contains("new connections go to every slot again")
+    });
+    // A burst: about half hash to slot 1's socket and queue behind its slow
+    // accept loop; then slot 1 is scaled away.
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            use std::io::Write;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    herd.signal("TTOU");
+    let mut slow_answers = 0;
+    for (i, mut s) in clients.into_iter().enumerate() {
+        use std::io::Read;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap_or_else(|e| {
+            panic!(
+                "connection {i} stranded: {e}\n{}",
+                herd.stderr.all().join("\n")
+            )
+        });
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "connection {i}: {answer:?}"
+        );
+        slow_answers += answer.ends_with("slow\n") as usize;
+    }
+    assert!(
+        slow_answers > 0,
+        "none went to slot 1: the test tested nothing"
+    );
+    herd.stderr
+        .wait_for("slot 1 removed", STARTUP, |l| l.contains("slot 1 removed"));
+}

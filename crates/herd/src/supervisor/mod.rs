@@ -292,6 +292,9 @@ pub(crate) struct Supervisor {
     /// only when set), whether a reading runs, and where it answers.
     memory_check_at: Option<Instant>,
     measuring: bool,
+    /// reuseport scale-down: (slot, worker, until) whose socket's queue is
+    /// being emptied before the worker is asked to go.
+    emptying: Vec<(usize, u32, Instant)>,
     memory_warned: bool,
     memory_tx: mpsc::UnboundedSender<Vec<(usize, u32, u64)>>,
     memory_rx: mpsc::UnboundedReceiver<Vec<(usize, u32, u64)>>,
@@ -328,6 +331,12 @@ pub(crate) struct Supervisor {
     /// The next `NODE_UNIQUE_ID` (Node numbers its workers from 1).
     node_ids: u64,
 }
+
+/// How long a scaled-away worker in reuseport mode keeps accepting what is
+/// queued on its socket before it is asked to go, at most; and how often the
+/// queue is looked at meanwhile.
+const EMPTY_WAIT: Duration = Duration::from_secs(1);
+const EMPTY_POLL: Duration = Duration::from_millis(2);
 
 /// How often workers' memory is read under `--max-memory`.
 const MEMORY_EVERY: Duration = Duration::from_secs(1);
@@ -464,6 +473,7 @@ impl Supervisor {
             probe_rx,
             memory_check_at,
             measuring: false,
+            emptying: Vec::new(),
             memory_warned: false,
             memory_tx,
             memory_rx,
@@ -662,7 +672,11 @@ impl Supervisor {
                 .min()
         };
         let memory = self.memory_check_at.filter(|_| !self.life.stopping());
+        // While a queue empties, it is looked at every EMPTY_POLL (bounded by
+        // EMPTY_WAIT): the kernel says nothing when it is empty.
+        let emptying = (!self.emptying.is_empty()).then(|| Instant::now() + EMPTY_POLL);
         [
+            emptying,
             self.life.next_deadline(),
             remnants,
             probes,
@@ -721,6 +735,7 @@ impl Supervisor {
 
     fn on_timer(&mut self, now: Instant) {
         self.prune_remnants();
+        self.check_emptying(now);
         self.kill_remnants(now);
         if self.node_release_at.is_some_and(|at| at <= now) {
             self.node_release_at = None;
@@ -844,6 +859,13 @@ impl Supervisor {
                                 pid, "stopping new worker {pid}: it is not needed any more"
                             ),
                         }
+                        if why == RetireWhy::ScaledAway && self.queued_on(slot) > 0 {
+                            // Its socket has connections queued that no other
+                            // worker will take: it keeps accepting until they
+                            // are taken (new ones go elsewhere now), then goes.
+                            self.emptying.push((slot, pid, Instant::now() + EMPTY_WAIT));
+                            continue;
+                        }
                         let node = self.config.ipc == Ipc::Node;
                         self.ask_to_go(slot, pid, self.config.stop_signal, node);
                     }
@@ -863,6 +885,48 @@ impl Supervisor {
             }
         }
         self.steer();
+    }
+
+    /// reuseport: connections waiting in the accept queues of the sockets
+    /// that slot `slot` alone uses (no other slot staying shares them);
+    /// 0 in other modes, or where steering is refused (they could not be
+    /// kept from filling again).
+    fn queued_on(&self, slot: usize) -> u32 {
+        if self.config.balance != crate::Balance::Reuseport || self.steering_refused {
+            return 0;
+        }
+        (0..self.listeners.specs().len())
+            .filter_map(|i| {
+                let (_, group) = self.listeners.reuseport_group(i)?;
+                let shared = (0..self.slots.len())
+                    .any(|j| j != slot && j % group == slot % group && !self.life.leaving(j));
+                (!shared).then(|| sys::accept_queue_len(self.listeners.socket(i, slot)))?
+            })
+            .sum()
+    }
+
+    /// Scaled-away workers waiting for their sockets' queues to empty: those
+    /// emptied (or past [`EMPTY_WAIT`], or gone) are asked to go now.
+    fn check_emptying(&mut self, now: Instant) {
+        let waiting = std::mem::take(&mut self.emptying);
+        for (slot, pid, until) in waiting {
+            if self.life.stopping() || self.life.find(pid).is_none() {
+                continue;
+            }
+            let left = self.queued_on(slot);
+            if left > 0 && now < until {
+                self.emptying.push((slot, pid, until));
+                continue;
+            }
+            if left > 0 {
+                warn!(
+                    slot,
+                    pid, "{left} connection(s) still queued on slot {slot}'s socket after {EMPTY_WAIT:?}; worker {pid} is asked to go anyway"
+                );
+            }
+            let node = self.config.ipc == Ipc::Node;
+            self.ask_to_go(slot, pid, self.config.stop_signal, node);
+        }
     }
 
     /// reuseport: new connections go only to sockets a ready worker serves
