@@ -949,24 +949,32 @@ impl Lifecycle {
             return;
         }
         let surge = self.policy.reload_surge;
+        // Slots whose replacement (a recycle's) is still starting: looked
+        // at again when it is done (this runs again then).
+        let mut later = Vec::new();
         loop {
             let busy: usize = self.slots.iter().map(Slot::extra).sum();
             let Some(r) = &mut self.reload else {
                 return;
             };
             if busy >= surge {
-                return;
+                break;
             }
             let Some(slot) = r.queue.pop_front() else {
-                if busy == 0 {
+                if busy == 0 && later.is_empty() {
                     self.end_reload();
+                    return;
                 }
-                return;
+                break;
             };
             let Some(s) = self.slots.get_mut(slot) else {
                 continue;
             };
-            if s.leaving || s.incoming.is_some() {
+            if s.leaving {
+                continue;
+            }
+            if s.incoming.is_some() {
+                later.push(slot);
                 continue;
             }
             match s.state {
@@ -1003,6 +1011,11 @@ impl Lifecycle {
                     }
                 }
                 SlotState::Replacing => {}
+            }
+        }
+        if let Some(r) = &mut self.reload {
+            for slot in later.into_iter().rev() {
+                r.queue.push_front(slot);
             }
         }
     }
@@ -1088,6 +1101,8 @@ impl Lifecycle {
         // A slot whose own worker died meanwhile restarts as it would have.
         self.restart_replacing(now);
         if recycling || self.stopping() {
+            // A reload waiting for this slot moves on.
+            self.advance(now);
             return;
         }
         let Some(r) = self.reload.take() else {
@@ -1956,6 +1971,7 @@ mod tests {
         Trigger(usize),
         Scale(usize),
         Reload(bool),
+        Recycle(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1971,6 +1987,7 @@ mod tests {
             (0usize..8).prop_map(Step::Trigger),
             (0usize..7).prop_map(Step::Scale),
             any::<bool>().prop_map(Step::Reload),
+            (0usize..8).prop_map(Step::Recycle),
         ]
     }
 
@@ -1984,6 +2001,7 @@ mod tests {
             workers in 1usize..5,
             surge in 1usize..3,
             ready_delay in any::<bool>(),
+            lifetime in any::<bool>(),
             steps in proptest::collection::vec(step(), 0..120),
             exit_on_crash_loop in any::<bool>(),
             watchdog in any::<bool>(),
@@ -2003,6 +2021,9 @@ mod tests {
                 p.ready_delay = Some(Duration::from_secs(1));
             }
             p.reload_surge = surge;
+            if lifetime {
+                p.max_lifetime = Some(Duration::from_secs(4));
+            }
             p.backoff.initial = Duration::from_millis(10);
             let mut sim = Sim::new(p, workers);
             let mut starts: Vec<Instant> = Vec::new();
@@ -2034,6 +2055,13 @@ mod tests {
                     Step::Reload(bad) => {
                         sim.start_reload(bad);
                         sim.perform();
+                    }
+                    Step::Recycle(i) => {
+                        let slot = i % sim.lc.slots();
+                        if let Some(pid) = sim.lc.worker(slot).map(|w| w.pid) {
+                            sim.lc.recycle(slot, pid, RecycleWhy::Memory);
+                            sim.perform();
+                        }
                     }
                     Step::Retire(i) => {
                         let slot = i % sim.lc.slots();
