@@ -325,6 +325,8 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
             plan.push((System::new(sys, app), Op::ScaleDown));
         }
     }
+    plan.push((System::new(Sys::HerdRoundRobin, App::Node), Op::Reload));
+    plan.push((System::new(Sys::HerdRoundRobin, App::Node), Op::ScaleDown));
     plan.push((System::new(Sys::NodeRr, App::Node), Op::Reload));
     plan.push((System::new(Sys::NodeNone, App::Node), Op::Reload));
     if ctx.pm2.is_some() {
