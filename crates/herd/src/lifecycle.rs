@@ -1942,6 +1942,17 @@ mod tests {
             }
         }
 
+        /// Worker `pid` exits (cleanly, or failing by itself); its report.
+        fn exit_pid(&mut self, pid: u32, failed: bool) -> Option<Exited> {
+            self.alive.retain(|(p, _)| *p != pid);
+            let facts = ExitFacts {
+                at: self.now,
+                succeeded: !failed,
+                failed_by_itself: failed,
+            };
+            self.lc.exited(pid, facts, false, self.now)
+        }
+
         fn exit(&mut self, i: usize, kind: u8) {
             if self.alive.is_empty() {
                 return;
@@ -2334,14 +2345,7 @@ mod tests {
             "the next waits for the old to exit"
         );
         let actions = act(&mut sim, |sim| {
-            let i = sim.alive.iter().position(|(p, _)| *p == old[0]).unwrap();
-            sim.alive.remove(i);
-            let facts = ExitFacts {
-                at: sim.now,
-                succeeded: true,
-                failed_by_itself: false,
-            };
-            let e = sim.lc.exited(old[0], facts, false, sim.now).unwrap();
+            let e = sim.exit_pid(old[0], false).unwrap();
             assert_eq!((e.slot, e.role, e.retired), (0, Role::Draining, true));
         });
         assert_eq!(replacements(&actions), vec![1]);
@@ -2350,14 +2354,7 @@ mod tests {
             sim.lc.ready(new1, sim.now);
         });
         let actions = act(&mut sim, |sim| {
-            let i = sim.alive.iter().position(|(p, _)| *p == old[1]).unwrap();
-            sim.alive.remove(i);
-            let facts = ExitFacts {
-                at: sim.now,
-                succeeded: true,
-                failed_by_itself: false,
-            };
-            sim.lc.exited(old[1], facts, false, sim.now);
+            sim.exit_pid(old[1], false);
         });
         assert!(
             actions
@@ -2386,26 +2383,13 @@ mod tests {
             sim.lc.ready(new0, sim.now);
         });
         act(&mut sim, |sim| {
-            let i = sim.alive.iter().position(|(p, _)| *p == old[0]).unwrap();
-            sim.alive.remove(i);
-            let facts = ExitFacts {
-                at: sim.now,
-                succeeded: true,
-                failed_by_itself: false,
-            };
-            sim.lc.exited(old[0], facts, false, sim.now);
+            sim.exit_pid(old[0], false);
         });
         // Slot 1's new worker dies before it is ready: the old one is
         // never asked to go, and slot 0 is reloaded back.
         let bad = sim.alive.last().unwrap().0;
         let actions = act(&mut sim, |sim| {
-            sim.alive.retain(|(p, _)| *p != bad);
-            let facts = ExitFacts {
-                at: sim.now,
-                succeeded: false,
-                failed_by_itself: true,
-            };
-            sim.lc.exited(bad, facts, false, sim.now);
+            sim.exit_pid(bad, true);
         });
         assert!(!actions
             .iter()
@@ -2417,13 +2401,7 @@ mod tests {
             sim.lc.ready(back, sim.now);
         });
         let actions = act(&mut sim, |sim| {
-            sim.alive.retain(|(p, _)| *p != new0);
-            let facts = ExitFacts {
-                at: sim.now,
-                succeeded: true,
-                failed_by_itself: false,
-            };
-            sim.lc.exited(new0, facts, false, sim.now);
+            sim.exit_pid(new0, false);
         });
         let report = actions
             .iter()

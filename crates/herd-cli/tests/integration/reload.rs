@@ -88,17 +88,7 @@ fn a_reload_whose_new_version_cannot_boot_rolls_back() {
         broken.display(),
         herd_bin().display()
     );
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "3",
-        "-l",
-        "127.0.0.1:0",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let herd = Herd::sh(&["-w", "3", "-l", "127.0.0.1:0"], &script);
     let port = herd.port();
     for n in 1..=3 {
         herd.stderr
@@ -196,19 +186,9 @@ fn a_reload_follows_a_moved_current_symlink_and_coalesces_requests() {
     // 2 workers at start from release 1, then two reloads of 2 from release 2.
     assert_eq!(lines, ["1", "1", "2", "2", "2", "2"], "{log}");
     // Coalesced: three SIGHUPs, two reloads, the second after the first.
+    let done = herd.stderr.positions(|l| l.contains("reload done"));
+    let began = herd.stderr.positions(|l| l.contains("rolling reload of"));
     let all = herd.stderr.all();
-    let done: Vec<usize> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains("reload done"))
-        .map(|(i, _)| i)
-        .collect();
-    let began: Vec<usize> = all
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains("rolling reload of"))
-        .map(|(i, _)| i)
-        .collect();
     assert_eq!((done.len(), began.len()), (2, 2), "{all:?}");
     assert!(done[0] < began[1], "interleaved: {all:?}");
 }
@@ -263,19 +243,10 @@ fn max_memory_recycles_a_worker_whose_tree_grows_past_the_limit() {
         flag = flag.display(),
         herd = herd_bin().display()
     );
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--max-memory",
-        "48M",
-        "--",
-        "sh",
-        "-c",
+    let herd = Herd::sh(
+        &["-w", "2", "-l", "127.0.0.1:0", "--max-memory", "48M"],
         &script,
-    ]);
+    );
     let port = herd.port();
     let first = herd.nth_spawned(1);
     let second = herd.nth_spawned(2);

@@ -81,19 +81,10 @@ fn sigttou_takes_a_failed_slot_before_a_serving_one() {
         "if [ \"$HERD_WORKER_ID\" = 0 ]; then exit 1; fi; exec {} hello",
         herd_bin().display()
     );
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "-l",
-        "127.0.0.1:0",
-        "--max-restarts",
-        "2",
-        "--",
-        "sh",
-        "-c",
+    let herd = Herd::sh(
+        &["-w", "2", "-l", "127.0.0.1:0", "--max-restarts", "2"],
         &script,
-    ]);
+    );
     let port = herd.port();
     herd.stderr.wait_for("slot 0 failed", STARTUP, |l| {
         l.contains("slot 0 marked failed")
@@ -147,21 +138,19 @@ while True:
         slow.display(),
         herd_bin().display()
     );
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "--balance",
-        "reuseport",
-        "-l",
-        "127.0.0.1:0",
-        "--ready-delay",
-        "300ms",
-        "--",
-        "sh",
-        "-c",
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "2",
+            "--balance",
+            "reuseport",
+            "-l",
+            "127.0.0.1:0",
+            "--ready-delay",
+            "300ms",
+        ],
         &script,
-    ]);
+    );
     let port = herd.port();
     // Both ready: steering sends new connections to both sockets again.
     herd.stderr.wait_for("both ready", STARTUP, |l| {

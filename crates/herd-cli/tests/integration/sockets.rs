@@ -383,19 +383,10 @@ fn reuseport_steers_connections_away_from_a_crash_looping_slot() {
         "if [ \"$HERD_WORKER_ID\" = 1 ]; then exit 1; fi; exec {} hello",
         herd_bin().display()
     );
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "--balance",
-        "reuseport",
-        "-l",
-        "127.0.0.1:0",
-        "--",
-        "sh",
-        "-c",
+    let herd = Herd::sh(
+        &["-w", "2", "--balance", "reuseport", "-l", "127.0.0.1:0"],
         &script,
-    ]);
+    );
     let port = herd.port();
     herd.stderr.wait_for("slot 0 ready", STARTUP, |l| {
         l.contains(" ready") && l.contains("slot=0")

@@ -139,6 +139,14 @@ impl Lines {
             .filter(|l| pred(l))
             .count()
     }
+
+    /// The indexes of the lines so far that match, in order.
+    pub fn positions(&self, pred: impl Fn(&str) -> bool) -> Vec<usize> {
+        let captured = self.0 .0.lock().unwrap();
+        (0..captured.lines.len())
+            .filter(|i| pred(&captured.lines[*i]))
+            .collect()
+    }
 }
 
 /// A running `herd`, killed on drop.
@@ -162,6 +170,14 @@ impl Herd {
         let mut cmd = Command::new(herd_bin());
         cmd.args(args);
         Herd::spawn(cmd)
+    }
+
+    /// `herd run ARGS -- sh -c SCRIPT`.
+    pub fn sh(args: &[&str], script: &str) -> Herd {
+        let mut argv = vec!["run"];
+        argv.extend(args);
+        argv.extend(["--", "sh", "-c", script]);
+        Herd::start(argv)
     }
 
     /// Starts a prepared command (for extra env, uid, a wrapping shell).
