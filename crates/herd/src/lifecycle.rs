@@ -815,10 +815,24 @@ impl Lifecycle {
         // News unless the delay had made it ready already.
         let news = !std::mem::replace(&mut w.ready, true);
         self.served = true;
-        if role == Role::Incoming && news {
+        if role == Role::Incoming && news && self.settled(slot, now) {
             self.promote(slot, now);
         }
         news
+    }
+
+    /// Whether slot `slot`'s replacement may take over: ready, and up for
+    /// `--min-uptime` (a server whose readiness comes early, as gunicorn's
+    /// master says READY=1 before its workers load the app, must also have
+    /// lived that long; until then the old worker serves on, and a death is
+    /// a failed replacement).
+    fn settled(&self, slot: usize, now: Instant) -> bool {
+        match self.slots[slot].incoming {
+            Some(Incoming::Running(w)) => {
+                w.ready && now.saturating_duration_since(w.started) >= self.policy.min_uptime
+            }
+            _ => false,
+        }
     }
 
     /// A worker sent `WATCHDOG=1`: its watchdog is (re)armed. Ignored
@@ -1510,10 +1524,13 @@ impl Lifecycle {
                     }
                     if let Some(Incoming::Running(w)) = &mut s.incoming {
                         let due = worker_due(&mut self.actions, policy, slot, w, now);
-                        if due.ready_by_delay {
-                            promote.push(slot);
-                        } else if due.not_ready {
+                        if due.not_ready {
                             failed.push((slot, w.pid));
+                        } else if w.ready
+                            && now.saturating_duration_since(w.started) >= policy.min_uptime
+                        {
+                            // Ready (said, or by the delay) and settled.
+                            promote.push(slot);
                         }
                     }
                     for w in &mut s.draining {
@@ -1564,6 +1581,13 @@ impl Lifecycle {
                         _ => None,
                     };
                     let incoming = match s.incoming {
+                        // Ready and waiting to settle: promoted then.
+                        Some(Incoming::Running(w)) if w.ready => {
+                            [w.next_deadline(), Some(w.started + self.policy.min_uptime)]
+                                .into_iter()
+                                .flatten()
+                                .min()
+                        }
                         Some(Incoming::Running(w)) => w.next_deadline(),
                         _ => None,
                     };
@@ -1829,6 +1853,10 @@ mod tests {
                             assert!(
                                 w.ready,
                                 "slot {slot} drained before its replacement was ready"
+                            );
+                            assert!(
+                                self.now - w.started >= self.lc.policy.min_uptime,
+                                "slot {slot} drained before its replacement settled"
                             );
                         }
                         Action::Note(Note::ReplacementFailed { .. }) => {
@@ -2332,6 +2360,7 @@ mod tests {
         // A second request while it runs is queued.
         sim.start_reload(false);
         assert!(sim.lc.reload_queued);
+        sim.now += Duration::from_secs(1); // up --min-uptime: settled
         let actions = act(&mut sim, |sim| {
             sim.lc.ready(new0, sim.now);
         });
@@ -2350,6 +2379,7 @@ mod tests {
         });
         assert_eq!(replacements(&actions), vec![1]);
         let new1 = sim.alive.last().unwrap().0;
+        sim.now += Duration::from_secs(1); // up --min-uptime: settled
         act(&mut sim, |sim| {
             sim.lc.ready(new1, sim.now);
         });
@@ -2379,6 +2409,7 @@ mod tests {
         act(&mut sim, |sim| sim.start_reload(false));
         // Slot 0 switches.
         let new0 = sim.alive.last().unwrap().0;
+        sim.now += Duration::from_secs(1); // up --min-uptime: settled
         act(&mut sim, |sim| {
             sim.lc.ready(new0, sim.now);
         });
@@ -2397,6 +2428,7 @@ mod tests {
         assert_eq!(replacements(&actions), vec![0], "{actions:?}");
         let back = sim.alive.last().unwrap().0;
         assert_eq!(sim.lc.find(back).unwrap().2.generation, 0);
+        sim.now += Duration::from_secs(1); // up --min-uptime: settled
         act(&mut sim, |sim| {
             sim.lc.ready(back, sim.now);
         });
@@ -2425,5 +2457,47 @@ mod tests {
         }
         assert_eq!(sim.lc.worker(1).unwrap().pid, old[1]);
         assert_eq!(sim.lc.worker(2).unwrap().pid, old[2]);
+    }
+
+    /// A replacement that says it is ready at once and dies before
+    /// `--min-uptime` (gunicorn's master says READY=1 before its workers
+    /// load the app) never replaced anything: the old worker was not asked
+    /// to drain, and the reload failed.
+    #[test]
+    fn a_replacement_must_live_min_uptime_before_the_old_worker_drains() {
+        let mut sim = Sim::new(policy(), 1);
+        let old = sim.alive[0].0;
+        act(&mut sim, |sim| sim.start_reload(false));
+        let new = sim.alive.last().unwrap().0;
+        let actions = act(&mut sim, |sim| {
+            assert!(sim.lc.ready(new, sim.now));
+        });
+        assert!(actions.is_empty(), "not settled yet: {actions:?}");
+        assert_eq!(
+            sim.lc.next_deadline(),
+            Some(sim.now + Duration::from_secs(1))
+        );
+        sim.now += Duration::from_millis(600);
+        let actions = act(&mut sim, |sim| {
+            sim.exit_pid(new, true);
+        });
+        assert!(!actions.iter().any(|a| matches!(a, Action::Retire { .. })));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::ReloadEnded(r) if !r.ok)));
+        assert_eq!(sim.lc.worker(0).unwrap().pid, old);
+        // One that lives on is promoted by the timer once settled.
+        act(&mut sim, |sim| sim.start_reload(false));
+        let new = sim.alive.last().unwrap().0;
+        act(&mut sim, |sim| {
+            sim.lc.ready(new, sim.now);
+        });
+        sim.now += Duration::from_secs(1);
+        let actions = act(&mut sim, |sim| sim.lc.timer(sim.now));
+        assert!(actions.contains(&Action::Retire {
+            slot: 0,
+            pid: old,
+            why: RetireWhy::Replaced
+        }));
     }
 }

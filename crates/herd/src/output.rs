@@ -44,7 +44,7 @@ const QUEUE: usize = 4096;
 pub const STALL: Duration = Duration::from_secs(1);
 
 /// How many of a worker's last stderr lines are kept for error reports.
-pub const TAIL_LINES: usize = 10;
+pub const TAIL_LINES: usize = 20;
 
 /// How worker output and herd's own events are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -205,7 +205,7 @@ fn the_watchdog_leaves_a_draining_worker_alone() {
     herd.signal("TTOU");
     herd.stderr.wait_for("its drain", STARTUP, |l| {
         l.contains(&format!(
-            "worker {second} exited after disconnect (exit code 0)"
+            "worker {second} exited after it was asked to go (exit code 0)"
         ))
     });
     assert!(

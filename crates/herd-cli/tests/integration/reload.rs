@@ -96,6 +96,7 @@ fn a_reload_whose_new_version_cannot_boot_rolls_back() {
     }
     let old = herd.spawned();
     let load = Load::start(port, 2);
+    std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&broken, "").unwrap();
     herd.signal("HUP");
     let failed_line = herd
@@ -103,6 +104,7 @@ fn a_reload_whose_new_version_cannot_boot_rolls_back() {
         .wait_for("RELOAD FAILED", Duration::from_secs(30), |l| {
             l.contains("RELOAD FAILED")
         });
+    std::thread::sleep(Duration::from_millis(300));
     let (ok, failed) = load.finish();
     assert!(failed.is_empty(), "{failed:?}");
     assert!(ok > 20, "the load ran: {ok}");
@@ -159,13 +161,27 @@ fn a_reload_follows_a_moved_current_symlink_and_coalesces_requests() {
     let current = dir.path().join("current");
     std::os::unix::fs::symlink("releases/1", &current).unwrap();
     let mut cmd = std::process::Command::new(herd_bin());
-    cmd.args(["run", "-w", "2", "-l", "127.0.0.1:0", "--", "./run.sh"])
-        .current_dir(&current)
-        .env("PWD", &current);
+    // `--ready delay`: each new worker takes 1 s to count as ready, so the
+    // reload surely still runs when the next SIGHUPs come.
+    cmd.args([
+        "run",
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--ready",
+        "delay",
+        "--ready-delay",
+        "1s",
+        "--",
+        "./run.sh",
+    ])
+    .current_dir(&current)
+    .env("PWD", &current);
     let herd = Herd::spawn(cmd);
     for n in 1..=2 {
         herd.stderr
-            .wait_for_nth("ready", STARTUP, n, |l| l.contains(" ready slot"));
+            .wait_for_nth("ready", STARTUP, n, |l| l.contains(" ready ("));
     }
     // Deploy release 2: the symlink moves (atomically, as deploy tools do).
     let tmp = dir.path().join("current.new");

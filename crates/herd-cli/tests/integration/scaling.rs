@@ -68,7 +68,7 @@ fn sigttin_and_sigttou_scale_without_losing_a_request() {
     );
     // The scaled-away workers drained and exited; nothing replaced them.
     assert!(herd.stderr.all().iter().any(|l| l
-        .contains(&format!("worker {third} exited after disconnect"))
+        .contains(&format!("worker {third} exited after it was asked to go"))
         || l.contains(&format!("worker {third} exited ("))));
     assert_eq!(herd.spawned().len(), 3, "{:?}", herd.stderr.all());
 }

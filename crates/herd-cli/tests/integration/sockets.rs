@@ -383,8 +383,20 @@ fn reuseport_steers_connections_away_from_a_crash_looping_slot() {
         "if [ \"$HERD_WORKER_ID\" = 1 ]; then exit 1; fi; exec {} hello",
         herd_bin().display()
     );
+    // `--ready notify`: the built-in worker says READY=1; slot 1's never does
+    // (under `auto`, a crash-looping worker slowed past --ready-delay by a
+    // loaded machine would count as ready, and take its share again).
     let herd = Herd::sh(
-        &["-w", "2", "--balance", "reuseport", "-l", "127.0.0.1:0"],
+        &[
+            "-w",
+            "2",
+            "--balance",
+            "reuseport",
+            "-l",
+            "127.0.0.1:0",
+            "--ready",
+            "notify",
+        ],
         &script,
     );
     let port = herd.port();

@@ -2121,7 +2121,13 @@ impl Supervisor {
                 self.slots[slot].last_exit = Some((e.to_string(), Vec::new()));
             }
         } else if retired {
-            info!(slot, pid, "worker {pid} exited after disconnect ({how})");
+            // Node workers were sent Node's `disconnect`; others the stop signal.
+            let asked = if self.config.ipc == Ipc::Node {
+                "disconnect"
+            } else {
+                "it was asked to go"
+            };
+            info!(slot, pid, "worker {pid} exited after {asked} ({how})");
         } else if succeeded {
             info!(
                 slot,
