@@ -2103,7 +2103,7 @@ impl Supervisor {
         } else if role == Role::Incoming && !retired {
             warn!(
                 slot,
-                pid, "new worker {pid} died before it was ready ({how})"
+                pid, "new worker {pid} died before it took over ({how})"
             );
         } else if let Some(errno) = exec_errno {
             let e = exec_error(&program, errno);

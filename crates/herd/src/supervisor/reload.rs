@@ -183,7 +183,7 @@ impl Supervisor {
         };
         if let Some((_, how, stderr)) = self.failed_replacements.iter().find(|(p, _, _)| *p == pid)
         {
-            return (format!("died before it was ready ({how})"), stderr.clone());
+            return (format!("died before it took over ({how})"), stderr.clone());
         }
         // Still alive: killed for not being ready in time.
         let stderr = self
