@@ -25,11 +25,21 @@ use crate::systems::{signal, App, Ctx, Running, Sys, System};
 
 /// Client threads of each kind (keep-alive, close).
 const THREADS: usize = 4;
-/// Load before the operation: the first second warms up, the rest is "at rest".
+/// Load before the operation: the first second warms up, the rest is "at rest"
+/// (halved for a smoke run: `--duration` under 3 s).
 const BEFORE: Duration = Duration::from_secs(3);
 const WARMUP: Duration = Duration::from_secs(1);
 /// Load after the operation ended.
 const AFTER: Duration = Duration::from_secs(1);
+
+/// (before, warm-up, after) for this run.
+fn phases(ctx: &Ctx) -> (Duration, Duration, Duration) {
+    if ctx.duration < Duration::from_secs(3) {
+        (BEFORE / 2, WARMUP / 2, AFTER / 2)
+    } else {
+        (BEFORE, WARMUP, AFTER)
+    }
+}
 /// The longest an operation may take.
 const OP_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -135,6 +145,7 @@ fn p99(mut v: Vec<f64>) -> f64 {
 /// Runs load on `running`, performs `op` at rest, waits for `done`, and
 /// measures.
 fn under_load(
+    (before, warmup, after): (Duration, Duration, Duration),
     running: &Running,
     op: impl FnOnce(&Running) -> Result<()> + Send,
     done: impl Fn(&Running) -> bool,
@@ -148,7 +159,7 @@ fn under_load(
             std::thread::spawn(move || client(addr, i % 2 == 0, &on, t0))
         })
         .collect();
-    std::thread::sleep(BEFORE);
+    std::thread::sleep(before);
     let t_op = t0.elapsed().as_secs_f64();
     let started = Instant::now();
     let result = std::thread::scope(|s| {
@@ -166,7 +177,7 @@ fn under_load(
     });
     let t_done = t0.elapsed().as_secs_f64();
     if result.is_ok() {
-        std::thread::sleep(AFTER);
+        std::thread::sleep(after);
     }
     on.store(false, Ordering::Relaxed);
     let recs: Vec<Rec> = clients
@@ -178,7 +189,7 @@ fn under_load(
         took_s: t_done - t_op,
         ..Run::default()
     };
-    let warm = WARMUP.as_secs_f64();
+    let warm = warmup.as_secs_f64();
     let (mut rest, mut during) = (Vec::new(), Vec::new());
     for r in recs.iter().filter(|r| r.at >= warm) {
         run.requests += 1;
@@ -259,6 +270,7 @@ fn one(ctx: &Ctx, system: &System, op: Op) -> Result<Run> {
         (Op::Reload, Sys::Pm2) => {
             let finished = AtomicBool::new(false);
             under_load(
+                phases(ctx),
                 &running,
                 |r| {
                     let status = r.pm2(&["reload", "bench"]);
@@ -269,6 +281,7 @@ fn one(ctx: &Ctx, system: &System, op: Op) -> Result<Run> {
             )?
         }
         (Op::Reload, Sys::NodeRr | Sys::NodeNone) => under_load(
+            phases(ctx),
             &running,
             |_| {
                 signal(sup, Signal::HUP);
@@ -281,6 +294,7 @@ fn one(ctx: &Ctx, system: &System, op: Op) -> Result<Run> {
                 std::fs::write(&flag, "")?;
             }
             let run = under_load(
+                phases(ctx),
                 &running,
                 |_| {
                     signal(sup, Signal::HUP);
@@ -303,6 +317,7 @@ fn one(ctx: &Ctx, system: &System, op: Op) -> Result<Run> {
             run
         }
         (Op::ScaleDown, s) if herd_sys(s) => under_load(
+            phases(ctx),
             &running,
             |_| {
                 signal(sup, Signal::TTOU);
@@ -343,13 +358,14 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         rows.push((system.label(), *op, runs));
     }
     let n = ctx.workers;
+    let (before, warmup, after) = phases(ctx);
     let mut md = String::new();
     let _ = writeln!(
         md,
         "{n} workers; {} runs each on a fresh cluster. Load: the bench's own HTTP/1.1 client, {THREADS} threads \
          on kept-alive connections (a new one after `Connection: close` or a failure) and {THREADS} with \
-         `Connection: close`, back to back, {REQUEST_TIMEOUT:?} per request. The operation starts after {BEFORE:?} \
-         of load ({WARMUP:?} warm-up, the rest \"at rest\") and the load goes on {AFTER:?} after it ended. herd: \
+         `Connection: close`, back to back, {REQUEST_TIMEOUT:?} per request. The operation starts after {before:?} \
+         of load ({warmup:?} warm-up, the rest \"at rest\") and the load goes on {after:?} after it ended. herd: \
          `kill -HUP` (reload; ended at its \"reload done\" / \"RELOAD FAILED\" log line), `kill -TTOU` (scale down; \
          ended at \"slot N removed\"). Node cluster: `kill -HUP` to bench/apps/cluster.js's primary, which replaces \
          its workers one at a time the way its users write it (fork, wait for `listening`, `disconnect` the old \
