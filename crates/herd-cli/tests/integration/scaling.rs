@@ -77,10 +77,7 @@ fn sigttin_and_sigttou_scale_without_losing_a_request() {
 /// the one healthy worker.
 #[test]
 fn sigttou_takes_a_failed_slot_before_a_serving_one() {
-    let script = format!(
-        "if [ \"$HERD_WORKER_ID\" = 0 ]; then exit 1; fi; exec {} hello",
-        herd_bin().display()
-    );
+    let script = hello_but_slot(0, "exit 1");
     let herd = Herd::sh(
         &["-w", "2", "-l", "127.0.0.1:0", "--max-restarts", "2"],
         &script,
@@ -133,11 +130,7 @@ while True:
 "#,
     )
     .unwrap();
-    let script = format!(
-        "if [ \"$HERD_WORKER_ID\" = 1 ]; then exec python3 {}; fi; exec {} hello",
-        slow.display(),
-        herd_bin().display()
-    );
+    let script = hello_but_slot(1, &format!("exec python3 {}", slow.display()));
     let herd = Herd::sh(
         &[
             "-w",

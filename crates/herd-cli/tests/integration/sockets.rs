@@ -379,10 +379,7 @@ fn a_grandchild_serving_on_its_own_port_is_noticed() {
 /// worker that never came.
 #[test]
 fn reuseport_steers_connections_away_from_a_crash_looping_slot() {
-    let script = format!(
-        "if [ \"$HERD_WORKER_ID\" = 1 ]; then exit 1; fi; exec {} hello",
-        herd_bin().display()
-    );
+    let script = hello_but_slot(1, "exit 1");
     // `--ready notify`: the built-in worker says READY=1; slot 1's never does
     // (under `auto`, a crash-looping worker slowed past --ready-delay by a
     // loaded machine would count as ready, and take its share again).

@@ -358,6 +358,15 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A `sh -c` script: slot `slot`'s workers run `instead` (a command line,
+/// or e.g. `exit 1`), every other slot's herd's built-in worker.
+pub fn hello_but_slot(slot: usize, instead: &str) -> String {
+    format!(
+        "if [ \"$HERD_WORKER_ID\" = {slot} ]; then {instead}; fi; exec {} hello",
+        herd_bin().display()
+    )
+}
+
 /// One `GET /` with `Connection: close`; returns (status line, headers+body).
 pub fn http_get(port: u16) -> std::io::Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;

@@ -1044,6 +1044,7 @@ impl Supervisor {
                 info!(slot, "slot {slot} scaled away (it had no live worker)")
             }
             Note::ReadyByDelay { slot, pid } => {
+                self.steer();
                 info!(slot, pid, "worker {pid} ready (--ready-delay passed)");
                 self.events.send(Event::Ready { slot, pid });
                 self.dispatch();
@@ -1398,6 +1399,9 @@ impl Supervisor {
         if self.life.find(pid).is_some_and(|(s, _, _)| s == slot)
             && self.life.ready(pid, Instant::now())
         {
+            // reuseport: connections go to it before anyone is told it is
+            // ready (a client reading the log must not race the steering).
+            self.steer();
             info!(slot, pid, "worker {pid} ready");
             self.events.send(Event::Ready { slot, pid });
             self.perform();
