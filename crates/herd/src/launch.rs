@@ -449,21 +449,7 @@ fn resolve_script(
             if !runs_directly(&program) {
                 // No `#!` and no ELF header: sh runs it as a shell script,
                 // as it does under npm (execve's ENOEXEC fallback).
-                let mut line = script.clone();
-                for a in &appended {
-                    line.push(' ');
-                    line.push_str(&quote(&a.to_string_lossy()));
-                }
-                return Ok(Some(WorkerCommand {
-                    program: PathBuf::from("/bin/sh"),
-                    argv: vec!["sh".into(), "-c".into(), line.into()],
-                    env,
-                    dir: Some(pkg_dir),
-                    // As for any script run through sh: the channel and
-                    // NODE_UNIQUE_ID pass on to the node it runs.
-                    runtime: Runtime::NodeScript,
-                    origin: Default::default(),
-                }));
+                return Ok(Some(through_sh(&script, &appended, env, pkg_dir)));
             }
             let runtime = runtime_of(&program);
             WorkerCommand {
@@ -477,24 +463,34 @@ fn resolve_script(
         }
         None => {
             // As npm does: the script and its quoted arguments, to sh.
-            let mut line = script.clone();
-            for a in &extra {
-                line.push(' ');
-                line.push_str(&quote(&a.to_string_lossy()));
-            }
-            WorkerCommand {
-                program: PathBuf::from("/bin/sh"),
-                argv: vec!["sh".into(), "-c".into(), line.into()],
-                env,
-                dir: Some(pkg_dir),
-                // The shell passes the channel and NODE_UNIQUE_ID on to
-                // the Node program it runs.
-                runtime: Runtime::NodeScript,
-                origin: Default::default(),
-            }
+            through_sh(&script, &extra, env, pkg_dir)
         }
     };
     Ok(Some(command))
+}
+
+/// `sh -c 'SCRIPT ARGS…'` (the arguments quoted) in the package's directory.
+/// The shell passes the channel and `NODE_UNIQUE_ID` on to the Node program
+/// it runs, so it counts as a Node script.
+fn through_sh(
+    script: &str,
+    args: &[OsString],
+    env: Vec<(OsString, OsString)>,
+    dir: PathBuf,
+) -> WorkerCommand {
+    let mut line = script.to_string();
+    for a in args {
+        line.push(' ');
+        line.push_str(&quote(&a.to_string_lossy()));
+    }
+    WorkerCommand {
+        program: PathBuf::from("/bin/sh"),
+        argv: vec!["sh".into(), "-c".into(), line.into()],
+        env,
+        dir: Some(dir),
+        runtime: Runtime::NodeScript,
+        origin: Default::default(),
+    }
 }
 
 /// Whether exec can run `program` itself: an ELF binary or a `#!` script.

@@ -20,18 +20,7 @@ fn messages_nobody_reads_do_not_grow_the_primary() {
                     i=$((i+1)); done; \
                   yes '{\"n\":1}' | head -n 500000 >&$NODE_CHANNEL_FD; \
                   exec sleep 1000";
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--node-ipc",
-        "on",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    let herd = Herd::sh(&["-w", "1", "--no-listen", "--node-ipc", "on"], script);
     let pid = herd.nth_spawned(1);
     assert!(
         eventually(Duration::from_secs(120), || comm(pid) == "sleep"),

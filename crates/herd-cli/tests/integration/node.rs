@@ -120,20 +120,18 @@ fn messages_over_the_cap_or_malformed_are_skipped_and_the_channel_stays_open() {
          esac; exec {}",
         fixture_bin().display()
     );
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "3",
-        "--no-listen",
-        "--node-ipc",
-        "on",
-        "--ipc-max-message",
-        "1MiB",
-        "--",
-        "sh",
-        "-c",
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "3",
+            "--no-listen",
+            "--node-ipc",
+            "on",
+            "--ipc-max-message",
+            "1MiB",
+        ],
         &script,
-    ]);
+    );
     let pids: Vec<u32> = (1..=3).map(|n| herd.nth_spawned(n)).collect();
     herd.stderr.wait_for("malformed JSON", STARTUP, |l| {
         l.contains("IPC message herd skipped (malformed JSON")

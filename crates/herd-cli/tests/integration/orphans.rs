@@ -95,7 +95,7 @@ fn orphaned_grandchildren_are_reaped_by_herd() {
         d = dir.path().display(),
         f = fixture_bin().display()
     );
-    let herd = Herd::start(["run", "-w", "1", "--no-listen", "--", "sh", "-c", &script]);
+    let herd = Herd::sh(&["-w", "1", "--no-listen"], &script);
     herd.nth_spawned(1);
     let gc = read_pid(&dir.path().join("gc"));
     // Reparented to herd (the subreaper) while it lives…
@@ -248,18 +248,7 @@ fn with_cgroups_even_an_escaped_descendant_dies_with_its_worker() {
            setsid env -i sleep 1005 & echo $! > {d}/escaped2; fi; \
          exec sleep 1000",
     );
-    let mut herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--stop-timeout",
-        "1s",
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let mut herd = Herd::sh(&["-w", "1", "--no-listen", "--stop-timeout", "1s"], &script);
     let line = herd.stderr.wait_for("the containment line", STARTUP, |l| {
         l.contains("each worker ")
     });

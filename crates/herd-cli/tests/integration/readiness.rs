@@ -138,18 +138,7 @@ fn a_worker_silent_past_its_watchdog_is_aborted_and_replaced() {
         if [ "$HERD_WORKER_ID" = 0 ]; then systemd-notify WATCHDOG=1; exec sleep 30; fi;
         if [ "$HERD_WORKER_ID" = 1 ]; then sleep 0.2; systemd-notify WATCHDOG=trigger; exec sleep 30; fi;
         exec sleep 30"#;
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "3",
-        "--no-listen",
-        "--watchdog",
-        "500ms",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    let herd = Herd::sh(&["-w", "3", "--no-listen", "--watchdog", "500ms"], script);
     herd.stdout
         .wait_for("WATCHDOG_USEC", STARTUP, |l| l.ends_with("] usec=500000"));
     let hung = herd.stderr.wait_for("the hung worker", STARTUP, |l| {
@@ -188,18 +177,7 @@ fn the_watchdog_leaves_a_draining_worker_alone() {
     }
     let script = "trap 'sleep 1.5; exit 0' TERM; \
                   while :; do systemd-notify WATCHDOG=1; sleep 0.1; done";
-    let herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "--no-listen",
-        "--watchdog",
-        "500ms",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    let herd = Herd::sh(&["-w", "2", "--no-listen", "--watchdog", "500ms"], script);
     let second = herd.nth_spawned(2);
     std::thread::sleep(Duration::from_millis(300));
     herd.signal("TTOU");

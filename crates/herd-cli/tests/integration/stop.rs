@@ -10,18 +10,10 @@ const STUBBORN: &str = "trap '' TERM; while :; do sleep 0.05; done";
 
 #[test]
 fn stop_timeout_then_sigkill() {
-    let mut herd = Herd::start([
-        "run",
-        "-w",
-        "2",
-        "--no-listen",
-        "--stop-timeout",
-        "600ms",
-        "--",
-        "sh",
-        "-c",
+    let mut herd = Herd::sh(
+        &["-w", "2", "--no-listen", "--stop-timeout", "600ms"],
         STUBBORN,
-    ]);
+    );
     let pids = [herd.nth_spawned(1), herd.nth_spawned(2)];
     std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
@@ -51,18 +43,10 @@ fn stop_timeout_then_sigkill() {
 
 #[test]
 fn second_signal_forces_the_kill() {
-    let mut herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--stop-timeout",
-        "60s",
-        "--",
-        "sh",
-        "-c",
+    let mut herd = Herd::sh(
+        &["-w", "1", "--no-listen", "--stop-timeout", "60s"],
         STUBBORN,
-    ]);
+    );
     let pid = herd.nth_spawned(1);
     std::thread::sleep(Duration::from_millis(100));
     herd.signal("INT");
@@ -90,18 +74,10 @@ fn stop_signal_is_configurable_and_sent_to_the_process_group() {
         "sh -c 'trap \"touch {d}/child-usr1; exit 0\" USR1; while :; do sleep 0.05; done' & c=$!; trap 'wait $c; exit 7' USR1; wait",
         d = dir.path().display()
     );
-    let mut herd = Herd::start([
-        "run",
-        "-w",
-        "1",
-        "--no-listen",
-        "--stop-signal",
-        "USR1",
-        "--",
-        "sh",
-        "-c",
+    let mut herd = Herd::sh(
+        &["-w", "1", "--no-listen", "--stop-signal", "USR1"],
         &script,
-    ]);
+    );
     herd.nth_spawned(1);
     std::thread::sleep(Duration::from_millis(200));
     herd.signal("TERM");

@@ -1059,7 +1059,11 @@ impl Supervisor {
                 "stop timeout ({:?}) expired; killing remaining workers",
                 self.config.stop_timeout
             ),
-            note => self.log_reload_note(note),
+            note @ (Note::ReloadStarted { .. }
+            | Note::Replaced { .. }
+            | Note::ReplacementFailed { .. }
+            | Note::RollingBack { .. }
+            | Note::Recycling { .. }) => self.log_reload_note(note),
         }
     }
 

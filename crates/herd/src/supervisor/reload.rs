@@ -265,7 +265,8 @@ impl Supervisor {
                      first, then it drains"
                 );
             }
-            other => info!("{other:?}"),
+            // The others are worded by `log_note`, which lists these.
+            _ => {}
         }
     }
 }
