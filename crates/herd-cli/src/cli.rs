@@ -48,6 +48,128 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// The built-in HTTP hello-world server (what `herd run` runs with no command).
     Hello(HelloArgs),
+    /// List the running clusters: name, pid, workers ready/total, uptime.
+    #[command(after_help = CONTROL_STATUSES)]
+    Ls(JsonArg),
+    /// One cluster's slots and workers: state, readiness, uptime, restarts, CPU, memory.
+    #[command(after_help = CONTROL_STATUSES)]
+    Status(NameArgs),
+    /// Reload a cluster with no connection lost (as SIGHUP); waits for the outcome.
+    #[command(after_help = CONTROL_STATUSES)]
+    Reload(NameArgs),
+    /// Scale a cluster to N workers, or by +K / -K.
+    #[command(after_help = CONTROL_STATUSES)]
+    Scale(ScaleArgs),
+    /// Replace one slot's worker with no connection lost (a new one ready first).
+    #[command(after_help = CONTROL_STATUSES)]
+    Restart(RestartArgs),
+    /// Send a signal to one slot's worker (its process group) or to every worker.
+    #[command(after_help = CONTROL_STATUSES)]
+    Signal(SignalArgs),
+    /// Stop a cluster gracefully (as SIGTERM) and wait until herd has exited.
+    #[command(after_help = CONTROL_STATUSES)]
+    Stop(StopArgs),
+    /// Print a cluster's recent log lines (herd's and its workers'), and follow them.
+    #[command(after_help = CONTROL_STATUSES)]
+    Logs(LogsArgs),
+}
+
+const CONTROL_STATUSES: &str = "\
+The cluster is found by name in $HERD_RUNTIME_DIR, else /run/herd for root, else
+$XDG_RUNTIME_DIR/herd, else /tmp/herd-UID (each running herd has NAME.sock there).
+NAME may be left out when exactly one cluster runs.
+
+Exit status:
+  0  done
+  1  the cluster refused or the operation failed (a reload rolled back, a slot has no worker)
+  2  bad input: arguments, or a NAME that matches several clusters
+  4  no such cluster is running, or its control socket cannot be used (permission denied)";
+
+/// `--json` alone.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print the answer as JSON (docs/PROTOCOL.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A cluster name (optional when one runs) and `--json`.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// The cluster (as `herd ls` lists it).
+    pub name: Option<String>,
+    /// Print the answer as JSON (docs/PROTOCOL.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `herd scale`.
+#[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
+pub struct ScaleArgs {
+    /// The cluster.
+    pub name: String,
+    /// N workers (1-1024), or +K / -K.
+    pub workers: String,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `herd restart`.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The cluster.
+    pub name: String,
+    /// The slot whose worker to replace.
+    pub slot: usize,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `herd signal`.
+#[derive(Debug, Args)]
+pub struct SignalArgs {
+    /// The cluster.
+    pub name: String,
+    /// TERM, SIGTERM or 15.
+    pub signal: String,
+    /// Only this slot's worker (every live worker when omitted).
+    pub slot: Option<usize>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `herd stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The cluster.
+    pub name: String,
+    /// How long to wait for herd to exit before giving up (exit 1); herd
+    /// itself SIGKILLs what is left at its --stop-timeout.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+/// `herd logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The cluster.
+    pub name: Option<String>,
+    /// Keep printing new lines as they come (until Ctrl-C or the cluster ends).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this slot's workers' lines.
+    #[arg(long)]
+    pub slot: Option<usize>,
+    /// How many recent lines (herd keeps the last 1,000, at most 1 MiB).
+    #[arg(short = 'n', long, default_value = "10")]
+    pub lines: usize,
+    /// One JSON object per line (docs/PROTOCOL.md), as herd keeps them.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `herd run` flags.
@@ -212,6 +334,17 @@ pub struct RunArgs {
     #[arg(long)]
     pub merge_output: bool,
 
+    /// The cluster's name, for `herd status NAME` and the other control commands (its
+    /// control socket is NAME.sock). Default: from the command (`app` for `node app.js`),
+    /// made unique among running clusters (`app-2`); a NAME given must be free.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// No control socket (herd status, reload, logs… cannot reach this cluster; signals
+    /// still work).
+    #[arg(long, conflicts_with = "name")]
+    pub no_control: bool,
+
     /// Log format for herd's events and worker output.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text, value_name = "text|json")]
     pub log_format: LogFormatArg,
@@ -315,6 +448,10 @@ impl RunArgs {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,
         };
+        config.control = (!self.no_control).then(|| herd::control::ControlConfig {
+            name: self.name,
+            ..Default::default()
+        });
         config
     }
 }

@@ -12,6 +12,7 @@
 //! | 127 | the worker command was not found |
 
 mod cli;
+mod ctl;
 mod hello;
 
 use std::process::ExitCode;
@@ -41,6 +42,14 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EXIT_USAGE, &format!("{e:#}")),
         },
+        Command::Ls(args) => ctl::main(|| ctl::ls(args.json)),
+        Command::Status(args) => ctl::main(|| ctl::status(args)),
+        Command::Reload(args) => ctl::main(|| ctl::reload(args)),
+        Command::Scale(args) => ctl::main(|| ctl::scale(args)),
+        Command::Restart(args) => ctl::main(|| ctl::restart(args)),
+        Command::Signal(args) => ctl::main(|| ctl::signal(args)),
+        Command::Stop(args) => ctl::main(|| ctl::stop(args)),
+        Command::Logs(args) => ctl::main(|| ctl::logs(args)),
     }
 }
 

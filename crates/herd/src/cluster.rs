@@ -159,7 +159,15 @@ impl Cluster {
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let ipc = self.config.ipc;
         let codec = self.config.codec;
-        let supervisor = Supervisor::new(self, commands_rx, events)?;
+        // Bound before any worker starts: a name in use fails the start.
+        let control = match &self.config.control {
+            Some(c) => Some((
+                crate::control::bind(c, &self.config.command)?,
+                commands_tx.clone(),
+            )),
+            None => None,
+        };
+        let supervisor = Supervisor::new(self, commands_rx, events, control)?;
         let task = tokio::spawn(supervisor.run());
         Ok(ClusterHandle {
             commands: commands_tx,
@@ -382,6 +390,8 @@ pub(crate) enum Command {
     Reload {
         reply: oneshot::Sender<ReloadOutcome>,
     },
+    /// From a control-socket client.
+    Control(crate::control::Call),
 }
 
 /// How a rolling reload ended ([`ClusterHandle::reload`], SIGHUP).

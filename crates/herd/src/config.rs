@@ -432,6 +432,10 @@ pub struct ClusterConfig {
     /// (RSS, bytes) exceeds this is replaced the same way. Read at most
     /// once a second, and only when set. `None`: never.
     pub max_memory: Option<u64>,
+    /// A control socket for `herd status`, `herd reload` and the other
+    /// control commands ([`crate::control`]). `None` (the library's
+    /// default): no socket, no task.
+    pub control: Option<crate::control::ControlConfig>,
 }
 
 /// What makes a worker ready: the moment it takes traffic in a round-robin
@@ -584,6 +588,7 @@ impl ClusterConfig {
             reload_surge: 1,
             max_lifetime: None,
             max_memory: None,
+            control: None,
         }
     }
 }

@@ -69,6 +69,7 @@ pub mod activation;
 pub mod backoff;
 mod cluster;
 pub mod config;
+pub mod control;
 mod events;
 mod inspect;
 pub mod ipc;
@@ -115,6 +116,10 @@ pub enum Error {
     /// The configuration asks for something impossible.
     #[error("{0}")]
     Config(String),
+    /// The control socket cannot be made (its name is taken, its
+    /// directory is unsafe).
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     /// A worker's program could not be executed (`execve` failed in the
     /// child: a missing `#!` interpreter, no `#!` line, a broken binary).
     #[error("{0}")]

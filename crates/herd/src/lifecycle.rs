@@ -142,6 +142,8 @@ pub(crate) enum RecycleWhy {
     Lifetime,
     /// Its process tree used more than `--max-memory`.
     Memory,
+    /// An operator asked (`herd restart`).
+    Requested,
 }
 
 /// How a reload ended.
@@ -481,7 +483,6 @@ impl Lifecycle {
     }
 
     /// Slot `slot`'s state.
-    #[cfg(test)]
     pub(crate) fn state(&self, slot: usize) -> SlotState {
         self.slots[slot].state
     }
@@ -518,6 +519,12 @@ impl Lifecycle {
         let (slot, role, _) = self.find(pid)?;
         let w = worker_in(&mut self.slots[slot], role, pid)?;
         Some((slot, role, w))
+    }
+
+    /// Whether slot `slot` is marked failed (over the crash-loop limit,
+    /// retried at the backoff cap).
+    pub(crate) fn failed(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.failed)
     }
 
     /// Whether slot `slot` is being scaled away.

@@ -271,6 +271,21 @@ impl Listeners {
         }
     }
 
+    /// Connections waiting to be accepted on spec `index`, summed over its
+    /// sockets; `None` where the kernel does not say (Unix, UDP sockets).
+    pub fn queued(&self, index: usize) -> Option<u64> {
+        if !matches!(self.specs.get(index)?.address, ListenAddress::Tcp(_)) {
+            return None;
+        }
+        match &self.sockets[index] {
+            SpecSockets::Shared(fd) => crate::sys::accept_queue_len(fd.as_fd()).map(u64::from),
+            SpecSockets::PerSlot(fds) => fds
+                .iter()
+                .map(|fd| crate::sys::accept_queue_len(fd.as_fd()).map(u64::from))
+                .sum(),
+        }
+    }
+
     /// Whether the primary accepts on spec `index` itself (round-robin).
     pub fn primary_accepts(&self, index: usize) -> bool {
         self.primary_accepts.get(index).copied().unwrap_or(false)

@@ -46,6 +46,7 @@ use crate::sys::{self, ExecPlan};
 use crate::{Error, ExecError};
 
 mod channel;
+mod control;
 mod notify;
 mod probe;
 mod reload;
@@ -54,6 +55,7 @@ mod tree;
 
 pub(crate) use channel::Outgoing;
 use channel::{read_channel, write_channel, Batch, ChannelEvent};
+pub(crate) use probe::tree_usage;
 
 /// A live worker's I/O (its start time, readiness, role and retirement
 /// are the lifecycle's); `channel` feeds the writer task of its IPC
@@ -99,6 +101,10 @@ struct Slot {
     env: Vec<CString>,
     /// How its last worker ended, and the last lines it wrote to stderr.
     last_exit: Option<(String, Vec<String>)>,
+    /// Workers started in it after its first (replacements not counted).
+    restarts: u64,
+    /// A worker was ever started in it.
+    started_any: bool,
 }
 
 impl Slot {
@@ -115,6 +121,8 @@ impl Slot {
             workers: Vec::new(),
             env,
             last_exit: None,
+            restarts: 0,
+            started_any: false,
         }
     }
 }
@@ -330,6 +338,16 @@ pub(crate) struct Supervisor {
     node_seq: u64,
     /// The next `NODE_UNIQUE_ID` (Node numbers its workers from 1).
     node_ids: u64,
+    /// The control socket (until `run` starts its server), and where its
+    /// clients' requests come in (the same queue as the handle's).
+    control: Option<(crate::control::Bound, mpsc::UnboundedSender<Command>)>,
+    /// The cluster's name, if it has a control socket; the socket's
+    /// claim, held while the cluster runs; the server task.
+    control_name: Option<String>,
+    control_claim: Option<crate::control::place::Claim>,
+    control_server: Option<tokio::task::AbortHandle>,
+    /// What `herd status` and the metrics count.
+    stats: control::Stats,
 }
 
 /// How long a scaled-away worker in reuseport mode keeps accepting what is
@@ -374,6 +392,7 @@ impl Supervisor {
         cluster: Cluster,
         commands: mpsc::UnboundedReceiver<Command>,
         events: EventSender,
+        control: Option<(crate::control::Bound, mpsc::UnboundedSender<Command>)>,
     ) -> Result<Self, Error> {
         let (config, listeners) = cluster.into_parts();
         sys::ignore_stray_signals();
@@ -485,6 +504,11 @@ impl Supervisor {
             worker_nofile,
             cgroups,
             no_cgroups,
+            control_name: control.as_ref().map(|(b, _)| b.claim.name.clone()),
+            control,
+            control_claim: None,
+            control_server: None,
+            stats: control::Stats::default(),
         })
     }
 
@@ -505,8 +529,10 @@ impl Supervisor {
         let mut sigalrm = sig(SignalKind::alarm())?;
         let mut sigpipe = sig(SignalKind::pipe())?;
 
+        self.stats.started = Some((Instant::now(), std::time::SystemTime::now()));
         self.start_guardian();
         self.start_acceptors()?;
+        self.start_control()?;
         info!(
             command = %self.config.command.display(),
             workers = self.config.workers,
@@ -552,6 +578,11 @@ impl Supervisor {
 
         loop {
             if let Some(outcome) = self.finished() {
+                if let Some(server) = self.control_server.take() {
+                    server.abort();
+                }
+                // The socket goes with the claim: nobody is left to answer.
+                self.control_claim = None;
                 self.stop_guardian().await;
                 if let Some(c) = self.cgroups.take() {
                     c.remove();
@@ -628,6 +659,25 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Serves the control socket, if the cluster has one.
+    fn start_control(&mut self) -> Result<(), Error> {
+        let Some((bound, commands)) = self.control.take() else {
+            return Ok(());
+        };
+        let crate::control::Bound { claim, listener } = bound;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| crate::control::ControlError::Io(claim.socket.clone(), e))?;
+        info!(
+            "control socket {} (herd status {})",
+            claim.socket.display(),
+            claim.name
+        );
+        self.control_server =
+            Some(tokio::spawn(crate::control::server::serve(listener, commands)).abort_handle());
+        self.control_claim = Some(claim);
+        Ok(())
     }
 
     /// Logs, once per signal, that `sig` was received and ignored.
@@ -852,6 +902,11 @@ impl Supervisor {
                                 pid, "worker {pid} retires: slot {slot} is scaled away"
                             ),
                             RetireWhy::Replaced => {
+                                if self.life.reloading() {
+                                    self.stats.counters.restarts_reload += 1;
+                                } else {
+                                    self.stats.counters.restarts_recycled += 1;
+                                }
                                 info!(slot, pid, "worker {pid} drains: it was replaced")
                             }
                             RetireWhy::Abandoned => info!(
@@ -998,12 +1053,15 @@ impl Supervisor {
                 delay_ms = delay.as_millis() as u64,
                 "restarting slot {slot} in {delay:?}"
             ),
-            Note::CrashLoop { slot } => error!(
-                slot,
-                "CRASH LOOP: slot {slot} failed more than {} times within {:?}",
-                self.config.max_restarts,
-                self.config.within
-            ),
+            Note::CrashLoop { slot } => {
+                self.stats.counters.crash_loops += 1;
+                error!(
+                    slot,
+                    "CRASH LOOP: slot {slot} failed more than {} times within {:?}",
+                    self.config.max_restarts,
+                    self.config.within
+                )
+            }
             Note::Failed { slot, retry_every } => {
                 error!(
                     slot,
@@ -1159,6 +1217,15 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, slot: usize, generation: u64) {
+        // A worker started while the slot has none of its own is a restart
+        // (after its first); a replacement beside a live one is not.
+        let restart = self.life.worker(slot).is_none();
+        if let Some(s) = self.slots.get_mut(slot) {
+            if restart && s.started_any {
+                s.restarts += 1;
+            }
+            s.started_any = true;
+        }
         match self.try_spawn(slot, generation) {
             Ok(new) => self.install(slot, new),
             Err(e) => {
@@ -1815,6 +1882,7 @@ impl Supervisor {
                 self.mark_ready(slot, from, signal);
             }
             ChannelEvent::Message(message) => {
+                self.stats.counters.ipc_messages += 1;
                 let bytes = message.bytes().len();
                 debug!(slot, pid = from, bytes, "message from worker {from}");
                 self.events.send(Event::Message {
@@ -1892,6 +1960,7 @@ impl Supervisor {
                 let _ = reply.send(self.fork(env));
             }
             Command::Reload { reply } => self.request_reload(Some(reply), "reload request"),
+            Command::Control(call) => self.on_call(call),
             Command::Scale { workers, reply } => {
                 let size = if self.life.stopping() {
                     Err("the cluster is stopping".to_string())
@@ -2082,11 +2151,16 @@ impl Supervisor {
             while self.failed_replacements.len() > 8 {
                 self.failed_replacements.pop_front();
             }
-        } else {
+        } else if role == Role::Current {
+            // A drained worker's exit says nothing about the slot.
             self.slots[slot].last_exit = Some((how.clone(), stderr));
         }
         let succeeded = matches!(&status, Ok(s) if s.success());
         let was_stopping = self.life.stopping();
+        let hung = self
+            .life
+            .find(pid)
+            .is_some_and(|(_, _, w)| w.hung_kill_at.is_some());
         let facts = ExitFacts {
             at,
             succeeded,
@@ -2099,6 +2173,16 @@ impl Supervisor {
             debug!(slot, pid, "exit of a worker the lifecycle does not know");
             return;
         };
+        if role == Role::Current && !was_stopping && !retired {
+            let c = &mut self.stats.counters;
+            if hung {
+                c.restarts_watchdog += 1;
+            } else if failed_by_itself(&status) || succeeded {
+                c.restarts_crash += 1;
+            } else {
+                c.restarts_killed += 1;
+            }
+        }
         self.events.send(Event::Exited {
             slot,
             pid,

@@ -221,6 +221,28 @@ pub(super) fn tree_rss(pid: u32, cgroup: Option<&Path>) -> u64 {
         .sum()
 }
 
+/// The CPU time (user + system, seconds; `None` if unreadable) and
+/// resident memory (bytes) of worker `pid`'s process tree. Run on a
+/// blocking-pool thread: it reads procfs.
+pub(crate) fn tree_usage(pid: u32, cgroup: Option<&Path>) -> (Option<f64>, u64) {
+    let page = procfs::page_size();
+    let ticks = procfs::ticks_per_second() as f64;
+    let (mut cpu, mut rss, mut seen) = (0u64, 0u64, false);
+    for p in tree(pid, cgroup) {
+        let Ok(proc) = Process::new(p as i32) else {
+            continue;
+        };
+        if let Ok(stat) = proc.stat() {
+            cpu += stat.utime + stat.stime;
+            seen = true;
+        }
+        if let Ok(m) = proc.statm() {
+            rss += m.resident * page;
+        }
+    }
+    (seen.then(|| cpu as f64 / ticks), rss)
+}
+
 /// Whether a worker's last stderr lines say it could not bind an address
 /// (Python, Go, Ruby: "Address already in use"; Node: EADDRINUSE).
 pub(super) fn said_address_in_use(stderr: &[String]) -> bool {

@@ -201,6 +201,14 @@ impl Supervisor {
     }
 
     fn answer_reload(&mut self, outcome: ReloadOutcome) {
+        let c = &mut self.stats.counters;
+        match outcome {
+            ReloadOutcome::Reloaded { .. } => c.reloads_ok += 1,
+            ReloadOutcome::RolledBack { .. } | ReloadOutcome::CannotResolve(_) => {
+                c.reloads_failed += 1
+            }
+            ReloadOutcome::Stopped => {}
+        }
         self.events.send(Event::Reloaded(outcome.clone()));
         for reply in self.reload_waiters.drain(..) {
             let _ = reply.send(outcome.clone());
@@ -257,6 +265,7 @@ impl Supervisor {
                         "its processes use more than --max-memory ({} bytes)",
                         self.config.max_memory.unwrap_or_default()
                     ),
+                    RecycleWhy::Requested => "a restart was asked for (herd restart)".into(),
                 };
                 info!(
                     slot,

@@ -33,6 +33,8 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod ring;
+
 /// The longest line forwarded whole; longer ones are split at this size.
 pub const MAX_LINE: usize = 64 * 1024;
 
@@ -94,6 +96,15 @@ struct Writer {
     terminal: bool,
 }
 
+/// Lines dropped since herd started, on every stream.
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// How many lines herd's output dropped since it started (a blocked or
+/// closed stream, a full disk).
+pub fn dropped_total() -> u64 {
+    DROPPED_TOTAL.load(Ordering::Relaxed)
+}
+
 fn writers() -> &'static [Writer; 2] {
     static WRITERS: OnceLock<[Writer; 2]> = OnceLock::new();
     WRITERS.get_or_init(|| [Writer::start(Stream::Stdout), Writer::start(Stream::Stderr)])
@@ -127,6 +138,7 @@ impl Writer {
 
     fn count_drop(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
+        DROPPED_TOTAL.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Queues a line without waiting; drops and counts it if there is no room.
@@ -253,6 +265,8 @@ pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        ring::push(None, "herd", text.trim_end_matches(['\n', '\r']));
         writer(Stream::Stderr).try_line(buf.to_vec());
         Ok(buf.len())
     }
@@ -342,6 +356,7 @@ impl OutputSink {
         if let Some(tail) = tail {
             tail.push(line);
         }
+        ring::push(Some((slot, pid)), stream.name(), line);
         let w = writer(stream);
         let bytes = match self.format {
             LogFormat::Text => {
