@@ -19,7 +19,7 @@ Durations (DURATION): 500ms, 10s, 1.5s, 2m, 1h; a bare number is seconds, as in 
 Exit status:
   0    stopped by SIGINT/SIGTERM, or every worker finished with status 0
   1    every worker finished and one failed (--restart never/on-failure), or an internal error
-  2    bad input: flags, listen specs, address in use or not permitted
+  2    bad input: flags, listen specs, address in use or not permitted, a --name in use
   3    crash loop under --on-crash-loop exit, or no worker ever started (every slot crash-looped)
   126  the worker command is not executable
   127  the worker command was not found";

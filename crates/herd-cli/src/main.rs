@@ -6,7 +6,7 @@
 //! |---|---|
 //! | 0   | stopped on request (SIGINT/SIGTERM), or every worker finished with status 0 |
 //! | 1   | every worker finished and at least one failed (`--restart never/on-failure`), or an internal error |
-//! | 2   | bad input: flags, listen specs, an address in use or not permitted |
+//! | 2   | bad input: flags, listen specs, an address in use or not permitted, a `--name` in use |
 //! | 3   | crash loop under `--on-crash-loop exit`, or no worker ever started and every slot crash-looped |
 //! | 126 | the worker command is not executable |
 //! | 127 | the worker command was not found |
@@ -144,6 +144,8 @@ fn run(args: RunArgs) -> ExitCode {
         Err(herd::Error::Exec(e)) => fail(EXIT_NOT_EXECUTABLE, &e.to_string()),
         Err(herd::Error::Bind(e)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e @ herd::Error::Config(_)) => fail(EXIT_USAGE, &e.to_string()),
+        // A --name in use or not allowed, an unsafe control directory.
+        Err(e @ herd::Error::Control(_)) => fail(EXIT_USAGE, &e.to_string()),
         Err(e) => fail(1, &e.to_string()),
     }
 }

@@ -3,6 +3,7 @@
 //! in-process is in `tests/library` (a cluster owns process-wide state).
 
 mod bad_input;
+mod control;
 mod demo;
 mod examples;
 mod launchers;

@@ -74,7 +74,7 @@ pub struct Captured {
 }
 
 impl Lines {
-    fn capture(self, stream: impl Read + Send + 'static) {
+    pub fn capture(self, stream: impl Read + Send + 'static) {
         std::thread::spawn(move || {
             let (lock, cv) = &*self.0;
             for line in BufReader::new(stream).lines() {
@@ -89,6 +89,11 @@ impl Lines {
 
     pub fn all(&self) -> Vec<String> {
         self.0 .0.lock().unwrap().lines.clone()
+    }
+
+    /// Whether the stream reached EOF.
+    pub fn closed(&self) -> bool {
+        self.0 .0.lock().unwrap().ended
     }
 
     /// Waits until a line satisfies `pred`; returns it, or panics with all lines.
@@ -154,6 +159,9 @@ pub struct Herd {
     pub child: Child,
     pub stdout: Lines,
     pub stderr: Lines,
+    /// Its control sockets' directory (`HERD_RUNTIME_DIR`), its own.
+    pub runtime: PathBuf,
+    _runtime: Option<TempDir>,
     /// herd's stdout, held open and never read (`spawn_with_stdout(_, 0)`).
     _unread: Option<std::process::ChildStdout>,
 }
@@ -186,6 +194,7 @@ impl Herd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("HERD_LOG", "debug");
+        let (runtime, owned) = runtime_dir(&mut cmd);
         let mut child = cmd.spawn().expect("spawn herd");
         let stdout = Lines::default();
         let stderr = Lines::default();
@@ -195,6 +204,8 @@ impl Herd {
             child,
             stdout,
             stderr,
+            runtime,
+            _runtime: owned,
             _unread: None,
         }
     }
@@ -206,6 +217,7 @@ impl Herd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("HERD_LOG", "debug");
+        let (runtime, owned) = runtime_dir(&mut cmd);
         let mut child = cmd.spawn().expect("spawn herd");
         let mut out = child.stdout.take().unwrap();
         let unread = if read > 0 {
@@ -224,12 +236,28 @@ impl Herd {
             child,
             stdout: Lines::default(),
             stderr,
+            runtime,
+            _runtime: owned,
             _unread: unread,
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Runs `herd ARGS` as a control client of this herd (bounded: 30 s);
+    /// returns its exit code, stdout and stderr.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        ctl_in(&self.runtime, args)
+    }
+
+    /// `herd status NAME --json`'s `status` object.
+    pub fn status_json(&self, name: &str) -> serde_json::Value {
+        let (code, out, err) = self.ctl(&["status", name, "--json"]);
+        assert_eq!(code, 0, "herd status: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("status is JSON");
+        v["status"].clone()
     }
 
     /// The port herd reports for its first listen spec.
@@ -283,6 +311,54 @@ impl Drop for Herd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The herd's control directory: the one the command names, else a fresh
+/// one of its own (so tests never share /run/herd).
+fn runtime_dir(cmd: &mut Command) -> (PathBuf, Option<TempDir>) {
+    let given = cmd
+        .get_envs()
+        .find(|(k, _)| *k == "HERD_RUNTIME_DIR")
+        .and_then(|(_, v)| v.map(PathBuf::from));
+    match given {
+        Some(dir) => (dir, None),
+        None => {
+            let dir = TempDir::new("ctl");
+            cmd.env("HERD_RUNTIME_DIR", dir.path());
+            (dir.path().to_path_buf(), Some(dir))
+        }
+    }
+}
+
+/// Runs `herd ARGS` with `HERD_RUNTIME_DIR=dir` (bounded: 30 s); returns
+/// its exit code, stdout and stderr.
+pub fn ctl_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(herd_bin())
+        .args(args)
+        .env("HERD_RUNTIME_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herd client");
+    let out = Lines::default();
+    let err = Lines::default();
+    out.clone().capture(child.stdout.take().unwrap());
+    err.clone().capture(child.stderr.take().unwrap());
+    let status = wait_child(&mut child, Duration::from_secs(30));
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("herd {args:?} still running after 30 s");
+    };
+    // The reader threads see EOF once the process is gone.
+    let eof = |l: &Lines| eventually(Duration::from_secs(5), || l.closed());
+    assert!(eof(&out) && eof(&err));
+    (
+        status.code().unwrap_or(-1),
+        out.all().join("\n"),
+        err.all().join("\n"),
+    )
 }
 
 pub fn pid_after(line: &str, marker: &str) -> u32 {
