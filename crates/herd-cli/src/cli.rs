@@ -334,6 +334,22 @@ pub struct RunArgs {
     #[arg(long)]
     pub merge_output: bool,
 
+    /// Write herd's lines and the workers' to this file (appended; mode 0640) instead of
+    /// stdout and stderr, in --log-format. A full or failing disk drops lines (counted in
+    /// herd status), never stalls supervision. SIGUSR1 reopens it (for logrotate).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
+
+    /// Rotate --log-file past this size: PATH becomes PATH.1, PATH.1 becomes PATH.2…;
+    /// 0: never (an external logrotate sends SIGUSR1).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size_or_zero, value_name = "SIZE")]
+    pub log_max_size: usize,
+
+    /// Rotated files kept (PATH.1…PATH.N); older ones are deleted. 0: the file is emptied
+    /// when full.
+    #[arg(long, default_value = "4", value_name = "N")]
+    pub log_keep: usize,
+
     /// The cluster's name, for `herd status NAME` and the other control commands (its
     /// control socket is NAME.sock). Default: from the command (`app` for `node app.js`),
     /// made unique among running clusters (`app-2`); a NAME given must be free.
@@ -453,6 +469,14 @@ impl RunArgs {
             ..Default::default()
         });
         config
+    }
+}
+
+/// A size as [`parse_size`] reads it, or `0`.
+fn parse_size_or_zero(text: &str) -> Result<usize, String> {
+    match text.trim() {
+        "0" => Ok(0),
+        _ => parse_size(text),
     }
 }
 

@@ -72,7 +72,20 @@ fn fail(status: u8, message: &str) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    init_tracing(args.log_format);
+    if let Some(path) = &args.log_file {
+        let file = herd::output::LogFile {
+            path: path.clone(),
+            max_size: (args.log_max_size > 0).then_some(args.log_max_size as u64),
+            keep: args.log_keep,
+        };
+        if let Err(e) = herd::output::log_to_file(file) {
+            return fail(
+                EXIT_USAGE,
+                &format!("cannot open the log file {}: {e}", path.display()),
+            );
+        }
+    }
+    init_tracing(args.log_format, args.log_file.is_none());
     if matches!(args.log_format, LogFormatArg::Json) {
         JSON_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -176,7 +189,7 @@ fn run_cluster(config: ClusterConfig) -> Result<Outcome, herd::Error> {
     runtime.block_on(cluster.run())
 }
 
-fn init_tracing(format: LogFormatArg) {
+fn init_tracing(format: LogFormatArg, to_stderr: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("HERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // herd's own lines never block the supervisor: they are queued for
@@ -187,7 +200,7 @@ fn init_tracing(format: LogFormatArg) {
         .with_target(false);
     match format {
         LogFormatArg::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(to_stderr && std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .fmt_fields(TextFields)
             .init(),
         LogFormatArg::Json => builder.json().flatten_event(true).init(),

@@ -430,8 +430,9 @@ fn status_shows_a_stray_process_herd_still_waits_for() {
     ])
     .env("STRAY_FLAG", &flag);
     let herd = Herd::spawn(cmd);
-    herd.stderr
-        .wait_for_nth("second worker", STARTUP, 2, |l| l.contains(" spawned in slot 0"));
+    herd.stderr.wait_for_nth("second worker", STARTUP, 2, |l| {
+        l.contains(" spawned in slot 0")
+    });
     let mut found = serde_json::Value::Null;
     assert!(
         eventually(STARTUP, || {

@@ -1,5 +1,6 @@
 //! Worker output prefixed `[slot pid]`; `--log-format json`.
 
+use std::process::Command;
 use std::time::Duration;
 
 use crate::util::*;
@@ -400,4 +401,170 @@ fn herds_own_lines_cannot_be_forged_by_the_command() {
         "{:?}",
         herd.stderr.all()
     );
+}
+
+/// `--log-file` with `--log-max-size` and `--log-keep`: herd's lines and
+/// the workers' go to the file, never past its size, rotated into
+/// `PATH.1`, `PATH.2`, and no more are kept.
+#[test]
+fn log_file_rotates_by_size_and_keeps_so_many() {
+    let dir = TempDir::new("logfile");
+    let log = dir.path().join("herd.log");
+    let script =
+        "i=0; while [ $i -lt 400 ]; do echo \"line $i of a worker, padded to be long enough\"; \
+                  i=$((i+1)); done; exec sleep 30";
+    let log_arg = log.to_str().unwrap();
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "1",
+            "--no-listen",
+            "--log-file",
+            log_arg,
+            "--log-max-size",
+            "4KiB",
+            "--log-keep",
+            "2",
+        ],
+        script,
+    );
+    let numbered = |n: usize| dir.path().join(format!("herd.log.{n}"));
+    assert!(
+        eventually(STARTUP, || {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("line 399 of a worker"))
+        }),
+        "the last line never reached the file"
+    );
+    assert!(numbered(1).exists() && numbered(2).exists());
+    assert!(!numbered(3).exists(), "only 2 rotated files are kept");
+    for path in [log.clone(), numbered(1), numbered(2)] {
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.len() <= 4096,
+            "{}: {} bytes",
+            path.display(),
+            text.len()
+        );
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("[0 ") || l.contains("INFO")),
+            "{text}"
+        );
+    }
+    // Nothing went to herd's own streams.
+    assert!(herd.stdout.all().is_empty(), "{:?}", herd.stdout.all());
+    assert!(herd.stderr.all().is_empty(), "{:?}", herd.stderr.all());
+}
+
+/// SIGUSR1 reopens the log file: after logrotate moved it, new lines go to
+/// a new file at the path.
+#[test]
+fn sigusr1_reopens_the_log_file() {
+    let dir = TempDir::new("logreopen");
+    let log = dir.path().join("app.log");
+    let script = "i=0; while [ $i -lt 400 ]; do echo \"tick $i\"; i=$((i+1)); sleep 0.05; done";
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "1",
+            "--no-listen",
+            "--log-file",
+            log.to_str().unwrap(),
+            "--log-max-size",
+            "0",
+        ],
+        script,
+    );
+    assert!(eventually(STARTUP, || std::fs::read_to_string(&log)
+        .is_ok_and(|t| t.contains("tick 2"))));
+    let moved = dir.path().join("app.log.moved");
+    std::fs::rename(&log, &moved).unwrap();
+    herd.signal("USR1");
+    assert!(
+        eventually(STARTUP, || std::fs::read_to_string(&log).is_ok_and(|t| t
+            .contains("reopening the log file")
+            && t.contains("] tick"))),
+        "no new file"
+    );
+    // The moved file is no longer written to.
+    let before = std::fs::read_to_string(&moved).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(std::fs::read_to_string(&moved).unwrap(), before);
+}
+
+/// A log file on a full disk (`/dev/full`: every write fails with ENOSPC)
+/// drops lines and counts them; supervision and the control socket go on.
+#[test]
+fn a_full_disk_drops_lines_and_supervision_goes_on() {
+    let script = "while :; do echo \"noise from $HERD_WORKER_ID\"; sleep 0.01; done";
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "2",
+            "--no-listen",
+            "--name",
+            "full",
+            "--log-file",
+            "/dev/full",
+        ],
+        script,
+    );
+    let mut status = serde_json::Value::Null;
+    assert!(eventually(STARTUP, || {
+        status = herd.status_json("full");
+        status["counters"]["log_lines_dropped"].as_u64() > Some(10)
+            && status["ready"].as_u64() == Some(2)
+    }));
+    let victim = status["slots"][0]["workers"][0]["pid"].as_u64().unwrap() as u32;
+    send_signal(victim, "KILL");
+    assert!(
+        eventually(STARTUP, || {
+            let s = herd.status_json("full");
+            let pid = s["slots"][0]["workers"][0]["pid"].as_u64();
+            pid.is_some() && pid != Some(u64::from(victim)) && s["counters"]["restarts_killed"] == 1
+        }),
+        "the killed worker was not replaced"
+    );
+}
+
+/// Only a regular file is rotated: a FIFO (or /dev/null) given as the log
+/// file is written to as it is, never renamed.
+#[test]
+fn a_log_file_that_is_no_regular_file_is_never_rotated() {
+    let dir = TempDir::new("logfifo");
+    let fifo = dir.path().join("pipe");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    // Its reader, counting lines until the writer (herd) goes.
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(fifo).unwrap();
+            std::io::BufRead::lines(std::io::BufReader::new(f)).count()
+        })
+    };
+    let script = "i=0; while [ $i -lt 200 ]; do echo \"line $i\"; i=$((i+1)); done; exec sleep 30";
+    let mut herd = Herd::sh(
+        &[
+            "-w",
+            "1",
+            "--no-listen",
+            "--log-file",
+            fifo.to_str().unwrap(),
+            "--log-max-size",
+            "100",
+        ],
+        script,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    herd.signal("TERM");
+    herd.wait(STARTUP);
+    let lines = reader.join().unwrap();
+    assert!(lines >= 200, "{lines} lines through the FIFO");
+    let meta = std::fs::symlink_metadata(&fifo).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
+    assert!(!dir.path().join("pipe.1").exists(), "the FIFO was rotated");
 }

@@ -33,7 +33,10 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
+mod file;
 pub mod ring;
+
+pub use file::{log_to_file, reopen, LogFile};
 
 /// The longest line forwarded whole; longer ones are split at this size.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -117,10 +120,11 @@ fn writer(stream: Stream) -> &'static Writer {
 impl Writer {
     fn start(stream: Stream) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let terminal = match stream {
-            Stream::Stdout => std::io::stdout().is_terminal(),
-            Stream::Stderr => std::io::stderr().is_terminal(),
-        };
+        let terminal = !file::in_use()
+            && match stream {
+                Stream::Stdout => std::io::stdout().is_terminal(),
+                Stream::Stderr => std::io::stderr().is_terminal(),
+            };
         let spawned = std::thread::Builder::new()
             .name(format!("herd-{}", stream.name()))
             .spawn(move || write_loop(stream, rx));
@@ -175,9 +179,10 @@ fn write_loop(stream: Stream, mut rx: mpsc::Receiver<Item>) {
                 continue;
             }
         };
-        let mut out: Box<dyn Write> = match stream {
-            Stream::Stdout => Box::new(std::io::stdout().lock()),
-            Stream::Stderr => Box::new(std::io::stderr().lock()),
+        let mut out: Box<dyn Write> = match (file::file(), stream) {
+            (Some(file), _) => Box::new(file),
+            (None, Stream::Stdout) => Box::new(std::io::stdout().lock()),
+            (None, Stream::Stderr) => Box::new(std::io::stderr().lock()),
         };
         let dropped = me.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
@@ -265,7 +270,8 @@ pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let text = String::from_utf8_lossy(buf);
+        let raw = String::from_utf8_lossy(buf);
+        let text = strip_ansi(&raw);
         ring::push(None, "herd", text.trim_end_matches(['\n', '\r']));
         writer(Stream::Stderr).try_line(buf.to_vec());
         Ok(buf.len())
@@ -384,6 +390,28 @@ impl OutputSink {
     }
 }
 
+/// `text` without terminal colour codes (`ESC [ … m`), for the ring.
+fn strip_ansi(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('\x1b') {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // Skip to the end of the sequence (a letter).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// Appends `text` as a JSON string literal.
 fn json_string(out: &mut String, text: &str) {
     out.push('"');
@@ -430,6 +458,15 @@ fn rfc3339_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_codes_are_stripped_for_the_ring() {
+        assert_eq!(
+            strip_ansi("\x1b[32m INFO\x1b[0m worker ready"),
+            " INFO worker ready"
+        );
+        assert_eq!(strip_ansi("plain"), "plain");
+    }
 
     #[test]
     fn json_escapes_controls_and_quotes() {

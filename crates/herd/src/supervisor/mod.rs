@@ -606,7 +606,13 @@ impl Supervisor {
                 _ = sigterm.recv() => self.on_stop_request("SIGTERM"),
                 _ = sigquit.recv() => self.on_stop_request("SIGQUIT"),
                 _ = sighup.recv() => self.request_reload(None, "SIGHUP"),
-                _ = sigusr1.recv() => self.ignore_signal(libc::SIGUSR1, "SIGUSR1", "herd writes no log files yet"),
+                _ = sigusr1.recv() => {
+                    if crate::output::reopen() {
+                        info!("SIGUSR1 received: reopening the log file");
+                    } else {
+                        self.ignore_signal(libc::SIGUSR1, "SIGUSR1", "herd writes no log file (--log-file)");
+                    }
+                }
                 _ = sigusr2.recv() => self.ignore_signal(libc::SIGUSR2, "SIGUSR2", "it has no meaning to herd"),
                 _ = sigttin.recv() => self.scale_by(1, "SIGTTIN"),
                 _ = sigttou.recv() => self.scale_by(-1, "SIGTTOU"),
