@@ -356,6 +356,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
+    /// Serve Prometheus metrics on http://ADDR/metrics, with /healthz (herd is alive) and
+    /// /ready (at least --min-ready workers ready; 503 while stopping) for load balancers
+    /// and Kubernetes probes. Off by default: no socket, no timer.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// How many ready workers make /ready answer 200.
+    #[arg(long, default_value = "1", value_name = "N")]
+    pub min_ready: usize,
+
     /// No control socket (herd status, reload, logs… cannot reach this cluster; signals
     /// still work).
     #[arg(long, conflicts_with = "name")]
@@ -464,6 +474,8 @@ impl RunArgs {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,
         };
+        config.metrics = self.metrics;
+        config.min_ready = self.min_ready;
         config.control = (!self.no_control).then(|| herd::control::ControlConfig {
             name: self.name,
             ..Default::default()

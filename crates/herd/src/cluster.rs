@@ -161,13 +161,23 @@ impl Cluster {
         let codec = self.config.codec;
         // Bound before any worker starts: a name in use fails the start.
         let control = match &self.config.control {
-            Some(c) => Some((
-                crate::control::bind(c, &self.config.command)?,
-                commands_tx.clone(),
-            )),
+            Some(c) => Some(crate::control::bind(c, &self.config.command)?),
             None => None,
         };
-        let supervisor = Supervisor::new(self, commands_rx, events, control)?;
+        let metrics = match self.config.metrics {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|e| Error::Config(format!("--metrics {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        let servers = crate::supervisor::Servers {
+            control,
+            metrics,
+            commands: commands_tx.clone(),
+        };
+        let supervisor = Supervisor::new(self, commands_rx, events, servers)?;
         let task = tokio::spawn(supervisor.run());
         Ok(ClusterHandle {
             commands: commands_tx,

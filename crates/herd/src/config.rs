@@ -436,6 +436,12 @@ pub struct ClusterConfig {
     /// control commands ([`crate::control`]). `None` (the library's
     /// default): no socket, no task.
     pub control: Option<crate::control::ControlConfig>,
+    /// `--metrics`: where to serve Prometheus `/metrics`, `/healthz` and
+    /// `/ready` over HTTP. `None` (the default): no socket, no task.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// `/ready` answers 200 while at least this many workers are ready
+    /// (and the cluster is not stopping), 503 otherwise. Default 1.
+    pub min_ready: usize,
 }
 
 /// What makes a worker ready: the moment it takes traffic in a round-robin
@@ -589,6 +595,8 @@ impl ClusterConfig {
             max_lifetime: None,
             max_memory: None,
             control: None,
+            metrics: None,
+            min_ready: 1,
         }
     }
 }

@@ -76,6 +76,7 @@ pub mod ipc;
 mod launch;
 mod lifecycle;
 pub mod listen;
+mod metrics;
 pub mod output;
 mod round_robin;
 pub mod socket;

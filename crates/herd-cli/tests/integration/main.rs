@@ -9,6 +9,7 @@ mod examples;
 mod launchers;
 mod limits;
 mod logs;
+mod metrics;
 mod node;
 mod orphans;
 mod readiness;

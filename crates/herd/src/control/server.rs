@@ -243,29 +243,11 @@ async fn answer(request: Request, commands: &mpsc::UnboundedSender<Command>) -> 
             },
             None => Response::error(GONE),
         },
-        Request::Status => match ask(commands, |r| Command::Control(Call::Status(r))).await {
-            Some((mut status, targets)) => {
-                let samples = tokio::task::spawn_blocking(move || {
-                    targets
-                        .into_iter()
-                        .map(|(pid, cgroup)| (pid, Sample::of(pid, cgroup.as_deref())))
-                        .collect::<Vec<_>>()
-                })
-                .await
-                .unwrap_or_default();
-                for slot in &mut status.slots {
-                    for w in &mut slot.workers {
-                        if let Some((_, s)) = samples.iter().find(|(pid, _)| *pid == w.pid) {
-                            w.cpu_s = s.cpu_s;
-                            w.rss_bytes = s.rss_bytes;
-                        }
-                    }
-                }
-                Response {
-                    status: Some(Box::new(status)),
-                    ..Response::ok()
-                }
-            }
+        Request::Status => match sampled_status(commands).await {
+            Some(status) => Response {
+                status: Some(Box::new(status)),
+                ..Response::ok()
+            },
             None => Response::error(GONE),
         },
         Request::Reload => match ask(commands, |reply| Command::Reload { reply }).await {
@@ -341,6 +323,29 @@ async fn answer(request: Request, commands: &mpsc::UnboundedSender<Command>) -> 
         },
         Request::Logs { .. } => Response::error("logs is answered by the client task"),
     }
+}
+
+/// The cluster's status with each worker's CPU and memory read (on the
+/// blocking pool), or `None` if the cluster is gone.
+pub(crate) async fn sampled_status(
+    commands: &mpsc::UnboundedSender<Command>,
+) -> Option<super::protocol::Status> {
+    let (mut status, targets) = ask(commands, |r| Command::Control(Call::Status(r))).await?;
+    let samples = tokio::task::spawn_blocking(move || {
+        targets
+            .into_iter()
+            .map(|(pid, cgroup)| (pid, Sample::of(pid, cgroup.as_deref())))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for w in status.slots.iter_mut().flat_map(|s| s.workers.iter_mut()) {
+        if let Some((_, s)) = samples.iter().find(|(pid, _)| *pid == w.pid) {
+            w.cpu_s = s.cpu_s;
+            w.rss_bytes = s.rss_bytes;
+        }
+    }
+    Some(status)
 }
 
 fn reload_response(outcome: ReloadOutcome) -> Response {

@@ -217,6 +217,14 @@ struct NewWorker {
     notify: Option<(tokio::task::AbortHandle, std::path::PathBuf)>,
 }
 
+/// What the supervisor serves besides its workers, bound before it starts,
+/// and where their requests come in (the handle's queue).
+pub(crate) struct Servers {
+    pub(crate) control: Option<crate::control::Bound>,
+    pub(crate) metrics: Option<std::net::TcpListener>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+}
+
 /// How long an exit waits for the channel reader to reach EOF.
 const READER_GRACE: Duration = Duration::from_millis(500);
 
@@ -338,14 +346,14 @@ pub(crate) struct Supervisor {
     node_seq: u64,
     /// The next `NODE_UNIQUE_ID` (Node numbers its workers from 1).
     node_ids: u64,
-    /// The control socket (until `run` starts its server), and where its
-    /// clients' requests come in (the same queue as the handle's).
-    control: Option<(crate::control::Bound, mpsc::UnboundedSender<Command>)>,
+    /// The control socket and metrics endpoint, until `run` starts them.
+    servers: Option<Servers>,
     /// The cluster's name, if it has a control socket; the socket's
     /// claim, held while the cluster runs; the server task.
     control_name: Option<String>,
     control_claim: Option<crate::control::place::Claim>,
     control_server: Option<tokio::task::AbortHandle>,
+    metrics_server: Option<tokio::task::AbortHandle>,
     /// What `herd status` and the metrics count.
     stats: control::Stats,
 }
@@ -392,7 +400,7 @@ impl Supervisor {
         cluster: Cluster,
         commands: mpsc::UnboundedReceiver<Command>,
         events: EventSender,
-        control: Option<(crate::control::Bound, mpsc::UnboundedSender<Command>)>,
+        servers: Servers,
     ) -> Result<Self, Error> {
         let (config, listeners) = cluster.into_parts();
         sys::ignore_stray_signals();
@@ -504,10 +512,11 @@ impl Supervisor {
             worker_nofile,
             cgroups,
             no_cgroups,
-            control_name: control.as_ref().map(|(b, _)| b.claim.name.clone()),
-            control,
+            control_name: servers.control.as_ref().map(|b| b.claim.name.clone()),
+            servers: Some(servers),
             control_claim: None,
             control_server: None,
+            metrics_server: None,
             stats: control::Stats::default(),
         })
     }
@@ -578,7 +587,10 @@ impl Supervisor {
 
         loop {
             if let Some(outcome) = self.finished() {
-                if let Some(server) = self.control_server.take() {
+                for server in [self.control_server.take(), self.metrics_server.take()]
+                    .into_iter()
+                    .flatten()
+                {
                     server.abort();
                 }
                 // The socket goes with the claim: nobody is left to answer.
@@ -667,9 +679,25 @@ impl Supervisor {
         }
     }
 
-    /// Serves the control socket, if the cluster has one.
+    /// Serves the control socket and the metrics endpoint, if the cluster
+    /// has them.
     fn start_control(&mut self) -> Result<(), Error> {
-        let Some((bound, commands)) = self.control.take() else {
+        let Some(Servers {
+            control,
+            metrics,
+            commands,
+        }) = self.servers.take()
+        else {
+            return Ok(());
+        };
+        if let Some(listener) = metrics {
+            let addr = listener.local_addr().map_err(Error::Spawn)?;
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(Error::Spawn)?;
+            info!("metrics on http://{addr}/metrics (and /healthz, /ready)");
+            let serve = crate::metrics::serve(listener, commands.clone(), self.config.min_ready);
+            self.metrics_server = Some(tokio::spawn(serve).abort_handle());
+        }
+        let Some(bound) = control else {
             return Ok(());
         };
         let crate::control::Bound { claim, listener } = bound;
