@@ -72,6 +72,20 @@ pub enum Command {
     /// Print a cluster's recent log lines (herd's and its workers'), and follow them.
     #[command(after_help = CONTROL_STATUSES)]
     Logs(LogsArgs),
+    /// A live terminal monitor of a cluster: workers' state, CPU and memory with their
+    /// history, recent log lines; keys to restart, scale and reload.
+    #[command(after_help = CONTROL_STATUSES)]
+    Top(TopArgs),
+}
+
+/// `herd top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The cluster.
+    pub name: Option<String>,
+    /// How often to refresh.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub interval: Duration,
 }
 
 const CONTROL_STATUSES: &str = "\

@@ -21,10 +21,25 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 4;
 
 /// How long a one-shot request may take (not a reload or a follower).
-const QUICK: Option<Duration> = Some(Duration::from_secs(10));
+pub const QUICK: Option<Duration> = Some(Duration::from_secs(10));
 
 /// A control command's failure: its exit status and one line.
 pub struct Failure(u8, String);
+
+impl Failure {
+    /// A failure with exit status `status`.
+    pub fn new(status: u8, message: String) -> Failure {
+        Failure(status, message)
+    }
+    /// Its exit status.
+    pub fn status(&self) -> u8 {
+        self.0
+    }
+    /// Its line.
+    pub fn message(&self) -> &str {
+        &self.1
+    }
+}
 
 type Outcome = Result<(), Failure>;
 
@@ -39,7 +54,7 @@ pub fn main(run: impl FnOnce() -> Outcome) -> ExitCode {
     }
 }
 
-fn unreachable(e: ControlError) -> Failure {
+pub fn unreachable(e: ControlError) -> Failure {
     let status = match e {
         ControlError::BadName(_) => EXIT_USAGE,
         _ => EXIT_UNREACHABLE,
@@ -74,9 +89,15 @@ fn pick(dir: &Path, name: Option<&str>) -> Result<String, Failure> {
 }
 
 fn connect(name: Option<&str>, timeout: Option<Duration>) -> Result<Client, Failure> {
+    let (dir, name) = find(name)?;
+    Client::connect(&dir, &name, timeout).map_err(unreachable)
+}
+
+/// The control directory, and the cluster `name` or the only one running.
+pub fn find(name: Option<&str>) -> Result<(std::path::PathBuf, String), Failure> {
     let dir = runtime_dir();
     let name = pick(&dir, name)?;
-    Client::connect(&dir, &name, timeout).map_err(unreachable)
+    Ok((dir, name))
 }
 
 /// Sends `command`; an `ok: false` answer is a failure (exit 1).

@@ -14,6 +14,7 @@
 mod cli;
 mod ctl;
 mod hello;
+mod top;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Command::Signal(args) => ctl::main(|| ctl::signal(args)),
         Command::Stop(args) => ctl::main(|| ctl::stop(args)),
         Command::Logs(args) => ctl::main(|| ctl::logs(args)),
+        Command::Top(args) => ctl::main(|| top::main(args)),
     }
 }
 

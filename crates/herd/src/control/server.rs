@@ -58,7 +58,7 @@ pub(crate) async fn serve(
         };
         if let Some(why) = refuse_peer(&stream, me) {
             let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if n <= REFUSALS_LOGGED || n % 1000 == 0 {
+            if n <= REFUSALS_LOGGED || n.is_multiple_of(1000) {
                 warn!("control socket: refused {why} ({n} refused so far)");
             }
             let _ = stream
