@@ -232,6 +232,11 @@ impl System {
         std::fs::create_dir_all(&stats_dir)?;
         let (argv, mut env) = command(port);
         env.push(("BENCH_STATS_DIR".into(), stats_dir.display().to_string()));
+        // herd's control socket in the run's own directory, not /run/herd.
+        env.push((
+            "HERD_RUNTIME_DIR".into(),
+            dir.join("run").display().to_string(),
+        ));
         let pm2_home = (self.sys == Sys::Pm2).then(|| dir.join("pm2-home"));
         if let Some(home) = &pm2_home {
             env.push(("PM2_HOME".into(), home.display().to_string()));
@@ -286,6 +291,11 @@ impl Running {
     /// `http://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    /// herd's control directory (`HERD_RUNTIME_DIR`), for `herd status`.
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.join("run")
     }
 
     /// The supervisor's pid: herd, the Node primary, PM2's daemon; or the

@@ -1,5 +1,7 @@
 //! Figure 3: the supervisor's memory (idle, after load, with many workers)
-//! and its CPU time and wakeups while the cluster sits idle.
+//! and its CPU time and wakeups while the cluster sits idle; herd runs
+//! with its control socket and `--metrics` on. Then the control plane's
+//! latency: `herd status` against a cluster of 64 workers.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use anyhow::Result;
 
 use crate::load::Load;
 use crate::procfs;
-use crate::report::{mib, Results};
+use crate::report::{fmt_us_stats, mib, Results};
 use crate::systems::{App, Ctx, Sys, System};
 
 struct Row {
@@ -27,6 +29,10 @@ fn guardian_of(herd: u32, herd_exe: &str) -> Option<u32> {
         .find(|c| procfs::exe_name(*c).as_deref() == Some(herd_exe))
 }
 
+/// How long after its start a cluster counts as idle: past herd's last
+/// probe of its workers' sockets (10 s).
+const STEADY: Duration = Duration::from_secs(12);
+
 pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     let mut systems = vec![
         System::new(Sys::HerdShared, App::Node),
@@ -43,11 +49,34 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         .unwrap_or_default();
     let mut rows = Vec::new();
     let mut guardian = (f64::NAN, f64::NAN);
+    // herd with everything an operator turns on: the control socket (on
+    // by default) and the metrics endpoint.
+    let start = |system: &System, workers: usize| {
+        system.start_with(ctx, |port| {
+            let (mut argv, env) = system.command(ctx, workers, port);
+            if system.sys == Sys::HerdShared {
+                let at = argv.iter().position(|a| a == "--").unwrap_or(argv.len());
+                argv.splice(at..at, ["--metrics".to_string(), "127.0.0.1:0".to_string()]);
+            }
+            (argv, env)
+        })
+    };
     for system in &systems {
         eprintln!("[memory] {}", system.label());
-        let running = system.start(ctx, ctx.workers)?;
+        let running = start(system, ctx.workers)?;
         running.wait_ready(ctx.workers, Duration::from_secs(60))?;
-        std::thread::sleep(Duration::from_secs(1));
+        // Steady state: herd looks at each new worker's sockets 2 s and 10 s
+        // after it started (to warn about a worker that binds its own).
+        let settled = if system.sys == Sys::HerdShared {
+            running.started + STEADY
+        } else {
+            running.started
+        };
+        std::thread::sleep(
+            settled
+                .saturating_duration_since(std::time::Instant::now())
+                .max(Duration::from_secs(1)),
+        );
         let sup = running
             .supervisor()
             .expect("a supervised system has a supervisor");
@@ -78,7 +107,7 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         let loaded_kib = procfs::rss_kib(sup).unwrap_or(0) as f64;
         running.stop();
 
-        let running = system.start(ctx, ctx.many_workers)?;
+        let running = start(system, ctx.many_workers)?;
         running.wait_ready(ctx.many_workers, Duration::from_secs(120))?;
         std::thread::sleep(Duration::from_secs(1));
         let many_kib = running.supervisor().and_then(procfs::rss_kib).unwrap_or(0) as f64;
@@ -96,9 +125,11 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Supervisor process only (herd; Node's primary; PM2's daemon), Node app workers. RSS idle with {w} workers, \
-         after a {d:?} `Connection: close` run, and idle with {m} workers. CPU time and context switches (all \
-         threads) over {i:?} of idleness: every wakeup is a context switch.\n",
+        "Supervisor process only (herd; Node's primary; PM2's daemon), Node app workers; herd with its control \
+         socket and `--metrics` on. RSS idle with {w} workers, after a {d:?} `Connection: close` run, and idle \
+         with {m} workers. CPU time and context switches (all threads) over {i:?} of idleness, from 12 s after \
+         the start (herd probes each new worker's sockets 2 s and 10 s after it starts): every wakeup is a \
+         context switch.\n",
         w = ctx.workers,
         d = ctx.duration,
         m = ctx.many_workers,
@@ -149,5 +180,89 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
             h.idle_cpu_ms == 0.0 && h.idle_switches == 0.0,
         );
     }
+    control_latency(ctx, res)
+}
+
+/// Workers in the cluster `herd status` is timed against.
+const STATUS_WORKERS: usize = 64;
+
+/// `herd status` against a cluster of [`STATUS_WORKERS`] built-in workers:
+/// the command as an operator runs it (a process, a connection, a status
+/// with every worker's CPU and memory read from /proc, the table printed),
+/// and the protocol's round trip alone, for `summary` and `status`.
+fn control_latency(ctx: &Ctx, res: &mut Results) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::Instant;
+    eprintln!("[memory] herd status with {STATUS_WORKERS} workers");
+    let system = System::new(Sys::HerdShared, App::Builtin);
+    let running = system.start(ctx, STATUS_WORKERS)?;
+    running.wait_ready(STATUS_WORKERS, Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let dir = running.runtime_dir();
+    let name = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|n| n.strip_suffix(".sock").map(String::from))
+        .ok_or_else(|| anyhow::anyhow!("no control socket in {}", dir.display()))?;
+    let us = |t: Instant| t.elapsed().as_secs_f64() * 1e6;
+
+    let mut cli = Vec::new();
+    for _ in 0..10 * ctx.reps {
+        let t = Instant::now();
+        let out = std::process::Command::new(&ctx.herd)
+            .args(["status", &name])
+            .env("HERD_RUNTIME_DIR", &dir)
+            .output()?;
+        cli.push(us(t));
+        anyhow::ensure!(out.status.success(), "herd status failed: {out:?}");
+    }
+    let raw = |cmd: &str| -> Result<(Vec<f64>, usize)> {
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..50 * ctx.reps {
+            let t = Instant::now();
+            let mut s = std::os::unix::net::UnixStream::connect(dir.join(format!("{name}.sock")))?;
+            writeln!(s, "{{\"v\":1,\"cmd\":\"{cmd}\"}}")?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            times.push(us(t));
+            anyhow::ensure!(line.contains("\"ok\":true"), "{cmd}: {line}");
+            size = line.len();
+        }
+        Ok((times, size))
+    };
+    let (summary, _) = raw("summary")?;
+    let (status, size) = raw("status")?;
+    let herd_kib = running.supervisor().and_then(procfs::rss_kib).unwrap_or(0) as f64;
+    running.stop();
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "A cluster of {STATUS_WORKERS} built-in workers. `herd status NAME` as an operator runs it \
+         (a process, a connection, every worker's CPU and memory read from /proc, the table printed), \
+         {} runs; and the protocol's round trip alone (connect, request, one answer line), {} runs each. \
+         Median (min–max).\n",
+        cli.len(),
+        status.len()
+    );
+    let _ = writeln!(md, "| what | time |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| `herd status NAME` (the command) | {} |",
+        fmt_us_stats(&cli)
+    );
+    let _ = writeln!(
+        md,
+        "| `status` round trip ({} KiB answer) | {} |",
+        size / 1024,
+        fmt_us_stats(&status)
+    );
+    let _ = writeln!(md, "| `summary` round trip | {} |", fmt_us_stats(&summary));
+    let _ = writeln!(
+        md,
+        "\nherd's RSS with {STATUS_WORKERS} workers after these requests: {}.",
+        mib(herd_kib)
+    );
+    res.sections.push(("Control plane latency".into(), md));
     Ok(())
 }
