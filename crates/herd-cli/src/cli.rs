@@ -290,9 +290,11 @@ pub struct RunArgs {
     pub ready: ReadyMode,
 
     /// Under --ready delay (and auto, for a worker that says nothing): ready this long after
-    /// it started.
-    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
-    pub ready_delay: Duration,
+    /// it started. Default 1s; 30s for Node cluster workers under auto, which say when their
+    /// server listens (so a slow boot is not taken as ready, nor a failing one as a good
+    /// reload).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub ready_delay: Option<Duration>,
 
     /// Under --ready notify, node or listen: the longest a worker may take to be ready
     /// (0 = no limit).
@@ -465,7 +467,7 @@ impl RunArgs {
         config.containment = self.contain;
         config.merge_output = self.merge_output;
         config.ready = self.ready;
-        config.ready_delay = self.ready_delay;
+        config.ready_delay = self.ready_delay.unwrap_or(DEFAULT_READY_DELAY);
         config.ready_timeout = self.ready_timeout;
         config.watchdog = self.watchdog;
         config.reload_surge = usize::from(self.reload_surge);
@@ -483,6 +485,19 @@ impl RunArgs {
         };
         if node_ipc {
             config.ipc = herd::Ipc::Node;
+        }
+        // Node cluster workers announce `listening`: under auto, a second
+        // of silence is no proof they serve (PM2 waits 3 s, and takes a
+        // slow boot as ready too). Wait for them, as long as is sane.
+        let node_cluster = config
+            .node_cluster
+            .unwrap_or_else(|| config.command.runs_node_script());
+        if self.ready_delay.is_none()
+            && config.ready == ReadyMode::Auto
+            && config.ipc == herd::Ipc::Node
+            && node_cluster
+        {
+            config.ready_delay = NODE_READY_DELAY;
         }
         config.log_format = match self.log_format {
             LogFormatArg::Text => LogFormat::Text,
@@ -505,6 +520,11 @@ fn parse_size_or_zero(text: &str) -> Result<usize, String> {
         _ => parse_size(text),
     }
 }
+
+/// `--ready-delay`'s default.
+const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
+/// `--ready-delay`'s default for Node cluster workers under `--ready auto`.
+const NODE_READY_DELAY: Duration = Duration::from_secs(30);
 
 /// `1048576`, `64KiB`, `64MiB`, `1GiB` (also `K`/`M`/`G`, powers of 1024).
 fn parse_size(text: &str) -> Result<usize, String> {

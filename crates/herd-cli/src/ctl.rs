@@ -24,32 +24,46 @@ const EXIT_UNREACHABLE: u8 = 4;
 pub const QUICK: Option<Duration> = Some(Duration::from_secs(10));
 
 /// A control command's failure: its exit status and one line.
-pub struct Failure(u8, String);
+pub struct Failure {
+    status: u8,
+    message: String,
+    /// Under `--json`, the cluster's own answer was printed already.
+    answered: bool,
+}
 
 impl Failure {
     /// A failure with exit status `status`.
     pub fn new(status: u8, message: String) -> Failure {
-        Failure(status, message)
+        Failure {
+            status,
+            message,
+            answered: false,
+        }
     }
     /// Its exit status.
     pub fn status(&self) -> u8 {
-        self.0
+        self.status
     }
     /// Its line.
     pub fn message(&self) -> &str {
-        &self.1
+        &self.message
     }
 }
 
 type Outcome = Result<(), Failure>;
 
-/// Runs a control command, printing its failure as `herd: …`.
-pub fn main(run: impl FnOnce() -> Outcome) -> ExitCode {
+/// Runs a control command, printing its failure as `herd: …` on stderr
+/// and, under `--json`, as the protocol's error answer on stdout (unless
+/// the cluster's own answer was printed already).
+pub fn main(json: bool, run: impl FnOnce() -> Outcome) -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(status, message)) => {
-            let _ = writeln!(std::io::stderr(), "herd: {message}");
-            ExitCode::from(status)
+        Err(f) => {
+            if json && !f.answered {
+                print_json(&Response::error(f.message.clone()));
+            }
+            let _ = writeln!(std::io::stderr(), "herd: {}", f.message);
+            ExitCode::from(f.status)
         }
     }
 }
@@ -59,7 +73,7 @@ pub fn unreachable(e: ControlError) -> Failure {
         ControlError::BadName(_) => EXIT_USAGE,
         _ => EXIT_UNREACHABLE,
     };
-    Failure(status, e.to_string())
+    Failure::new(status, e.to_string())
 }
 
 /// The cluster `name`, or the only one running.
@@ -73,11 +87,11 @@ fn pick(dir: &Path, name: Option<&str>) -> Result<String, Failure> {
         .collect();
     match running.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(Failure(
+        [] => Err(Failure::new(
             EXIT_UNREACHABLE,
             format!("no cluster is running (under {})", dir.display()),
         )),
-        many => Err(Failure(
+        many => Err(Failure::new(
             EXIT_USAGE,
             format!(
                 "{} clusters are running ({}): name one",
@@ -107,7 +121,7 @@ fn ask(client: &mut Client, command: Command) -> Result<Response, Failure> {
         Ok(response)
     } else {
         let why = response.error.unwrap_or_else(|| "refused".into());
-        Err(Failure(refusal_status(&why), why))
+        Err(Failure::new(refusal_status(&why), why))
     }
 }
 
@@ -156,17 +170,18 @@ pub fn ls(json: bool) -> Outcome {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(
         out,
-        "{:width$}  {:>7}  {:>7}  {:>8}  COMMAND",
-        "NAME", "PID", "READY", "UPTIME"
+        "{:width$}  {:>7}  {:>7}  {:>8}  {:>8}  COMMAND",
+        "NAME", "PID", "READY", "UPTIME", "RESTARTS"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:width$}  {:>7}  {:>7}  {:>8}  {}",
+            "{:width$}  {:>7}  {:>7}  {:>8}  {:>8}  {}",
             r.name,
             r.pid,
             format!("{}/{}", r.ready, r.workers),
             duration(r.uptime_s as f64),
+            r.restarts,
             r.command
         );
     }
@@ -182,7 +197,7 @@ pub fn status(args: NameArgs) -> Outcome {
         return Ok(());
     }
     let Some(status) = response.status else {
-        return Err(Failure(EXIT_FAILED, "the answer had no status".into()));
+        return Err(Failure::new(EXIT_FAILED, "the answer had no status".into()));
     };
     let _ = std::io::stdout().write_all(render_status(&status).as_bytes());
     Ok(())
@@ -331,7 +346,10 @@ pub fn reload(args: NameArgs) -> Outcome {
         true => Ok(()),
         false => {
             let why = response.error.unwrap_or_else(|| "reload failed".into());
-            Err(Failure(refusal_status(&why), why))
+            Err(Failure {
+                answered: args.json,
+                ..Failure::new(refusal_status(&why), why)
+            })
         }
     }
 }
@@ -352,7 +370,7 @@ pub fn scale(args: ScaleArgs) -> Outcome {
     } else {
         match parse_count(t, &args.workers)? {
             0 => {
-                return Err(Failure(
+                return Err(Failure::new(
                     EXIT_USAGE,
                     "cannot scale to 0 workers (herd stop stops the cluster)".into(),
                 ))
@@ -369,7 +387,8 @@ pub fn scale(args: ScaleArgs) -> Outcome {
         print_json(&response);
     } else {
         let n = response.scale.unwrap_or_default();
-        let _ = writeln!(std::io::stdout(), "{}: {n} workers", args.name);
+        let s = if n == 1 { "" } else { "s" };
+        let _ = writeln!(std::io::stdout(), "{}: {n} worker{s}", args.name);
     }
     Ok(())
 }
@@ -381,7 +400,7 @@ fn parse_count(digits: &str, given: &str) -> Result<i64, Failure> {
         .filter(|n| *n <= 1024)
         .map(i64::from)
         .ok_or_else(|| {
-            Failure(
+            Failure::new(
                 EXIT_USAGE,
                 format!("expected N (1-1024), +K or -K workers, got {given:?}"),
             )
@@ -409,7 +428,7 @@ pub fn restart(args: RestartArgs) -> Outcome {
 /// `herd signal`.
 pub fn signal(args: SignalArgs) -> Outcome {
     if let Err(why) = herd::config::parse_signal(&args.signal) {
-        return Err(Failure(EXIT_USAGE, why));
+        return Err(Failure::new(EXIT_USAGE, why));
     }
     let mut client = connect(Some(&args.name), QUICK)?;
     let response = ask(
@@ -468,7 +487,7 @@ pub fn stop(args: StopArgs) -> Outcome {
             let _ = writeln!(std::io::stdout(), "{}: stopped", args.name);
             Ok(())
         }
-        _ => Err(Failure(
+        _ => Err(Failure::new(
             EXIT_FAILED,
             format!(
                 "{} (pid {pid}) has not exited after {:?}",
@@ -499,7 +518,7 @@ pub fn logs(args: LogsArgs) -> Outcome {
         };
         if !response.ok {
             let why = response.error.unwrap_or_default();
-            return Err(Failure(refusal_status(&why), why));
+            return Err(Failure::new(refusal_status(&why), why));
         }
         let written = if let Some(line) = &response.log {
             if args.json {

@@ -31,6 +31,13 @@ enum Msg {
 
 /// `herd top [NAME]`.
 pub fn main(args: TopArgs) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(Failure::new(
+            2,
+            "herd top needs a terminal (for scripts: herd status --json)".into(),
+        ));
+    }
     let (dir, name) = ctl::find(args.name.as_deref())?;
     let mut client = Client::connect(&dir, &name, ctl::QUICK).map_err(ctl::unreachable)?;
     let mut top = Top::new(&name);
@@ -43,7 +50,10 @@ pub fn main(args: TopArgs) -> Result<(), Failure> {
         std::thread::spawn(move || follow_logs(&dir, &name, tx));
     }
 
-    let mut terminal = ratatui::init();
+    let mut terminal = ratatui::try_init().map_err(|e| {
+        ratatui::restore();
+        Failure::new(1, format!("cannot set up the terminal: {e}"))
+    })?;
     let outcome = (|| -> Result<(), Failure> {
         let interval = args.interval.max(Duration::from_millis(100));
         let mut next = Instant::now() + interval;

@@ -208,6 +208,7 @@ mod tests {
                 workers: 3,
                 ready: 2,
                 uptime_s: 3725,
+                restarts: 7,
                 command: "node app.js".into(),
             },
             version: "0.1.0".into(),

@@ -792,3 +792,50 @@ fn a_node_app_on_a_port_of_its_own_is_named_once() {
         .count(|l| l.contains("which is not one of herd's -l addresses"));
     assert_eq!(n, 1);
 }
+
+/// A Node app that takes 2 s to boot: under the default `--ready auto`
+/// herd waits for its `listening` (not the 1 s delay meant for programs
+/// that say nothing), so a deploy that throws while booting fails the
+/// reload (exit 1, rolled back) instead of replacing the serving worker.
+#[test]
+fn a_slow_booting_node_app_that_breaks_fails_the_reload() {
+    if node_missing() {
+        return;
+    }
+    let dir = TempDir::new("node-slowboot");
+    let app = dir.path().join("app.js");
+    let broken = dir.path().join("BREAK");
+    std::fs::write(
+        &app,
+        format!(
+            r#"
+const fs = require('fs');
+const http = require('http');
+setTimeout(() => {{
+    if (fs.existsSync({broken:?})) throw new Error('cannot connect to the database');
+    http.createServer((req, res) => res.end('ok')).listen(process.env.PORT);
+}}, 2000);
+"#
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(herd_bin());
+    cmd.args(["run", "-w", "1", "--name", "slow", "-l"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--", "node", app.to_str().unwrap()])
+        .env("PORT", port.to_string());
+    let herd = Herd::spawn(cmd);
+    let line = herd
+        .stderr
+        .wait_for("ready", STARTUP, |l| l.contains(" ready"));
+    assert!(
+        !line.contains("--ready-delay"),
+        "ready by the delay: {line}"
+    );
+    std::fs::write(&broken, "").unwrap();
+    let (code, out, err) = herd.ctl(&["reload", "slow"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("cannot connect to the database"), "{err}");
+    assert!(http_get(port).is_ok(), "the old worker serves on");
+}

@@ -53,7 +53,11 @@ impl Client {
 
     /// Sends a request and reads the first answer line.
     pub fn request(&mut self, command: Command) -> Result<Response, ControlError> {
-        self.send(command)?;
+        if let Err(e) = self.send(command) {
+            // A refused client (busy, another user) is answered and closed
+            // at once: the send may fail, the answer is still there.
+            return self.read().map_err(|_| e);
+        }
         self.read()
     }
 

@@ -54,7 +54,9 @@ impl Default for ControlConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The directory cannot be made, or is unsafe to use.
-    #[error("control directory {0}: {1}")]
+    #[error(
+        "control directory {0}: {1} (set HERD_RUNTIME_DIR to another, or run with --no-control)"
+    )]
     Dir(PathBuf, String),
     /// A name with characters other than `A-Z a-z 0-9 . _ -`, or too long.
     #[error("bad cluster name {0:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -)")]

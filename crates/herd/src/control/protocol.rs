@@ -187,6 +187,10 @@ pub struct Summary {
     pub ready: usize,
     /// Seconds since herd started.
     pub uptime_s: u64,
+    /// Workers restarted, over every slot (replacements by reload and
+    /// restart not counted).
+    #[serde(default)]
+    pub restarts: u64,
     /// The worker command, as shown in logs.
     pub command: String,
 }

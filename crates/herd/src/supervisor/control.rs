@@ -260,6 +260,7 @@ impl Supervisor {
                 workers: self.life.active(),
                 ready,
                 uptime_s: now.saturating_duration_since(started).as_secs(),
+                restarts: slots.iter().map(|s: &SlotStatus| s.restarts).sum(),
                 command: self.config.command.display(),
             },
             version: env!("CARGO_PKG_VERSION").to_string(),
