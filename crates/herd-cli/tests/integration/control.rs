@@ -462,3 +462,40 @@ fn status_shows_a_stray_process_herd_still_waits_for() {
         "stray {pid} outlived herd"
     );
 }
+
+/// A scale to hundreds of workers is answered at once and spawned a batch
+/// at a time: the supervisor goes on answering (and supervising) while it
+/// forks them, instead of freezing until the last one runs.
+#[test]
+fn a_big_scale_up_does_not_freeze_the_supervisor() {
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--name",
+        "big",
+        "--no-listen",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    herd.stderr
+        .wait_for("spawned", STARTUP, |l| l.contains("spawned in slot 0"));
+    let (code, out, err) = herd.ctl(&["scale", "big", "600"]);
+    assert_eq!((code, out.as_str()), (0, "big: 600 workers"), "{err}");
+    // Asked at once, while the forks go on: not all of them run yet.
+    let status = herd.status_json("big");
+    let live: usize = status["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["workers"].as_array().unwrap().len())
+        .sum();
+    assert!(
+        live < 600,
+        "{live} workers already live: the answer waited for every spawn"
+    );
+    assert!(eventually(Duration::from_secs(60), || {
+        herd.stderr.count(|l| l.contains(" spawned in slot ")) >= 600
+    }));
+}

@@ -356,6 +356,10 @@ pub(crate) struct Supervisor {
     metrics_server: Option<tokio::task::AbortHandle>,
     /// What `herd status` and the metrics count.
     stats: control::Stats,
+    /// Workers the lifecycle asked for and not yet spawned: a scale to
+    /// 1,024 is 1,024 forks, done [`SPAWN_BATCH`] per loop round so that
+    /// exits, signals and requests are handled meanwhile.
+    spawn_queue: VecDeque<(usize, bool)>,
 }
 
 /// How long a scaled-away worker in reuseport mode keeps accepting what is
@@ -363,6 +367,9 @@ pub(crate) struct Supervisor {
 /// queue is looked at meanwhile.
 const EMPTY_WAIT: Duration = Duration::from_secs(1);
 const EMPTY_POLL: Duration = Duration::from_millis(2);
+
+/// Workers spawned per loop round (each is a fork and exec: a few ms).
+const SPAWN_BATCH: usize = 8;
 
 /// How often workers' memory is read under `--max-memory`.
 const MEMORY_EVERY: Duration = Duration::from_secs(1);
@@ -518,6 +525,7 @@ impl Supervisor {
             control_server: None,
             metrics_server: None,
             stats: control::Stats::default(),
+            spawn_queue: VecDeque::new(),
         })
     }
 
@@ -672,6 +680,8 @@ impl Supervisor {
                     self.guardian = None;
                     self.start_guardian();
                 }
+                // Other tasks (the control server, readers) run between batches.
+                _ = tokio::task::yield_now(), if !self.spawn_queue.is_empty() => self.work_spawns(),
                 _ = sleep_until(deadline.unwrap_or_else(far_future).into()), if deadline.is_some() => {
                     self.on_timer(Instant::now());
                 }
@@ -904,10 +914,9 @@ impl Supervisor {
             }
             for action in actions {
                 match action {
+                    // Spawned from the loop, a batch at a time (`work_spawns`).
                     Action::Spawn { slot, replacement } => {
-                        if let Some(generation) = self.life.spawn_wanted(slot, replacement) {
-                            self.spawn(slot, generation);
-                        }
+                        self.spawn_queue.push_back((slot, replacement))
                     }
                     Action::StopAll => self.stop_all(),
                     Action::KillAll => self.kill_everything(Instant::now()),
@@ -974,6 +983,21 @@ impl Supervisor {
             }
         }
         self.steer();
+    }
+
+    /// Spawns up to [`SPAWN_BATCH`] of the workers asked for, each if it is
+    /// still wanted (an answer since may have made it moot, or changed its
+    /// command generation).
+    fn work_spawns(&mut self) {
+        for _ in 0..SPAWN_BATCH {
+            let Some((slot, replacement)) = self.spawn_queue.pop_front() else {
+                break;
+            };
+            if let Some(generation) = self.life.spawn_wanted(slot, replacement) {
+                self.spawn(slot, generation);
+            }
+        }
+        self.perform();
     }
 
     /// reuseport: connections waiting in the accept queues of the sockets
