@@ -6,11 +6,15 @@
 //! off the supervisor's thread) and encodes a fresh registry, so nothing is
 //! kept or sampled between scrapes and an idle cluster makes no wakeups.
 //! The endpoint may face a network: at most [`MAX_CONNECTIONS`] connections
-//! are served at once (more are closed at once), and a request's headers
-//! must arrive within [`HEADER_TIMEOUT`].
+//! are held at once, and a request's headers must arrive within
+//! [`HEADER_TIMEOUT`]. A new connection beyond the limit closes the oldest
+//! one: clients that open connections and say nothing (slowloris) cannot
+//! keep a load balancer's probe out, since a probe asks and is answered in
+//! a millisecond. No connection takes the descriptors workers need
+//! ([`fds_to_spare`](crate::control::server::fds_to_spare)).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -21,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::cluster::Command;
@@ -30,7 +34,7 @@ use crate::control::protocol::Status;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long a client may take to send a request's headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `/healthz` waits for the supervisor to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -40,7 +44,8 @@ pub(crate) async fn serve(
     commands: mpsc::UnboundedSender<Command>,
     min_ready: usize,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The connections held, oldest first.
+    let mut held: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -50,11 +55,17 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        held.retain(|h| !h.is_finished());
+        if !crate::control::server::fds_to_spare() {
             continue; // dropped: closed at once
-        };
+        }
+        if held.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = held.pop_front() {
+                oldest.abort();
+            }
+        }
         let commands = commands.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let commands = commands.clone();
                 async move { Ok::<_, Infallible>(respond(req, &commands, min_ready).await) }
@@ -64,8 +75,8 @@ pub(crate) async fn serve(
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
-            drop(permit);
         });
+        held.push_back(task.abort_handle());
     }
 }
 

@@ -178,3 +178,64 @@ fn no_metrics_flag_no_socket() {
     }
     assert!(!herd.stderr.all().iter().any(|l| l.contains("metrics on")));
 }
+
+/// Clients that connect and say nothing (slowloris) cannot keep a probe
+/// out: a new connection past the limit closes the oldest.
+#[test]
+fn idle_connections_cannot_keep_probes_out() {
+    let herd = Herd::start([
+        "run",
+        "-w",
+        "1",
+        "--no-listen",
+        "--metrics",
+        "127.0.0.1:0",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    let port = metrics_port(&herd);
+    let holders: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(holders.len() > 150, "{} connected", holders.len());
+    for _ in 0..5 {
+        assert_eq!(get(port, "/healthz"), (200, "ok\n".into()));
+    }
+}
+
+/// Under a low open-file limit, clients never take the descriptors
+/// workers need: with 60 control clients and 60 metrics connections held,
+/// killed workers are still replaced.
+#[test]
+fn clients_leave_workers_their_descriptors() {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        "ulimit -n 64 && exec \"$0\" run -w 6 --name tight --no-listen --metrics 127.0.0.1:0 -- sleep 60",
+    ])
+    .arg(herd_bin());
+    let herd = Herd::spawn(cmd);
+    for n in 1..=6 {
+        herd.stderr
+            .wait_for_nth("spawned", STARTUP, n, |l| l.contains(" spawned in slot "));
+    }
+    let port = metrics_port(&herd);
+    let sock = herd.runtime.join("tight.sock");
+    let _control: Vec<_> = (0..60)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+        .collect();
+    let _metrics: Vec<_> = (0..60)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let victims: Vec<u32> = herd.spawned().into_iter().take(3).collect();
+    for v in &victims {
+        send_signal(*v, "KILL");
+    }
+    herd.stderr.wait_for_nth("replacements", STARTUP, 9, |l| {
+        l.contains(" spawned in slot ")
+    });
+    let log = herd.stderr.all().join("\n");
+    assert!(!log.contains("Too many open files"), "{log}");
+}

@@ -252,6 +252,14 @@ impl Herd {
         ctl_in(&self.runtime, args)
     }
 
+    /// `herd status NAME --json`'s `status` object, or `None` if herd does
+    /// not answer (yet: its socket is bound as it starts).
+    pub fn try_status(&self, name: &str) -> Option<serde_json::Value> {
+        let (code, out, _) = self.ctl(&["status", name, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (code == 0).then(|| v["status"].clone())
+    }
+
     /// `herd status NAME --json`'s `status` object.
     pub fn status_json(&self, name: &str) -> serde_json::Value {
         let (code, out, err) = self.ctl(&["status", name, "--json"]);

@@ -65,6 +65,15 @@ pub(crate) async fn serve(
                 .try_write(line(&Response::error(format!("permission denied: {why}"))).as_bytes());
             continue;
         }
+        if !fds_to_spare() {
+            let _ = stream.try_write(
+                line(&Response::error(
+                    "busy: herd keeps its last open-file descriptors for its workers; try again",
+                ))
+                .as_bytes(),
+            );
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             let _ = stream.try_write(
                 line(&Response::error(format!(
@@ -80,6 +89,21 @@ pub(crate) async fn serve(
             drop(permit);
         });
     }
+}
+
+/// Whether herd may spend a descriptor on a client: clients never take the
+/// last quarter of the open-file limit (at most 64), which workers need to
+/// be spawned (pipes, sockets). Counts /proc/self/fd: on accept only.
+pub(crate) fn fds_to_spare() -> bool {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let Ok(open) = std::fs::read_dir("/proc/self/fd") else {
+        return true;
+    };
+    let open = open.count() as u64;
+    let reserve = (limit / 4).min(64);
+    limit.saturating_sub(open) > reserve
 }
 
 /// Why the peer may not control this cluster, if it may not: only herd's
