@@ -543,14 +543,23 @@ fn a_log_file_that_is_no_regular_file_is_never_rotated() {
         .status()
         .unwrap()
         .success());
-    // Its reader, counting lines until the writer (herd) goes.
-    let reader = {
-        let fifo = fifo.clone();
+    // Its reader, opened before herd starts (read-write: the open does
+    // not wait for a writer), counting lines; the thread ends with the
+    // test binary (it holds a write end itself, so it never sees EOF).
+    let read_end = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let count = count.clone();
         std::thread::spawn(move || {
-            let f = std::fs::File::open(fifo).unwrap();
-            std::io::BufRead::lines(std::io::BufReader::new(f)).count()
-        })
-    };
+            for _ in std::io::BufRead::lines(std::io::BufReader::new(read_end)) {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
     let script = "i=0; while [ $i -lt 200 ]; do echo \"line $i\"; i=$((i+1)); done; exec sleep 30";
     let mut herd = Herd::sh(
         &[
@@ -564,12 +573,41 @@ fn a_log_file_that_is_no_regular_file_is_never_rotated() {
         ],
         script,
     );
-    std::thread::sleep(Duration::from_millis(800));
+    let lines = || count.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        eventually(STARTUP, || lines() >= 200),
+        "{} lines through the FIFO",
+        lines()
+    );
     herd.signal("TERM");
     herd.wait(STARTUP);
-    let lines = reader.join().unwrap();
-    assert!(lines >= 200, "{lines} lines through the FIFO");
     let meta = std::fs::symlink_metadata(&fifo).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
     assert!(!dir.path().join("pipe.1").exists(), "the FIFO was rotated");
+}
+
+/// A FIFO nobody reads as the log file is refused at start (exit 2), not
+/// a herd hung in open(2) before it started anything.
+#[test]
+fn a_log_file_fifo_without_a_reader_is_refused() {
+    let dir = TempDir::new("logfifo-noreader");
+    let fifo = dir.path().join("pipe");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let mut herd = Herd::sh(
+        &[
+            "-w",
+            "1",
+            "--no-listen",
+            "--log-file",
+            fifo.to_str().unwrap(),
+        ],
+        "exec sleep 30",
+    );
+    assert_eq!(herd.wait(STARTUP).code(), Some(2));
+    let err = herd.stderr.all().join("\n");
+    assert!(err.contains("a FIFO that nobody reads"), "{err}");
 }

@@ -75,7 +75,7 @@ pub fn check_dir(dir: &Path) -> Result<(), ControlError> {
     if meta.permissions().mode() & 0o022 != 0 {
         return Err(err(format!(
             "others may write to it (mode {:o}); chmod 700 it",
-            meta.permissions().mode() & 0o777
+            meta.permissions().mode() & 0o7777
         )));
     }
     Ok(())

@@ -228,6 +228,11 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
 pub(crate) fn parse(bytes: &[u8]) -> Result<Request, String> {
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not a JSON request: {e}"))?;
+    // `{"cmd":"summary","cmd":"stop"}` is refused, not read as its last
+    // `cmd`: a proxy or log that reads the first must not be fooled.
+    if value.is_object() {
+        serde_json::from_slice::<UniqueKeys>(bytes).map_err(|e| format!("bad request: {e}"))?;
+    }
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
         Some(v) => {
@@ -244,6 +249,35 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Request, String> {
     let request: super::protocol::Request =
         serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))?;
     Ok(request.command)
+}
+
+/// A JSON object whose keys are all different (its values not read).
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Asks the supervisor (through `call`), or `None` if the cluster is gone.
@@ -502,5 +536,6 @@ mod tests {
         assert!(why(br#"{"v":1,"cmd":"explode"}"#).contains("unknown variant"));
         assert!(why(br#"{"v":1,"cmd":"restart"}"#).contains("slot"));
         assert!(why(br#"{"v":1,"cmd":"restart","slot":-1}"#).starts_with("bad request"));
+        assert!(why(br#"{"v":1,"cmd":"summary","cmd":"stop"}"#).contains("duplicate field `cmd`"));
     }
 }

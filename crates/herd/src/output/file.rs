@@ -83,12 +83,20 @@ pub(crate) fn in_use() -> bool {
 }
 
 fn open(path: &Path) -> io::Result<(File, u64, bool)> {
+    // Non-blocking to open: a FIFO with no reader fails (ENXIO) instead of
+    // hanging herd's start. Writes block as usual (on the writer threads).
     let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)?;
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => io::Error::other("a FIFO that nobody reads"),
+            _ => e,
+        })?;
+    let flags = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
     let meta = file.metadata()?;
     Ok((file, meta.len(), meta.is_file()))
 }
