@@ -361,7 +361,7 @@ struct Slot {
     /// When its last few workers were started (at most `START_BURST`).
     starts: VecDeque<Instant>,
     /// It is being scaled away: its worker is not replaced, and the slot is
-    /// removed once it is done (leaving slots are always the last ones).
+    /// removed once it is done (and is the last; a scale-up takes it back first).
     leaving: bool,
 }
 
@@ -619,14 +619,27 @@ impl Lifecycle {
         }
         let n = n.max(1);
         while self.active() < n {
-            // A slot that left and is gone (a gap), else a new one; a slot
-            // whose worker is still draining stays gone, so the new worker
+            // The lowest slot that is leaving, else a new one: slot numbers
+            // (HERD_WORKER_ID) stay within 0..n, which apps shard by. A
+            // leaving slot's worker, still draining, drains on beside the
+            // new one (as a reload's old worker does); the new worker
             // starts now rather than when that one exits.
             let generation = self.new_slot_generation();
-            let reuse = self.slots.iter().position(|s| s.leaving && s.gone());
+            let reuse = self.slots.iter().position(|s| s.leaving);
             let slot = match reuse {
                 Some(i) => {
-                    self.slots[i] = Slot::new(&self.policy, generation, now);
+                    let old = std::mem::replace(
+                        &mut self.slots[i],
+                        Slot::new(&self.policy, generation, now),
+                    );
+                    let mut draining = old.draining;
+                    if let SlotState::Running(w) = old.state {
+                        draining.push(w);
+                    }
+                    if let Some(Incoming::Running(w)) = old.incoming {
+                        draining.push(w);
+                    }
+                    self.slots[i].draining = draining;
                     i
                 }
                 None => {
@@ -1781,6 +1794,10 @@ mod tests {
         /// it began (`None` once the cluster was resized meanwhile), and
         /// how many replacements failed.
         reload: Option<(u64, Option<Vec<u64>>, usize)>,
+        /// Workers asked to go because their slot was scaled away: they
+        /// drain beside the slot's next worker if a scale-up takes the slot
+        /// back, outside the surge bound (a scale-down, not a replacement).
+        scaled_away: std::collections::HashSet<u32>,
     }
 
     impl Sim {
@@ -1800,6 +1817,7 @@ mod tests {
                 next_gen: 1,
                 queued_bad: false,
                 reload: None,
+                scaled_away: std::collections::HashSet::new(),
             };
             sim.perform();
             sim
@@ -1848,6 +1866,13 @@ mod tests {
                                     Some(generation)
                                 );
                             }
+                        }
+                        Action::Retire {
+                            pid,
+                            why: RetireWhy::ScaledAway,
+                            ..
+                        } => {
+                            self.scaled_away.insert(pid);
                         }
                         Action::Retire {
                             slot,
@@ -1963,11 +1988,16 @@ mod tests {
                     assert!(self.alive.contains(&(w.pid, slot)));
                 }
             }
-            // Never more than the slots and the surge.
+            // Never more than the slots and the surge (and what was
+            // scaled away, draining).
+            let counted = self
+                .alive
+                .iter()
+                .filter(|(pid, _)| !self.scaled_away.contains(pid))
+                .count();
             assert!(
-                self.alive.len() <= self.lc.slots() + self.surge,
-                "{} alive in {} slots (surge {})",
-                self.alive.len(),
+                counted <= self.lc.slots() + self.surge,
+                "{counted} alive in {} slots (surge {})",
                 self.lc.slots(),
                 self.surge
             );
@@ -2139,11 +2169,33 @@ mod tests {
                         if let Some((_, before, _)) = &mut sim.reload {
                             *before = None;
                         }
+                        // Every process of a slot that leaves was scaled
+                        // away: it drains outside the bound, also once a
+                        // scale-up takes its slot back for a new worker.
+                        let leaving = |sim: &Sim| -> Vec<u32> {
+                            sim.alive
+                                .iter()
+                                .filter(|(_, slot)| sim.lc.leaving(*slot))
+                                .map(|(p, _)| *p)
+                                .collect()
+                        };
+                        let before = leaving(&sim);
+                        let slots_before = sim.lc.slots();
                         let size = sim.lc.scale(n, sim.now);
                         if !sim.lc.stopping() {
                             prop_assert_eq!(size, n.max(1));
                         }
+                        // Slot numbers stay dense: a new slot is added only
+                        // once no slot is leaving (those are taken back first).
+                        prop_assert!(
+                            sim.lc.slots() <= slots_before
+                                || (0..sim.lc.slots()).all(|s| !sim.lc.leaving(s)),
+                            "a slot added while another is leaving"
+                        );
                         sim.perform();
+                        sim.scaled_away.extend(before);
+                        let after = leaving(&sim);
+                        sim.scaled_away.extend(after);
                     }
                     Step::Heartbeat(i) => {
                         if let Some((pid, _)) = sim.alive.get(i % sim.alive.len().max(1)) {

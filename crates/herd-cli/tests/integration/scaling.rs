@@ -185,3 +185,44 @@ while True:
     herd.stderr
         .wait_for("slot 1 removed", STARTUP, |l| l.contains("slot 1 removed"));
 }
+
+/// Scaling up while scaled-away workers still drain takes their slots
+/// back: the new worker is slot 1 (`HERD_WORKER_ID=1`) of a 2-worker
+/// cluster, beside the draining one, not slot 4.
+#[test]
+fn scaling_up_takes_back_slots_still_draining() {
+    let script =
+        "trap 'sleep 3; exit 0' TERM; echo \"id=$HERD_WORKER_ID\"; while :; do sleep 0.1; done";
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "4",
+            "--name",
+            "dense",
+            "--no-listen",
+            "--ready-delay",
+            "100ms",
+        ],
+        script,
+    );
+    for n in 1..=4 {
+        herd.stderr
+            .wait_for_nth("ready", STARTUP, n, |l| l.contains(" ready"));
+    }
+    assert_eq!(herd.ctl(&["scale", "dense", "1"]).0, 0);
+    herd.stderr
+        .wait_for("retiring", STARTUP, |l| l.contains("slot 3 is scaled away"));
+    assert_eq!(herd.ctl(&["scale", "dense", "2"]).0, 0);
+    let line = herd.stderr.wait_for_nth("a new worker", STARTUP, 5, |l| {
+        l.contains(" spawned in slot ")
+    });
+    assert!(line.contains("spawned in slot 1"), "{line}");
+    herd.stdout
+        .wait_for_nth("its id", STARTUP, 2, |l| l.ends_with("id=1"));
+    let status = herd.status_json("dense");
+    let slots = status["slots"].as_array().unwrap();
+    assert!(
+        slots.iter().all(|s| s["slot"].as_u64().unwrap() < 4),
+        "{status}"
+    );
+}
