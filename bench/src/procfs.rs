@@ -40,26 +40,43 @@ pub fn ticks_per_sec() -> u64 {
 /// Context switches (voluntary + involuntary) summed over every thread: each
 /// is a time the process was scheduled off the CPU, so an idle process that
 /// never wakes keeps this constant.
-pub fn context_switches(pid: u32) -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
+/// Each thread's context switches (voluntary and not), by thread id.
+pub fn context_switches_by_thread(pid: u32) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         let text = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        for l in text.lines() {
-            if l.starts_with("voluntary_ctxt_switches:")
-                || l.starts_with("nonvoluntary_ctxt_switches:")
-            {
-                total += l
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
+        let n: u64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.insert(tid, n);
     }
-    Some(total)
+    out
+}
+
+/// Wakeups between two [`context_switches_by_thread`] readings: each
+/// thread's new switches, a new thread's all, and one for each thread that
+/// exited meanwhile (it woke to exit; its count is gone).
+pub fn wakeups_between(
+    before: &std::collections::HashMap<u64, u64>,
+    after: &std::collections::HashMap<u64, u64>,
+) -> u64 {
+    let grown: u64 = after
+        .iter()
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum();
+    let gone = before.keys().filter(|t| !after.contains_key(t)).count() as u64;
+    grown + gone
 }
 
 /// The direct children of `pid`.

@@ -30,8 +30,9 @@ fn guardian_of(herd: u32, herd_exe: &str) -> Option<u32> {
 }
 
 /// How long after its start a cluster counts as idle: past herd's last
-/// probe of its workers' sockets (10 s).
-const STEADY: Duration = Duration::from_secs(12);
+/// probe of its workers' sockets (10 s) and the exit of the blocking-pool
+/// thread that ran it (tokio keeps one idle for 10 s).
+const STEADY: Duration = Duration::from_secs(22);
 
 pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
     let mut systems = vec![
@@ -89,12 +90,21 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
                 );
             }
         }
-        let (cpu0, sw0) = (procfs::cpu_ticks(sup), procfs::context_switches(sup));
+        let (cpu0, sw0) = (
+            procfs::cpu_ticks(sup),
+            procfs::context_switches_by_thread(sup),
+        );
         std::thread::sleep(ctx.idle);
-        let (cpu1, sw1) = (procfs::cpu_ticks(sup), procfs::context_switches(sup));
-        let ticks = cpu1.zip(cpu0).map(|(a, b)| a - b).unwrap_or(0);
+        let (cpu1, sw1) = (
+            procfs::cpu_ticks(sup),
+            procfs::context_switches_by_thread(sup),
+        );
+        let ticks = cpu1
+            .zip(cpu0)
+            .map(|(a, b)| a.saturating_sub(b))
+            .unwrap_or(0);
         let idle_cpu_ms = ticks as f64 * 1000.0 / procfs::ticks_per_sec() as f64;
-        let idle_switches = sw1.zip(sw0).map(|(a, b)| a - b).unwrap_or(0) as f64;
+        let idle_switches = procfs::wakeups_between(&sw0, &sw1) as f64;
         Load {
             threads: ctx.threads,
             connections: ctx.connections,
@@ -127,9 +137,10 @@ pub fn run(ctx: &Ctx, res: &mut Results) -> Result<()> {
         md,
         "Supervisor process only (herd; Node's primary; PM2's daemon), Node app workers; herd with its control \
          socket and `--metrics` on. RSS idle with {w} workers, after a {d:?} `Connection: close` run, and idle \
-         with {m} workers. CPU time and context switches (all threads) over {i:?} of idleness, from 12 s after \
-         the start (herd probes each new worker's sockets 2 s and 10 s after it starts): every wakeup is a \
-         context switch.\n",
+         with {m} workers. CPU time and context switches (all threads; a thread that exits counts one) over \
+         {i:?} of idleness, from 22 s after herd's start (it probes each new worker's sockets 2 s and 10 s \
+         after it starts, on a blocking-pool thread that tokio keeps 10 s): every wakeup is a context \
+         switch.\n",
         w = ctx.workers,
         d = ctx.duration,
         m = ctx.many_workers,

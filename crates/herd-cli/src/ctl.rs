@@ -203,22 +203,35 @@ pub fn status(args: NameArgs) -> Outcome {
     Ok(())
 }
 
-/// `herd status` as a table.
-pub fn render_status(s: &Status) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{}: pid {}, up {}, {}/{} ready, generation {}{}{}",
+/// The cluster in one line: `web: pid 100, up 1h02m, 2/3 ready, generation
+/// 0` (with `after_name` and `sep` between the parts).
+pub fn headline(s: &Status, after_name: &str, sep: &str) -> String {
+    format!(
+        "{}{after_name}pid {}{sep}up {}{sep}{}/{} ready{sep}generation {}{}{}",
         s.summary.name,
         s.summary.pid,
         duration(s.summary.uptime_s as f64),
         s.summary.ready,
         s.summary.workers,
         s.generation,
-        if s.reloading { ", RELOADING" } else { "" },
-        if s.stopping { ", STOPPING" } else { "" },
-    );
+        if s.reloading {
+            format!("{sep}RELOADING")
+        } else {
+            String::new()
+        },
+        if s.stopping {
+            format!("{sep}STOPPING")
+        } else {
+            String::new()
+        },
+    )
+}
+
+/// `herd status` as a table.
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", headline(s, ": ", ", "));
     let _ = writeln!(out, "command: {}", s.summary.command);
     let _ = writeln!(
         out,

@@ -37,15 +37,8 @@ pub fn draw(frame: &mut Frame, top: &Top) {
             let c = &s.counters;
             vec![
                 Line::from(format!(
-                    "{}  pid {}  up {}  {}/{} ready  gen {}{}{}  {}",
-                    s.summary.name,
-                    s.summary.pid,
-                    duration(s.summary.uptime_s as f64),
-                    s.summary.ready,
-                    s.summary.workers,
-                    s.generation,
-                    if s.reloading { "  RELOADING" } else { "" },
-                    if s.stopping { "  STOPPING" } else { "" },
+                    "{}  {}",
+                    crate::ctl::headline(s, "  ", "  "),
                     listen.join(", "),
                 )),
                 Line::from(format!(
@@ -308,7 +301,7 @@ mod tests {
         let top = model();
         let got = screen(&top, 110, 16);
         let want = [
-            "web  pid 100  up 1h02m  2/3 ready  gen 0  127.0.0.1:8000 (0 queued)",
+            "web  pid 100  up 1h02m  2/3 ready  generation 0  127.0.0.1:8000 (0 queued)",
             "restarts: 5 crashed 2 killed 0 hung 0 recycled 0 reloaded · reloads 0 ok 0 failed",
             "┌ workers ───────────────────────────────────────────────────────────────────────────────────────────────────┐",
             "│SLOT PID     STATE     READY UPTIME  RESTARTS CPU   CPU HISTORY  RSS     RSS HISTORY  NOTE                  │",

@@ -532,17 +532,23 @@ fn a_full_disk_drops_lines_and_supervision_goes_on() {
     );
 }
 
-/// Only a regular file is rotated: a FIFO (or /dev/null) given as the log
-/// file is written to as it is, never renamed.
-#[test]
-fn a_log_file_that_is_no_regular_file_is_never_rotated() {
-    let dir = TempDir::new("logfifo");
+/// A FIFO (`pipe`) in a fresh directory.
+fn fifo(tag: &str) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new(tag);
     let fifo = dir.path().join("pipe");
     assert!(Command::new("mkfifo")
         .arg(&fifo)
         .status()
         .unwrap()
         .success());
+    (dir, fifo)
+}
+
+/// Only a regular file is rotated: a FIFO (or /dev/null) given as the log
+/// file is written to as it is, never renamed.
+#[test]
+fn a_log_file_that_is_no_regular_file_is_never_rotated() {
+    let (dir, fifo) = fifo("logfifo");
     // Its reader, opened before herd starts (read-write: the open does
     // not wait for a writer), counting lines; the thread ends with the
     // test binary (it holds a write end itself, so it never sees EOF).
@@ -590,13 +596,7 @@ fn a_log_file_that_is_no_regular_file_is_never_rotated() {
 /// a herd hung in open(2) before it started anything.
 #[test]
 fn a_log_file_fifo_without_a_reader_is_refused() {
-    let dir = TempDir::new("logfifo-noreader");
-    let fifo = dir.path().join("pipe");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
+    let (_dir, fifo) = fifo("logfifo-noreader");
     let mut herd = Herd::sh(
         &[
             "-w",
