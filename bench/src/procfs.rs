@@ -37,10 +37,9 @@ pub fn ticks_per_sec() -> u64 {
     rustix::param::clock_ticks_per_second()
 }
 
-/// Context switches (voluntary + involuntary) summed over every thread: each
-/// is a time the process was scheduled off the CPU, so an idle process that
-/// never wakes keeps this constant.
-/// Each thread's context switches (voluntary and not), by thread id.
+/// Each thread's context switches (voluntary and not), by thread id: each
+/// is a time the thread was scheduled off the CPU, so an idle process that
+/// never wakes keeps these constant.
 pub fn context_switches_by_thread(pid: u32) -> std::collections::HashMap<u64, u64> {
     let mut out = std::collections::HashMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
