@@ -322,7 +322,7 @@ pub fn render_status(s: &Status) -> String {
     let _ = writeln!(
         out,
         "\nrestarts: {} crashed, {} killed, {} hung, {} recycled, {} reloaded; crash loops: {}; \
-         reloads: {} ok, {} failed",
+         reloads: {} ok, {} rolled back, {} not resolved",
         c.restarts_crash,
         c.restarts_killed,
         c.restarts_watchdog,
@@ -330,7 +330,8 @@ pub fn render_status(s: &Status) -> String {
         c.restarts_reload,
         c.crash_loops,
         c.reloads_ok,
-        c.reloads_failed
+        c.reloads_rolled_back,
+        c.reloads_unresolved
     );
     out
 }

@@ -251,11 +251,15 @@ pub(crate) fn exposition(s: &Status) -> String {
         .get_or_create(&labels(&[("outcome", "ok".into())]))
         .inc_by(c.reloads_ok);
     reloads
-        .get_or_create(&labels(&[("outcome", "failed".into())]))
-        .inc_by(c.reloads_failed);
+        .get_or_create(&labels(&[("outcome", "rolled_back".into())]))
+        .inc_by(c.reloads_rolled_back);
+    reloads
+        .get_or_create(&labels(&[("outcome", "unresolved".into())]))
+        .inc_by(c.reloads_unresolved);
     registry.register(
         "reloads",
-        "Rolling reloads, by outcome (failed: rolled back or the command did not resolve)",
+        "Rolling reloads, by outcome (rolled_back: a new worker failed; unresolved: the \
+         command could not be resolved again, nothing changed)",
         reloads,
     );
     counter(

@@ -161,7 +161,14 @@ impl Top {
                     restarts: slot.restarts,
                     cpu_pct: h.and_then(|h| h.cpu.back()).map(|c| *c as f64),
                     rss: w.rss_bytes,
-                    note: w.status_text.clone().unwrap_or_default(),
+                    note: [
+                        w.connections.map(|c| format!("{c} conns")),
+                        w.status_text.clone(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 });
             }
         }

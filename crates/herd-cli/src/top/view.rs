@@ -42,14 +42,14 @@ pub fn draw(frame: &mut Frame, top: &Top) {
                     listen.join(", "),
                 )),
                 Line::from(format!(
-                    "restarts: {} crashed {} killed {} hung {} recycled {} reloaded · reloads {} ok {} failed{}",
+                    "restarts: {} crashed {} killed {} hung {} recycled {} reloaded · reloads {} ok {} rolled back{}",
                     c.restarts_crash,
                     c.restarts_killed,
                     c.restarts_watchdog,
                     c.restarts_recycled,
                     c.restarts_reload,
                     c.reloads_ok,
-                    c.reloads_failed,
+                    c.reloads_rolled_back + c.reloads_unresolved,
                     if s.orphans.is_empty() {
                         String::new()
                     } else {
@@ -302,7 +302,7 @@ mod tests {
         let got = screen(&top, 110, 16);
         let want = [
             "web  pid 100  up 1h02m  2/3 ready  generation 0  127.0.0.1:8000 (0 queued)",
-            "restarts: 5 crashed 2 killed 0 hung 0 recycled 0 reloaded · reloads 0 ok 0 failed",
+            "restarts: 5 crashed 2 killed 0 hung 0 recycled 0 reloaded · reloads 0 ok 0 rolled back",
             "┌ workers ───────────────────────────────────────────────────────────────────────────────────────────────────┐",
             "│SLOT PID     STATE     READY UPTIME  RESTARTS CPU   CPU HISTORY  RSS     RSS HISTORY  NOTE                  │",
             "│0    201     running   yes   12s     0        50%   ▅▅           30.0M   ▂▅█                                │",

@@ -177,7 +177,7 @@ fn a_reload_that_rolls_back_exits_1_and_says_why() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["reload"]["outcome"], "rolled_back", "{out}");
     let status = herd.status_json("rb");
-    assert_eq!(status["counters"]["reloads_failed"], 2, "{status}");
+    assert_eq!(status["counters"]["reloads_rolled_back"], 2, "{status}");
     assert_eq!(slot_pids(&status, "current").len(), 2);
 }
 

@@ -320,8 +320,11 @@ pub struct Counters {
     pub crash_loops: u64,
     /// Reloads that ended with every slot on the new command.
     pub reloads_ok: u64,
-    /// Reloads that failed and rolled back (or could not resolve).
-    pub reloads_failed: u64,
+    /// Reloads whose new workers failed: rolled back.
+    pub reloads_rolled_back: u64,
+    /// Reloads that changed nothing: the command could not be resolved
+    /// again (a missing binary or script).
+    pub reloads_unresolved: u64,
     /// IPC messages received from workers.
     pub ipc_messages: u64,
     /// Log lines dropped (a blocked or closed output, a full disk).

@@ -204,9 +204,8 @@ impl Supervisor {
         let c = &mut self.stats.counters;
         match outcome {
             ReloadOutcome::Reloaded { .. } => c.reloads_ok += 1,
-            ReloadOutcome::RolledBack { .. } | ReloadOutcome::CannotResolve(_) => {
-                c.reloads_failed += 1
-            }
+            ReloadOutcome::RolledBack { .. } => c.reloads_rolled_back += 1,
+            ReloadOutcome::CannotResolve(_) => c.reloads_unresolved += 1,
             ReloadOutcome::Stopped => {}
         }
         self.events.send(Event::Reloaded(outcome.clone()));
