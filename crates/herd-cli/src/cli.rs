@@ -189,13 +189,14 @@ pub struct LogsArgs {
 /// `herd run` flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Number of workers, or `auto` for one per CPU. Each worker costs herd
+    /// Number of workers, or `auto` for one per CPU this process may use (its affinity mask and
+    /// cgroup CPU quota: a container limited to 2 CPUs gets 2). Each worker costs herd
     /// about 4 open files (its stdout and stderr pipes, its IPC channel, a
     /// reuseport socket per address); herd raises its own soft open-file limit
     /// to the hard limit at start, and workers get the limit herd was started
     /// with.
     #[arg(short, long, default_value = "2", value_parser = parse_workers, value_name = "N|auto")]
-    pub workers: usize,
+    pub workers: Workers,
 
     /// Where to listen: HOST:PORT, [V6]:PORT, :PORT, unix:PATH, udp:HOST:PORT,
     /// each optionally NAME=…; repeatable. Default: 127.0.0.1:8000.
@@ -439,7 +440,10 @@ impl RunArgs {
     /// The library configuration these flags describe.
     pub fn into_config(self, command: WorkerCommand) -> ClusterConfig {
         let mut config = ClusterConfig::new(command);
-        config.workers = self.workers;
+        config.workers = match self.workers {
+            Workers::Auto(budget) => budget.workers(),
+            Workers::Exactly(n) => n,
+        };
         config.listen = if self.no_listen {
             Vec::new()
         } else if self.listen.is_empty() {
@@ -552,9 +556,18 @@ fn parse_size(text: &str) -> Result<usize, String> {
     }
 }
 
-fn parse_workers(text: &str) -> Result<usize, String> {
+/// `-w`: a number, or `auto` with what it was made of (for the log).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workers {
+    /// `auto`: one per CPU this process may use.
+    Auto(herd::cpus::CpuBudget),
+    /// A number.
+    Exactly(usize),
+}
+
+fn parse_workers(text: &str) -> Result<Workers, String> {
     if text == "auto" {
-        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        return Ok(Workers::Auto(herd::cpus::CpuBudget::read()));
     }
     let n: usize = text
         .parse()
@@ -562,7 +575,7 @@ fn parse_workers(text: &str) -> Result<usize, String> {
     match n {
         0 => Err("at least 1 worker is needed".into()),
         n if n > MAX_WORKERS => Err(format!("at most {MAX_WORKERS} workers are allowed")),
-        n => Ok(n),
+        n => Ok(Workers::Exactly(n)),
     }
 }
 

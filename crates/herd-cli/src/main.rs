@@ -88,6 +88,9 @@ fn run(args: RunArgs) -> ExitCode {
         }
     }
     init_tracing(args.log_format, args.log_file.is_none());
+    if let cli::Workers::Auto(budget) = &args.workers {
+        tracing::info!("{}", budget.describe());
+    }
     if matches!(args.log_format, LogFormatArg::Json) {
         JSON_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
     }

@@ -70,6 +70,7 @@ pub mod backoff;
 mod cluster;
 pub mod config;
 pub mod control;
+pub mod cpus;
 mod events;
 mod inspect;
 pub mod ipc;

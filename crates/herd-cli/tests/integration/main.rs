@@ -5,6 +5,7 @@
 mod bad_input;
 mod control;
 mod demo;
+mod deploy;
 mod examples;
 mod launchers;
 mod limits;
