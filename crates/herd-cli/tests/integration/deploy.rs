@@ -118,3 +118,82 @@ fn auto_follows_the_cgroup_cpu_quota() {
     drop(herd);
     drop(cgroup);
 }
+
+/// Under a `Type=notify` unit: a fake systemd (a datagram socket as
+/// `NOTIFY_SOCKET`) sees `READY=1` once the workers are ready (once: the
+/// workers' own `READY=1` go to herd, never to systemd), `RELOADING=1` with
+/// `MONOTONIC_USEC` then `READY=1` around a reload, `STOPPING=1`, `STATUS=`
+/// lines, and `WATCHDOG=1` at half of `WATCHDOG_USEC`.
+#[test]
+fn herd_tells_systemd_what_it_does() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("fake-systemd");
+    let path = dir.path().join("notify");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let mut cmd = Command::new(herd_bin());
+    cmd.args(["run", "-w", "2", "-l", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut herd = Herd::spawn(cmd);
+    let mut got: Vec<String> = Vec::new();
+    let mut read_until = |got: &mut Vec<String>, what: &str| {
+        let deadline = std::time::Instant::now() + STARTUP;
+        let mut buf = [0u8; 4096];
+        while !got.iter().any(|m| m.contains(what)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what:?} in {got:?}"
+            );
+            if let Ok(n) = systemd.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    };
+    read_until(&mut got, "READY=1");
+    herd.stderr
+        .wait_for("a worker ready", STARTUP, |l| l.contains(" ready slot="));
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    herd.signal("HUP");
+    read_until(&mut got, "RELOADING=1");
+    let reloading = got
+        .iter()
+        .find(|m| m.contains("RELOADING=1"))
+        .unwrap()
+        .clone();
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let now_usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000;
+    assert!(
+        usec <= now_usec && now_usec - usec < 30_000_000,
+        "{usec} vs {now_usec}"
+    );
+    let after = got.len();
+    read_until(&mut got, "STATUS=reload done");
+    assert!(
+        got[after - 1..].iter().any(|m| m.contains("READY=1")),
+        "{got:?}"
+    );
+    herd.signal("TERM");
+    read_until(&mut got, "STOPPING=1");
+    herd.wait(STARTUP);
+    // The order systemd saw, and nothing from the workers.
+    let first = |what: &str| got.iter().position(|m| m.contains(what)).unwrap();
+    assert!(first("READY=1") < first("RELOADING=1"), "{got:?}");
+    assert!(first("RELOADING=1") < first("STOPPING=1"), "{got:?}");
+    let readies = got.iter().filter(|m| m.contains("READY=1")).count();
+    assert_eq!(readies, 2, "one at start, one after the reload: {got:?}");
+    assert!(
+        got.iter()
+            .any(|m| m.starts_with("STATUS=2/2 ready") || m.contains("\nSTATUS=2/2 ready")),
+        "{got:?}"
+    );
+    let watchdogs = got.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(watchdogs >= 2, "{watchdogs} WATCHDOG=1 in {got:?}");
+}

@@ -51,6 +51,7 @@ mod notify;
 mod probe;
 mod reload;
 mod sockets;
+mod systemd;
 mod tree;
 
 pub(crate) use channel::Outgoing;
@@ -360,6 +361,8 @@ pub(crate) struct Supervisor {
     /// 1,024 is 1,024 forks, done [`SPAWN_BATCH`] per loop round so that
     /// exits, signals and requests are handled meanwhile.
     spawn_queue: VecDeque<(usize, bool)>,
+    /// systemd, when herd runs as a `Type=notify` service.
+    systemd: Option<systemd::Systemd>,
 }
 
 /// How long a scaled-away worker in reuseport mode keeps accepting what is
@@ -526,6 +529,7 @@ impl Supervisor {
             metrics_server: None,
             stats: control::Stats::default(),
             spawn_queue: VecDeque::new(),
+            systemd: systemd::Systemd::from_env(),
         })
     }
 
@@ -766,6 +770,7 @@ impl Supervisor {
                 .min()
         };
         let memory = self.memory_check_at.filter(|_| !self.life.stopping());
+        let watchdog = self.systemd.as_ref().and_then(|s| s.watchdog_at());
         // While a queue empties, it is looked at every EMPTY_POLL (bounded by
         // EMPTY_WAIT): the kernel says nothing when it is empty.
         let emptying = (!self.emptying.is_empty()).then(|| Instant::now() + EMPTY_POLL);
@@ -776,6 +781,7 @@ impl Supervisor {
             probes,
             self.node_release_at,
             memory,
+            watchdog,
         ]
         .into_iter()
         .flatten()
@@ -828,6 +834,9 @@ impl Supervisor {
     }
 
     fn on_timer(&mut self, now: Instant) {
+        if let Some(s) = &mut self.systemd {
+            s.watchdog(now);
+        }
         self.prune_remnants();
         self.check_emptying(now);
         self.kill_remnants(now);
@@ -983,6 +992,38 @@ impl Supervisor {
             }
         }
         self.steer();
+        self.tell_systemd();
+    }
+
+    /// The ready count to systemd (`STATUS=`, and `READY=1` once the
+    /// cluster serves `min_ready` workers).
+    fn tell_systemd(&mut self) {
+        if self.systemd.is_none() || self.life.stopping() {
+            return;
+        }
+        let slots = 0..self.life.slots();
+        let ready = slots
+            .clone()
+            .filter(|s| !self.life.leaving(*s))
+            .filter(|s| {
+                self.life
+                    .worker(*s)
+                    .is_some_and(|w| w.ready && w.retire_kill_at.is_none())
+            })
+            .count();
+        let restarting = slots
+            .filter(|s| {
+                matches!(
+                    self.life.state(*s),
+                    crate::lifecycle::SlotState::Waiting { .. }
+                )
+            })
+            .count();
+        let workers = self.life.active();
+        let serves = ready >= self.config.min_ready.clamp(1, workers.max(1));
+        if let Some(s) = &mut self.systemd {
+            s.update(ready, workers, restarting, serves);
+        }
     }
 
     /// Spawns up to [`SPAWN_BATCH`] of the workers asked for, each if it is
@@ -1196,6 +1237,9 @@ impl Supervisor {
     }
 
     fn on_stop_request(&mut self, name: &str) {
+        if let Some(s) = &self.systemd {
+            s.stopping();
+        }
         if self.life.request_stop(Instant::now()) {
             info!(
                 "{name} received; stopping workers with {} (timeout {:?})",

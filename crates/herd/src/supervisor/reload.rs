@@ -107,6 +107,9 @@ impl Supervisor {
         match self.life.reload(generation, Instant::now()) {
             ReloadStart::Started => {
                 self.reload_began = Some(Instant::now());
+                if let Some(s) = &self.systemd {
+                    s.reloading();
+                }
                 self.perform();
             }
             ReloadStart::Queued => {}
@@ -167,6 +170,13 @@ impl Supervisor {
         };
         let in_use = self.life.generations_in_use();
         self.gens.retain(|g, _| in_use.contains(g));
+        if let Some(s) = &mut self.systemd {
+            match &outcome {
+                ReloadOutcome::Reloaded { .. } => s.reloaded("done"),
+                ReloadOutcome::RolledBack { .. } => s.reloaded("failed, rolled back"),
+                _ => {}
+            }
+        }
         self.answer_reload(outcome);
     }
 
