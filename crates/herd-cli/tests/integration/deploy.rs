@@ -139,7 +139,7 @@ fn herd_tells_systemd_what_it_does() {
         .env("WATCHDOG_USEC", "400000");
     let mut herd = Herd::spawn(cmd);
     let mut got: Vec<String> = Vec::new();
-    let mut read_until = |got: &mut Vec<String>, what: &str| {
+    let read_until = |got: &mut Vec<String>, what: &str| {
         let deadline = std::time::Instant::now() + STARTUP;
         let mut buf = [0u8; 4096];
         while !got.iter().any(|m| m.contains(what)) {
