@@ -444,15 +444,17 @@ impl RunArgs {
             Workers::Auto(budget) => budget.workers(),
             Workers::Exactly(n) => n,
         };
-        config.listen = if self.no_listen {
-            Vec::new()
-        } else if self.listen.is_empty() {
-            vec!["127.0.0.1:8000"
-                .parse()
-                .expect("the default listen spec is valid")]
-        } else {
-            self.listen
-        };
+        config.listen =
+            if self.no_listen || (self.listen.is_empty() && herd::activation::passed_to_us()) {
+                // Socket-activated with no -l: every socket systemd passed.
+                Vec::new()
+            } else if self.listen.is_empty() {
+                vec!["127.0.0.1:8000"
+                    .parse()
+                    .expect("the default listen spec is valid")]
+            } else {
+                self.listen
+            };
         config.balance = self.balance;
         config.picker = self.picker;
         config.restart = self.restart;
@@ -507,6 +509,7 @@ impl RunArgs {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,
         };
+        config.socket_activation = !self.no_listen;
         config.metrics = self.metrics;
         config.min_ready = self.min_ready;
         config.control = (!self.no_control).then(|| herd::control::ControlConfig {

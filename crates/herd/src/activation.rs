@@ -60,6 +60,16 @@ pub enum ActivationError {
     },
 }
 
+/// Whether sockets were passed to this very process (`LISTEN_FDS` set and
+/// `LISTEN_PID` naming it), as systemd's socket activation does.
+pub fn passed_to_us() -> bool {
+    std::env::var_os("LISTEN_FDS").is_some()
+        && std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            == Some(std::process::id())
+}
+
 /// Takes the sockets passed to this process, or an empty list when none were
 /// (no `LISTEN_FDS`, or `LISTEN_PID` names another process: the variables were
 /// meant for an ancestor). Call it once: a second call would adopt the same

@@ -98,7 +98,13 @@ impl Cluster {
                 )));
             }
         }
-        let listeners = Listeners::bind(&config.listen, config.balance, config.workers)?;
+        let inherited = if config.socket_activation && crate::activation::passed_to_us() {
+            take_activated()?
+        } else {
+            Vec::new()
+        };
+        let listeners =
+            Listeners::bind_activated(&config.listen, config.balance, config.workers, inherited)?;
         Ok(Cluster { config, listeners })
     }
 
@@ -213,6 +219,17 @@ impl Cluster {
     pub(crate) fn into_parts(self) -> (ClusterConfig, Listeners) {
         (self.config, self.listeners)
     }
+}
+
+/// The sockets systemd passed this process, taken once per process (a
+/// second cluster in the same process gets none: they are the first's).
+fn take_activated() -> Result<Vec<crate::activation::InheritedSocket>, Error> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Vec::new());
+    }
+    crate::activation::take_listen_fds()
+        .map_err(|e| Error::Config(format!("socket activation: {e}")))
 }
 
 /// Something that happened to a worker.

@@ -442,6 +442,11 @@ pub struct ClusterConfig {
     /// `/ready` answers 200 while at least this many workers are ready
     /// (and the cluster is not stopping), 503 otherwise. Default 1.
     pub min_ready: usize,
+    /// Socket activation: when systemd (or `systemd-socket-activate`)
+    /// passed this process sockets (`LISTEN_FDS`, `LISTEN_PID` naming it),
+    /// use them for the listen specs they match instead of binding (every
+    /// one of them when `listen` is empty). Default true.
+    pub socket_activation: bool,
 }
 
 /// What makes a worker ready: the moment it takes traffic in a round-robin
@@ -597,6 +602,7 @@ impl ClusterConfig {
             control: None,
             metrics: None,
             min_ready: 1,
+            socket_activation: true,
         }
     }
 }

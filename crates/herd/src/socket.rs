@@ -113,6 +113,9 @@ pub enum BindError {
     /// A file that is not a socket sits at a unix socket path.
     #[error("cannot listen on unix:{0}: the path exists and is not a socket")]
     NotASocket(PathBuf),
+    /// Sockets passed by systemd (socket activation) do not fit the specs.
+    #[error("socket activation: {0}")]
+    Activation(String),
     /// Any other failure.
     #[error("cannot listen on {address}: {source}")]
     Io {
@@ -130,6 +133,7 @@ impl BindError {
             BindError::InUse(_) => libc::EADDRINUSE,
             BindError::PermissionDenied(_) => libc::EACCES,
             BindError::NotASocket(_) => libc::ENOTSOCK,
+            BindError::Activation(_) => libc::EINVAL,
             BindError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EINVAL),
         }
     }
@@ -168,6 +172,38 @@ impl Listeners {
     /// Binds every spec for `slots` slots. Port 0 is resolved once, so every
     /// slot of a reuseport spec shares the kernel-chosen port.
     pub fn bind(specs: &[ListenSpec], balance: Balance, slots: usize) -> Result<Self, BindError> {
+        Listeners::bind_activated(specs, balance, slots, Vec::new())
+    }
+
+    /// Binds every spec, but takes the sockets systemd passed
+    /// (`inherited`, socket activation) for the specs they match, by
+    /// `LISTEN_FDNAMES` name (a spec's `NAME=`) or by address. With no
+    /// spec at all, every inherited socket becomes one. A socket that
+    /// matches no spec is an error, not ignored (it would sit unserved);
+    /// so is one under `reuseport`, which needs a socket per slot.
+    pub fn bind_activated(
+        specs: &[ListenSpec],
+        balance: Balance,
+        slots: usize,
+        mut inherited: Vec<crate::activation::InheritedSocket>,
+    ) -> Result<Self, BindError> {
+        let derived: Vec<ListenSpec>;
+        let specs = if specs.is_empty() && !inherited.is_empty() {
+            derived = inherited
+                .iter()
+                .map(inherited_spec)
+                .collect::<Result<_, _>>()?;
+            &derived[..]
+        } else {
+            specs
+        };
+        if !inherited.is_empty() && balance == Balance::Reuseport {
+            return Err(BindError::Activation(
+                "--balance reuseport needs a socket per worker; systemd passes one per address: \
+                 use --balance shared (or round-robin)"
+                    .into(),
+            ));
+        }
         let mut out = Listeners {
             specs: Vec::new(),
             sockets: Vec::new(),
@@ -175,6 +211,19 @@ impl Listeners {
             primary_accepts: Vec::new(),
         };
         for spec in specs {
+            if let Some(i) = inherited.iter().position(|s| activation_matches(s, spec)) {
+                let s = inherited.remove(i);
+                let resolved = inherited_spec(&s).map(|mut r| {
+                    r.name = spec.name.clone();
+                    r
+                })?;
+                out.primary_accepts.push(
+                    balance == Balance::RoundRobin && matches!(spec.address, ListenAddress::Tcp(_)),
+                );
+                out.specs.push(resolved);
+                out.sockets.push(SpecSockets::Shared(s.fd));
+                continue;
+            }
             let (resolved, sockets) = match &spec.address {
                 ListenAddress::Unix(path) => {
                     let fd = bind_unix(path)?;
@@ -211,6 +260,18 @@ impl Listeners {
             );
             out.specs.push(resolved);
             out.sockets.push(sockets);
+        }
+        if let Some(s) = inherited.first() {
+            let what = inherited_spec(s).map_or_else(|e| e.to_string(), |spec| spec.to_string());
+            let named = if s.name == "unknown" {
+                String::new()
+            } else {
+                format!(" named {:?} (-l {}=ADDRESS matches it too)", s.name, s.name)
+            };
+            return Err(BindError::Activation(format!(
+                "systemd passed a socket no -l names: {what}{named}; add -l {what}, or remove it \
+                 from the .socket unit"
+            )));
         }
         Ok(out)
     }
@@ -316,6 +377,61 @@ impl Drop for Listeners {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Whether systemd's socket `s` is the one `spec` asks for: its
+/// `FileDescriptorName=` is the spec's `NAME=`, or it has the spec's address.
+fn activation_matches(s: &crate::activation::InheritedSocket, spec: &ListenSpec) -> bool {
+    if s.name != "unknown" && s.name == spec.name && spec.name != spec.address.kind() {
+        return true;
+    }
+    match inherited_spec(s) {
+        Ok(found) => match (&found.address, &spec.address) {
+            (ListenAddress::Tcp(a), ListenAddress::Tcp(b))
+            | (ListenAddress::Udp(a), ListenAddress::Udp(b)) => {
+                a.port == b.port && (a.socket_addr().ip() == b.socket_addr().ip())
+            }
+            (ListenAddress::Unix(a), ListenAddress::Unix(b)) => a == b,
+            _ => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// What an inherited socket is, as a listen spec named by its fd name.
+fn inherited_spec(s: &crate::activation::InheritedSocket) -> Result<ListenSpec, BindError> {
+    use crate::activation::SocketKind;
+    let sock = socket2::SockRef::from(&s.fd);
+    let bad = |why: String| BindError::Activation(format!("fd {:?}: {why}", s.name));
+    let addr = sock.local_addr().map_err(|e| bad(e.to_string()))?;
+    let address = match s.kind() {
+        SocketKind::TcpListener | SocketKind::Udp => {
+            let sa = addr.as_socket().ok_or_else(|| bad("no address".into()))?;
+            let host = (!sa.ip().is_unspecified()).then_some(sa.ip());
+            let a = TcpAddress {
+                host,
+                port: sa.port(),
+                scope_id: 0,
+            };
+            if s.kind() == SocketKind::Udp {
+                ListenAddress::Udp(a)
+            } else {
+                ListenAddress::Tcp(a)
+            }
+        }
+        SocketKind::UnixListener => ListenAddress::Unix(
+            addr.as_pathname()
+                .ok_or_else(|| bad("a Unix socket without a path".into()))?
+                .to_path_buf(),
+        ),
+        SocketKind::Other => return Err(bad("not a listening socket herd can hand out".into())),
+    };
+    let name = if s.name == "unknown" {
+        address.kind().to_string()
+    } else {
+        s.name.clone()
+    };
+    Ok(ListenSpec { name, address })
 }
 
 fn with_port(spec: &ListenSpec, port: u16) -> ListenSpec {

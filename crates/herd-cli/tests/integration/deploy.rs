@@ -197,3 +197,84 @@ fn herd_tells_systemd_what_it_does() {
     let watchdogs = got.iter().filter(|m| m.contains("WATCHDOG=1")).count();
     assert!(watchdogs >= 2, "{watchdogs} WATCHDOG=1 in {got:?}");
 }
+
+/// `systemd-socket-activate -l ADDR [--fdname NAME] herd run ARGS`: it
+/// binds ADDR, and on the first connection execs herd with the socket as
+/// fd 3 (`LISTEN_FDS`, `LISTEN_PID` = herd). Returns herd, once started.
+fn socket_activated(port: u16, fdname: Option<&str>, args: &[&str]) -> Option<Herd> {
+    if Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: systemd-socket-activate (Debian's systemd package) is missing");
+        return None;
+    }
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l").arg(format!("127.0.0.1:{port}"));
+    if let Some(name) = fdname {
+        cmd.arg(format!("--fdname={name}"));
+    }
+    cmd.arg(herd_bin()).args(args);
+    let herd = Herd::spawn(cmd);
+    herd.stderr
+        .wait_for("listening", STARTUP, |l| l.starts_with("Listening on"));
+    Some(herd)
+}
+
+/// Under socket activation with no `-l`, herd serves on the socket it was
+/// passed (the connection that woke it included), never binding its own.
+#[test]
+fn socket_activated_herd_serves_the_socket_it_was_given() {
+    let port = free_port();
+    let Some(herd) = socket_activated(port, None, &["run", "-w", "2"]) else {
+        return;
+    };
+    // This first connection makes systemd-socket-activate exec herd.
+    let body = http_get(port).expect("served through the passed socket");
+    assert!(body.contains("hello world"), "{body}");
+    herd.stderr.wait_for("herd's listening line", STARTUP, |l| {
+        l.contains(&format!("INFO listening on 127.0.0.1:{port}"))
+    });
+    assert!(http_get(port).is_ok());
+    assert!(!herd.stderr.all().iter().any(|l| l.contains("in use")));
+}
+
+/// A `-l NAME=…` takes the passed socket of that `FileDescriptorName=`.
+#[test]
+fn socket_activation_matches_by_name() {
+    let port = free_port();
+    let Some(herd) = socket_activated(
+        port,
+        Some("web"),
+        &["run", "-w", "1", "-l", "web=127.0.0.1:0"],
+    ) else {
+        return;
+    };
+    assert!(http_get(port).is_ok());
+    herd.stderr.wait_for("listening by name", STARTUP, |l| {
+        l.contains(&format!("listening on web=127.0.0.1:{port}"))
+    });
+}
+
+/// A passed socket that no `-l` names is an error (exit 2, naming it),
+/// not a socket left unserved.
+#[test]
+fn a_passed_socket_no_listen_spec_names_is_an_error() {
+    let port = free_port();
+    let other = free_port();
+    let other_spec = format!("127.0.0.1:{other}");
+    let Some(mut herd) = socket_activated(port, None, &["run", "-w", "1", "-l", &other_spec])
+    else {
+        return;
+    };
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    assert_eq!(herd.wait(STARTUP).code(), Some(2));
+    let err = herd.stderr.all().join("\n");
+    assert!(
+        err.contains(&format!(
+            "systemd passed a socket no -l names: 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+}
