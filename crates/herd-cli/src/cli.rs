@@ -76,6 +76,26 @@ pub enum Command {
     /// history, recent log lines; keys to restart, scale and reload.
     #[command(after_help = CONTROL_STATUSES)]
     Top(TopArgs),
+    /// Print a systemd service unit (and with --socket its .socket unit) that runs
+    /// `herd run ARGS`: Type=notify, ExecReload, KillMode=mixed, TimeoutStopSec.
+    SystemdUnit(UnitArgs),
+}
+
+/// `herd systemd-unit`.
+#[derive(Debug, Args)]
+pub struct UnitArgs {
+    /// The unit's name (NAME.service, NAME.socket).
+    #[arg(long, default_value = "herd")]
+    pub unit: String,
+    /// Also a .socket unit: systemd binds the -l addresses and herd takes them.
+    #[arg(long)]
+    pub socket: bool,
+    /// Write NAME.service (and NAME.socket) into this directory instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
+    /// `herd run`'s flags and command, after `--`.
+    #[arg(last = true, value_name = "RUN ARGS")]
+    pub run: Vec<OsString>,
 }
 
 /// `herd top`.

@@ -15,6 +15,7 @@ mod cli;
 mod ctl;
 mod hello;
 mod top;
+mod unit;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         Command::Stop(args) => ctl::main(false, || ctl::stop(args)),
         Command::Logs(args) => ctl::main(args.json, || ctl::logs(args)),
         Command::Top(args) => ctl::main(false, || top::main(args)),
+        Command::SystemdUnit(args) => unit::main(args),
     }
 }
 

@@ -278,3 +278,68 @@ fn a_passed_socket_no_listen_spec_names_is_an_error() {
         "{err}"
     );
 }
+
+/// `herd systemd-unit --socket`: a service and a socket unit that
+/// `systemd-analyze verify` accepts, with what a herd service needs.
+#[test]
+fn systemd_units_are_made_and_verify() {
+    let dir = TempDir::new("units");
+    let out = Command::new(herd_bin())
+        .args(["systemd-unit", "--socket", "--unit", "shop", "--out"])
+        .arg(dir.path())
+        .args([
+            "--",
+            "-w",
+            "4",
+            "--stop-timeout",
+            "30s",
+            "-l",
+            "web=127.0.0.1:8123",
+            "--",
+        ])
+        .args(["node", "my app.js"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let service = std::fs::read_to_string(dir.path().join("shop.service")).unwrap();
+    let socket = std::fs::read_to_string(dir.path().join("shop.socket")).unwrap();
+    for want in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "KillMode=mixed",
+        "TimeoutStopSec=40",
+        "Requires=shop.socket",
+        " run -w 4 --stop-timeout 30s -l web=127.0.0.1:8123 -- node \"my app.js\"",
+    ] {
+        assert!(service.contains(want), "{want:?} not in\n{service}");
+    }
+    assert!(
+        socket.contains("ListenStream=127.0.0.1:8123\nFileDescriptorName=web"),
+        "{socket}"
+    );
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped verify: systemd-analyze is missing");
+        return;
+    }
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("shop.service"))
+        .arg(dir.path().join("shop.socket"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // Bad run flags: exit 2, as herd run would.
+    let bad = Command::new(herd_bin())
+        .args(["systemd-unit", "--", "-w", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
