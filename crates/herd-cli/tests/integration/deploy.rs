@@ -343,3 +343,43 @@ fn systemd_units_are_made_and_verify() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// deploy/herd.yaml is a valid Kubernetes manifest (kubernetes-validate,
+/// installed by scripts/install-test-deps), and the Dockerfile, the
+/// manifest and the Nomad job all run herd with a stop timeout below the
+/// orchestrator's grace period.
+#[test]
+fn deploy_manifests_are_valid_and_agree() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let manifest = root.join("deploy/herd.yaml");
+    let yaml = std::fs::read_to_string(&manifest).unwrap();
+    assert!(yaml.contains("terminationGracePeriodSeconds: 35"));
+    assert!(yaml.contains("\"--stop-timeout\", \"20s\""));
+    assert!(yaml.contains("path: /ready") && yaml.contains("path: /healthz"));
+    let nomad = std::fs::read_to_string(root.join("deploy/herd.nomad.hcl")).unwrap();
+    assert!(
+        nomad.contains("kill_timeout = \"30s\"") && nomad.contains("\"--stop-timeout\", \"20s\"")
+    );
+    // The image's command line is one herd accepts.
+    let docker = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let cmd = docker.lines().find(|l| l.starts_with("CMD ")).unwrap();
+    let args: Vec<String> = serde_json::from_str(cmd.trim_start_matches("CMD ")).unwrap();
+    let mut unit = vec!["systemd-unit".to_string(), "--".into()];
+    unit.extend(args.into_iter().skip(1));
+    let parsed = Command::new(herd_bin()).args(&unit).output().unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let validate = root.join("target/kv/bin/kubernetes-validate");
+    if !validate.exists() {
+        eprintln!("skipped: kubernetes-validate is not installed (scripts/install-test-deps)");
+        return;
+    }
+    let out = Command::new(validate).arg(&manifest).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("passed for resource").count(), 2, "{text}");
+}
