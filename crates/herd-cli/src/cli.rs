@@ -387,6 +387,16 @@ pub struct RunArgs {
     #[arg(long, default_value = "4", value_name = "N")]
     pub log_keep: usize,
 
+    /// Run the workers as this user (a name or uid), with its supplementary groups and its
+    /// HOME, USER, LOGNAME and SHELL: herd starts as root, binds (ports below 1024 too),
+    /// and each worker drops to the user before it execs. Needs herd to run as root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// With --user: this group (a name or gid) instead of the user's primary group.
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
+
     /// The cluster's name, for `herd status NAME` and the other control commands (its
     /// control socket is NAME.sock). Default: from the command (`app` for `node app.js`),
     /// made unique among running clusters (`app-2`); a NAME given must be free.

@@ -131,7 +131,27 @@ fn run(args: RunArgs) -> ExitCode {
             dir.display()
         );
     }
-    let config = args.into_config(command);
+    let user = match &args.user {
+        None => None,
+        Some(name) => match herd::config::Credentials::lookup(name, args.group.as_deref()) {
+            Ok(c) => {
+                let me = rustix::process::geteuid().as_raw();
+                if me != 0 && c.uid != me {
+                    return fail(
+                        EXIT_USAGE,
+                        &format!(
+                            "--user {name} needs herd to run as root (it runs as uid {me}); \
+                             or start herd as that user"
+                        ),
+                    );
+                }
+                Some(c)
+            }
+            Err(why) => return fail(EXIT_USAGE, &why),
+        },
+    };
+    let mut config = args.into_config(command);
+    config.user = user;
     match run_cluster(config) {
         Ok(Outcome::Stopped)
         | Ok(Outcome::Finished {

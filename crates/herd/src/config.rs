@@ -447,6 +447,9 @@ pub struct ClusterConfig {
     /// use them for the listen specs they match instead of binding (every
     /// one of them when `listen` is empty). Default true.
     pub socket_activation: bool,
+    /// Who workers run as (`--user`): `None`, herd's own user. Needs herd
+    /// to run as root.
+    pub user: Option<Credentials>,
 }
 
 /// What makes a worker ready: the moment it takes traffic in a round-robin
@@ -603,6 +606,7 @@ impl ClusterConfig {
             metrics: None,
             min_ready: 1,
             socket_activation: true,
+            user: None,
         }
     }
 }
@@ -761,5 +765,66 @@ mod tests {
             WorkerCommand::resolve(vec!["/".into()]),
             Err(CommandError::NotExecutable(_))
         ));
+    }
+}
+
+/// Who workers run as (`--user`, `--group`): herd starts as root, binds its
+/// sockets, and each worker drops to these ids (supplementary groups
+/// included) before it execs, with `HOME`, `USER`, `LOGNAME` and `SHELL`
+/// set to the user's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user's name.
+    pub name: String,
+    /// The user id.
+    pub uid: u32,
+    /// The group id (the user's primary group unless `--group` names one).
+    pub gid: u32,
+    /// Supplementary groups (the user's, from the group database).
+    pub groups: Vec<u32>,
+    /// The user's home directory.
+    pub home: PathBuf,
+    /// The user's login shell.
+    pub shell: PathBuf,
+}
+
+impl Credentials {
+    /// Looks up `user` (a name or a numeric uid) and `group` (a name or a
+    /// numeric gid; the user's primary group when `None`).
+    pub fn lookup(user: &str, group: Option<&str>) -> Result<Credentials, String> {
+        let found = match user.parse::<u32>() {
+            Ok(uid) => uzers::get_user_by_uid(uid),
+            Err(_) => uzers::get_user_by_name(user),
+        }
+        .ok_or_else(|| format!("--user {user}: no such user"))?;
+        let gid = match group {
+            None => found.primary_group_id(),
+            Some(g) => match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => uzers::get_group_by_name(g)
+                    .ok_or_else(|| format!("--group {g}: no such group"))?
+                    .gid(),
+            },
+        };
+        let name = found.name().to_string_lossy().into_owned();
+        let mut groups: Vec<u32> = uzers::get_user_groups(found.name(), gid)
+            .unwrap_or_default()
+            .iter()
+            .map(|g| g.gid())
+            .collect();
+        if !groups.contains(&gid) {
+            groups.push(gid);
+        }
+        groups.sort_unstable();
+        groups.dedup();
+        use uzers::os::unix::UserExt;
+        Ok(Credentials {
+            name,
+            uid: found.uid(),
+            gid,
+            groups,
+            home: found.home_dir().to_path_buf(),
+            shell: found.shell().to_path_buf(),
+        })
     }
 }

@@ -46,6 +46,9 @@ pub(crate) struct ExecPlan {
     nofile: Option<NoFile>,
     /// `<its cgroup>/cgroup.procs`: the child writes "0" there to enter it.
     cgroup_procs: Option<CString>,
+    /// Who the worker runs as (uid, gid, supplementary groups), set after
+    /// everything that needs root (entering its cgroup).
+    ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
 }
 
 /// Ignores the signals whose default action would end herd but which no
@@ -161,6 +164,7 @@ impl ExecPlan {
         exec_err: Option<RawFd>,
         nofile: Option<NoFile>,
         cgroup: Option<&Path>,
+        ids: Option<(u32, u32, Vec<u32>)>,
     ) -> io::Result<Self> {
         let cgroup_procs = match cgroup {
             Some(dir) => Some(
@@ -199,6 +203,7 @@ impl ExecPlan {
             exec_err,
             nofile,
             cgroup_procs,
+            ids,
         })
     }
 
@@ -324,6 +329,24 @@ impl ExecPlan {
                     rlim_max: n.hard,
                 };
                 libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+
+            // Drop to the worker's user last: groups, then gid, then uid
+            // (after setuid the others are no longer allowed). A failure
+            // must not exec the worker as root: report it as exec errors
+            // are, and exit.
+            if let Some((uid, gid, groups)) = &self.ids {
+                let failed = libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0;
+                if failed {
+                    let errno = *libc::__errno_location();
+                    if exec_err >= 0 {
+                        let bytes = errno.to_ne_bytes();
+                        libc::write(exec_err, bytes.as_ptr().cast(), bytes.len());
+                    }
+                    libc::_exit(126);
+                }
             }
 
             if let Some(idx) = self.listen_pid_entry {

@@ -383,3 +383,62 @@ fn deploy_manifests_are_valid_and_agree() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("passed for resource").count(), 2, "{text}");
 }
+
+/// `--user nobody`: herd (root) binds, each worker runs as nobody with its
+/// groups and HOME/USER, serves herd's socket, and can still say READY=1
+/// on its notify socket. Without root, `--user` is refused with exit 2.
+#[test]
+fn workers_run_as_the_user_given() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    let script = format!(
+        "echo \"ids=$(id -u):$(id -g) user=$USER home=$HOME\"; systemd-notify --ready --pid=$$ \
+         2>/dev/null || true; exec {} hello",
+        herd_bin().display()
+    );
+    let herd = Herd::sh(
+        &[
+            "-w",
+            "2",
+            "--user",
+            "nobody",
+            "--ready",
+            "notify",
+            "-l",
+            "127.0.0.1:0",
+        ],
+        &script,
+    );
+    let line = herd
+        .stdout
+        .wait_for("the worker's ids", STARTUP, |l| l.contains("ids="));
+    assert!(line.contains("ids=65534:65534 user=nobody"), "{line}");
+    for n in 1..=2 {
+        herd.stderr
+            .wait_for_nth("ready by sd_notify", STARTUP, n, |l| {
+                l.contains(" ready slot=")
+            });
+    }
+    assert!(http_get(herd.port()).is_ok());
+    for pid in herd.spawned() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        assert!(
+            uid.split_whitespace().skip(1).all(|u| u == "65534"),
+            "{pid}: {uid}"
+        );
+    }
+
+    // Not root: refused, before anything starts.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(herd_bin())
+        .args(["run", "--user", "root", "--no-listen", "--", "true"])
+        .output();
+    if let Ok(out) = out {
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs herd to run as root"));
+    }
+}

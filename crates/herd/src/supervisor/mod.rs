@@ -1675,6 +1675,15 @@ impl Supervisor {
         };
         let mut fds = self.listeners.fds_for_slot(slot);
         let mut env = gen.base_env.clone();
+        if self.config.user.is_some() {
+            // The user's own, not herd's (root's).
+            env.retain(|e| {
+                let e = e.as_bytes();
+                !["HOME=", "USER=", "LOGNAME=", "SHELL="]
+                    .iter()
+                    .any(|k| e.starts_with(k.as_bytes()))
+            });
+        }
         env.extend(self.slots[slot].env.iter().cloned());
         self.node_ids += 1;
         let node_id = self.node_ids;
@@ -1686,6 +1695,12 @@ impl Supervisor {
             "HERD_STOP_SIGNAL",
             &self.config.stop_signal.as_raw().to_string(),
         );
+        if let Some(user) = &self.config.user {
+            add("HOME", &user.home.to_string_lossy());
+            add("USER", &user.name);
+            add("LOGNAME", &user.name);
+            add("SHELL", &user.shell.to_string_lossy());
+        }
         if !fds.is_empty() {
             add("LISTEN_FDS", &fds.len().to_string());
             add("LISTEN_FDNAMES", &self.listeners.fd_names());
@@ -1694,6 +1709,10 @@ impl Supervisor {
         let notify = match &self.notify_dir {
             Some(dir) => match dir.socket(node_id) {
                 Ok((path, sock)) => {
+                    if let Some(user) = &self.config.user {
+                        // Its user must be able to send to it.
+                        dir.open_to(user.uid, user.gid, &path);
+                    }
                     add("NOTIFY_SOCKET", &path.to_string_lossy());
                     if let Some(w) = self.config.watchdog.filter(|d| !d.is_zero()) {
                         add("WATCHDOG_USEC", &w.as_micros().to_string());
@@ -1757,6 +1776,10 @@ impl Supervisor {
             Some(exec_err_write.as_raw_fd()),
             self.worker_nofile,
             cgroup.as_deref(),
+            self.config
+                .user
+                .as_ref()
+                .map(|u| (u.uid, u.gid, u.groups.clone())),
         )?;
         // Output pipes as large as the system allows: a worker that prints a
         // lot and exits at once (Node drops writes still queued at exit)

@@ -69,6 +69,15 @@ impl NotifyDir {
         Ok(NotifyDir { path })
     }
 
+    /// Lets a worker running as `uid` send to its socket at `path`: the
+    /// socket becomes its user's, and the directory searchable (not
+    /// listable) by others. Best effort: without it, notifications are lost.
+    pub(super) fn open_to(&self, uid: u32, gid: u32, path: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o711));
+        let _ = std::os::unix::fs::chown(path, Some(uid), Some(gid));
+    }
+
     /// A socket for one worker (`seq` is unique per worker): its path, for
     /// `NOTIFY_SOCKET`, and the bound socket (close-on-exec).
     pub(super) fn socket(
