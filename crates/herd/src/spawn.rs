@@ -41,7 +41,7 @@ pub fn socket_activated(
     }
     let argv = argv_cstrings(command);
     let fds = sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-    let plan = ExecPlan::new(&command.program, argv, vars, fds, None, None, None, None)?;
+    let plan = ExecPlan::new(&command.program, argv, vars, fds, None, None, None)?;
     let mut cmd = std::process::Command::new(&command.program);
     cmd.process_group(0);
     plan.install(&mut cmd);

@@ -164,7 +164,6 @@ impl ExecPlan {
         exec_err: Option<RawFd>,
         nofile: Option<NoFile>,
         cgroup: Option<&Path>,
-        ids: Option<(u32, u32, Vec<u32>)>,
     ) -> io::Result<Self> {
         let cgroup_procs = match cgroup {
             Some(dir) => Some(
@@ -203,8 +202,15 @@ impl ExecPlan {
             exec_err,
             nofile,
             cgroup_procs,
-            ids,
+            ids: None,
         })
+    }
+
+    /// The worker drops to `uid`, `gid` and supplementary `groups` last,
+    /// before it execs.
+    pub(crate) fn run_as(mut self, ids: Option<(u32, u32, Vec<u32>)>) -> Self {
+        self.ids = ids;
+        self
     }
 
     /// Installs the plan as the command's `pre_exec` hook: the hook execs the

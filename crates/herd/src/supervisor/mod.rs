@@ -1776,11 +1776,13 @@ impl Supervisor {
             Some(exec_err_write.as_raw_fd()),
             self.worker_nofile,
             cgroup.as_deref(),
+        )?
+        .run_as(
             self.config
                 .user
                 .as_ref()
                 .map(|u| (u.uid, u.gid, u.groups.clone())),
-        )?;
+        );
         // Output pipes as large as the system allows: a worker that prints a
         // lot and exits at once (Node drops writes still queued at exit)
         // keeps its last words.
