@@ -303,14 +303,18 @@ impl Herd {
         send_signal(self.pid(), sig);
     }
 
-    /// Waits for herd to exit, at most `timeout`.
+    /// Waits for herd to exit, at most `timeout`, and then (at most 2 s)
+    /// for its stderr to be read to the end: its last lines are in
+    /// `stderr` when this returns.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        wait_child(&mut self.child, timeout).unwrap_or_else(|| {
+        let status = wait_child(&mut self.child, timeout).unwrap_or_else(|| {
             panic!(
                 "herd still running after {timeout:?}; stderr:\n{}",
                 self.stderr.all().join("\n")
             )
-        })
+        });
+        eventually(Duration::from_secs(2), || self.stderr.closed());
+        status
     }
 }
 
