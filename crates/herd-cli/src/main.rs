@@ -145,7 +145,8 @@ fn run(args: RunArgs) -> ExitCode {
                         ),
                     );
                 }
-                Some(c)
+                // Already that user (and not root): nothing to drop.
+                (me == 0).then_some(c)
             }
             Err(why) => return fail(EXIT_USAGE, &why),
         },

@@ -20,17 +20,50 @@ pub fn main(args: UnitArgs) -> ExitCode {
         Ok(_) => unreachable!("parsed as run"),
         Err(e) => return crate::cli::report_parse_error(e),
     };
+    let refuse = |why: &str| {
+        eprintln!("herd: {why}");
+        ExitCode::from(2)
+    };
+    if args
+        .run
+        .iter()
+        .any(|a| a.to_string_lossy().chars().any(|c| c.is_control()))
+    {
+        return refuse(
+            "an argument with a newline or other control character cannot go into ExecStart=",
+        );
+    }
+    if args.socket && run.no_listen {
+        return refuse("--socket with --no-listen: there is nothing for systemd to listen on");
+    }
+    if args.socket && run.balance == herd::Balance::Reuseport {
+        return refuse(
+            "--socket with --balance reuseport: reuseport needs a socket per worker, systemd \
+             passes one per address (use shared or round-robin)",
+        );
+    }
+    if !args
+        .unit
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+    {
+        return refuse(&format!("--unit {:?}: use A-Z a-z 0-9 - _ . @", args.unit));
+    }
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/usr/local/bin/herd".into());
     let cwd = std::env::current_dir()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/".into());
-    let quoted: Vec<String> = args
+    let mut quoted: Vec<String> = args
         .run
         .iter()
         .map(|a| quote(&a.to_string_lossy()))
         .collect();
+    // Named after the unit, so `herd status NAME` finds it.
+    if run.name.is_none() && !run.no_control {
+        quoted.splice(0..0, ["--name".to_string(), quote(&args.unit)]);
+    }
     let name = &args.unit;
     let stop = run.stop_timeout.as_secs() + 10;
     let what = if run.command.is_empty() {
@@ -68,6 +101,8 @@ pub fn main(args: UnitArgs) -> ExitCode {
          KillMode=mixed\n\
          TimeoutStopSec={stop}\n\
          Restart=on-failure\n\
+         # Exit 2 is bad input (flags, a name in use): restarting will not help.\n\
+         RestartPreventExitStatus=2\n\
          # herd gives each worker a cgroup of its own when delegated one.\n\
          Delegate=yes\n\
          WorkingDirectory={cwd}\n\
@@ -81,24 +116,36 @@ pub fn main(args: UnitArgs) -> ExitCode {
         let _ = write!(
             socket,
             "# {name}.socket, made by `herd systemd-unit --socket`: systemd binds, herd takes\n\
-             # the sockets (matched to -l by FileDescriptorName= or address).\n\
-             [Socket]\n"
+             # the sockets (matched to -l by address, or by FileDescriptorName=).\n\
+             [Unit]\n\
+             Description=sockets of the herd cluster {name}\n\
+             \n[Socket]\n"
         );
+        // FileDescriptorName= names every socket of the unit: written only
+        // when the one -l has a name (herd matches the others by address).
+        let one_name = match run.listen.as_slice() {
+            [one] if one.name != one.address.kind() => Some(one.name.clone()),
+            _ => None,
+        };
         for spec in &run.listen {
             match &spec.address {
+                // `%` starts a unit specifier: written as `%%`.
                 ListenAddress::Tcp(a) => {
-                    let _ = writeln!(socket, "ListenStream={}", a.socket_addr());
+                    let a = specifiers(&a.socket_addr().to_string());
+                    let _ = writeln!(socket, "ListenStream={a}");
                 }
                 ListenAddress::Udp(a) => {
-                    let _ = writeln!(socket, "ListenDatagram={}", a.socket_addr());
+                    let a = specifiers(&a.socket_addr().to_string());
+                    let _ = writeln!(socket, "ListenDatagram={a}");
                 }
                 ListenAddress::Unix(p) => {
-                    let _ = writeln!(socket, "ListenStream={}", p.display());
+                    let p = specifiers(&p.display().to_string());
+                    let _ = writeln!(socket, "ListenStream={p}");
                 }
             }
-            if spec.name != spec.address.kind() {
-                let _ = writeln!(socket, "FileDescriptorName={}", spec.name);
-            }
+        }
+        if let Some(n) = one_name {
+            let _ = writeln!(socket, "FileDescriptorName={n}");
         }
         if run.listen.is_empty() {
             let _ = writeln!(socket, "ListenStream=127.0.0.1:8000");
@@ -131,6 +178,11 @@ pub fn main(args: UnitArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// A value with systemd's `%` specifiers escaped.
+fn specifiers(value: &str) -> String {
+    value.replace('%', "%%")
 }
 
 /// An argument as systemd's ExecStart= reads it: quoted when it has

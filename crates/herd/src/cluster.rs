@@ -98,8 +98,16 @@ impl Cluster {
                 )));
             }
         }
-        let inherited = if config.socket_activation && crate::activation::passed_to_us() {
-            take_activated()?
+        let inherited = if crate::activation::passed_to_us() {
+            let passed = take_activated()?;
+            if !config.socket_activation && !passed.is_empty() {
+                return Err(Error::Bind(crate::BindError::Activation(format!(
+                    "{} socket(s) were passed (LISTEN_FDS) but socket activation is off \
+                     (--no-listen): they would sit unserved",
+                    passed.len()
+                ))));
+            }
+            passed
         } else {
             Vec::new()
         };

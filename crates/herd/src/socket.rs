@@ -262,7 +262,8 @@ impl Listeners {
             out.sockets.push(sockets);
         }
         if let Some(s) = inherited.first() {
-            let what = inherited_spec(s).map_or_else(|e| e.to_string(), |spec| spec.to_string());
+            // Not a socket herd can use at all: say that, as it is.
+            let what = inherited_spec(s)?.to_string();
             let named = if s.name == "unknown" {
                 String::new()
             } else {

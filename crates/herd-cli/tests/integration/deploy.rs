@@ -309,7 +309,8 @@ fn systemd_units_are_made_and_verify() {
         "KillMode=mixed",
         "TimeoutStopSec=40",
         "Requires=shop.socket",
-        " run -w 4 --stop-timeout 30s -l web=127.0.0.1:8123 -- node \"my app.js\"",
+        " run --name shop -w 4 --stop-timeout 30s -l web=127.0.0.1:8123 -- node \"my app.js\"",
+        "RestartPreventExitStatus=2",
     ] {
         assert!(service.contains(want), "{want:?} not in\n{service}");
     }
@@ -336,12 +337,61 @@ fn systemd_units_are_made_and_verify() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    // Bad run flags: exit 2, as herd run would.
-    let bad = Command::new(herd_bin())
-        .args(["systemd-unit", "--", "-w", "0"])
+    // Bad run flags, and units that could not work: exit 2.
+    for bad in [
+        &["--", "-w", "0"][..],
+        &["--socket", "--", "--balance", "reuseport", "-l", ":8080"],
+        &["--socket", "--", "--no-listen"],
+        &[
+            "--",
+            "--",
+            "sh",
+            "-c",
+            "echo a\nExecStartPre=/bin/touch /tmp/x",
+        ],
+    ] {
+        let out = Command::new(herd_bin())
+            .arg("systemd-unit")
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+    // `%` is a unit specifier: escaped; two names: no FileDescriptorName=
+    // (it would name both sockets), herd matches them by address.
+    let two = Command::new(herd_bin())
+        .args([
+            "systemd-unit",
+            "--socket",
+            "--",
+            "-l",
+            "a=unix:/run/a%ib.sock",
+            "-l",
+        ])
+        .args(["b=127.0.0.1:8124"])
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&two.stdout);
+    assert!(text.contains("ListenStream=/run/a%%ib.sock"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("FileDescriptorName=")),
+        "{text}"
+    );
+}
+
+/// `--no-listen` under socket activation: the passed socket would sit
+/// unserved, so herd refuses to start (exit 2).
+#[test]
+fn passed_sockets_with_no_listen_are_refused() {
+    let port = free_port();
+    let Some(mut herd) = socket_activated(port, None, &["run", "--no-listen", "--", "sleep", "30"])
+    else {
+        return;
+    };
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    assert_eq!(herd.wait(STARTUP).code(), Some(2));
+    let err = herd.stderr.all().join("\n");
+    assert!(err.contains("socket activation is off"), "{err}");
 }
 
 /// deploy/herd.yaml is a valid Kubernetes manifest (kubernetes-validate,

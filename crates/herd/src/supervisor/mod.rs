@@ -563,6 +563,13 @@ impl Supervisor {
         for spec in self.listeners.specs() {
             info!("listening on {spec}");
         }
+        if self.config.min_ready > self.config.workers && self.config.metrics.is_some() {
+            warn!(
+                "--min-ready {} is more than the {} worker(s): /ready answers 503 until the \
+                 cluster is scaled up",
+                self.config.min_ready, self.config.workers
+            );
+        }
         // A readiness no worker of this kind can give.
         let can_say = match self.config.ready {
             crate::ReadyMode::Node => self.config.ipc == Ipc::Node,
@@ -1011,6 +1018,7 @@ impl Supervisor {
                     .is_some_and(|w| w.ready && w.retire_kill_at.is_none())
             })
             .count();
+        // In backoff after a worker died (not waiting for its first).
         let restarting = slots
             .filter(|s| {
                 matches!(
@@ -1018,6 +1026,7 @@ impl Supervisor {
                     crate::lifecycle::SlotState::Waiting { .. }
                 )
             })
+            .filter(|s| self.slots.get(*s).is_some_and(|slot| slot.started_any))
             .count();
         let workers = self.life.active();
         let serves = ready >= self.config.min_ready.clamp(1, workers.max(1));
