@@ -166,6 +166,8 @@ pub struct Listeners {
     /// Per spec: whether the primary accepts on it (round-robin TCP) rather
     /// than handing it to the workers.
     primary_accepts: Vec<bool>,
+    /// Per spec: its socket was passed by systemd (socket activation).
+    passed: Vec<bool>,
 }
 
 impl Listeners {
@@ -209,6 +211,7 @@ impl Listeners {
             sockets: Vec::new(),
             unix_paths: Vec::new(),
             primary_accepts: Vec::new(),
+            passed: Vec::new(),
         };
         for spec in specs {
             if let Some(i) = inherited.iter().position(|s| activation_matches(s, spec)) {
@@ -222,6 +225,7 @@ impl Listeners {
                 );
                 out.specs.push(resolved);
                 out.sockets.push(SpecSockets::Shared(s.fd));
+                out.passed.push(true);
                 continue;
             }
             let (resolved, sockets) = match &spec.address {
@@ -260,6 +264,7 @@ impl Listeners {
             );
             out.specs.push(resolved);
             out.sockets.push(sockets);
+            out.passed.push(false);
         }
         if let Some(s) = inherited.first() {
             // Not a socket herd can use at all: say that, as it is.
@@ -346,6 +351,11 @@ impl Listeners {
                 .map(|fd| crate::sys::accept_queue_len(fd.as_fd()).map(u64::from))
                 .sum(),
         }
+    }
+
+    /// Whether spec `index`'s socket was passed by systemd rather than bound.
+    pub fn passed(&self, index: usize) -> bool {
+        self.passed.get(index).copied().unwrap_or(false)
     }
 
     /// Whether the primary accepts on spec `index` itself (round-robin).

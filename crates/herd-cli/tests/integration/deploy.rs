@@ -234,7 +234,9 @@ fn socket_activated_herd_serves_the_socket_it_was_given() {
     let body = http_get(port).expect("served through the passed socket");
     assert!(body.contains("hello world"), "{body}");
     herd.stderr.wait_for("herd's listening line", STARTUP, |l| {
-        l.contains(&format!("INFO listening on 127.0.0.1:{port}"))
+        l.contains(&format!(
+            "INFO listening on 127.0.0.1:{port} (the socket systemd passed)"
+        ))
     });
     assert!(http_get(port).is_ok());
     assert!(!herd.stderr.all().iter().any(|l| l.contains("in use")));

@@ -560,8 +560,12 @@ impl Supervisor {
             balance = %self.config.balance,
             "starting"
         );
-        for spec in self.listeners.specs() {
-            info!("listening on {spec}");
+        for (i, spec) in self.listeners.specs().iter().enumerate() {
+            if self.listeners.passed(i) {
+                info!("listening on {spec} (the socket systemd passed)");
+            } else {
+                info!("listening on {spec}");
+            }
         }
         if self.config.min_ready > self.config.workers && self.config.metrics.is_some() {
             warn!(

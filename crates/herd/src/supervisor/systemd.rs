@@ -38,6 +38,12 @@ impl Systemd {
             }
             None => SocketAddr::from_pathname(std::path::Path::new(&path)).ok()?,
         };
+        if !bytes.starts_with(b"@") && !std::path::Path::new(&path).exists() {
+            tracing::warn!(
+                "NOTIFY_SOCKET={} does not exist: systemd will not hear that herd is ready",
+                path.to_string_lossy()
+            );
+        }
         let sock = UnixDatagram::unbound().ok()?;
         sock.set_nonblocking(true).ok()?;
         let me = std::process::id().to_string();
