@@ -81,11 +81,7 @@ fn pick(dir: &Path, name: Option<&str>) -> Result<String, Failure> {
     if let Some(name) = name {
         return Ok(name.to_string());
     }
-    let running: Vec<String> = place::candidates(dir)
-        .into_iter()
-        .filter(|n| Client::connect(dir, n, QUICK).is_ok())
-        .collect();
-    match running.as_slice() {
+    match place::running(dir).as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(Failure::new(
             EXIT_UNREACHABLE,

@@ -99,10 +99,7 @@ impl Client {
 /// The names of running clusters in `dir`, for an error message (a socket
 /// file that refuses is a dead herd's).
 fn running_hint(dir: &Path) -> String {
-    let names: Vec<String> = place::candidates(dir)
-        .into_iter()
-        .filter(|n| UnixStream::connect(dir.join(format!("{n}.sock"))).is_ok())
-        .collect();
+    let names = place::running(dir);
     if names.is_empty() {
         format!(" (none is running under {})", dir.display())
     } else {

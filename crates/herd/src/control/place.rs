@@ -215,6 +215,15 @@ pub fn candidates(dir: &Path) -> Vec<String> {
     names
 }
 
+/// The clusters running in `dir`: the [`candidates`] whose socket accepts
+/// a connection (a dead herd's refuses).
+pub fn running(dir: &Path) -> Vec<String> {
+    candidates(dir)
+        .into_iter()
+        .filter(|n| std::os::unix::net::UnixStream::connect(dir.join(format!("{n}.sock"))).is_ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,16 +152,12 @@ impl Supervisor {
         let now = Instant::now();
         let mut targets = Vec::new();
         let mut slots = Vec::new();
-        let mut ready = 0;
         for (i, s) in self.slots.iter().enumerate().take(self.life.slots()) {
             let mut workers = Vec::new();
             for io in &s.workers {
                 let Some((_, role, w)) = self.life.find(io.pid) else {
                     continue;
                 };
-                if role == Role::Current && w.ready && w.retire_kill_at.is_none() {
-                    ready += 1;
-                }
                 targets.push((io.pid, io.cgroup.clone()));
                 workers.push(WorkerStatus {
                     pid: io.pid,
@@ -258,7 +254,7 @@ impl Supervisor {
                 name: self.control_name.clone().unwrap_or_default(),
                 pid: std::process::id(),
                 workers: self.life.active(),
-                ready,
+                ready: self.ready_slots(),
                 uptime_s: now.saturating_duration_since(started).as_secs(),
                 restarts: slots.iter().map(|s: &SlotStatus| s.restarts).sum(),
                 command: self.config.command.display(),

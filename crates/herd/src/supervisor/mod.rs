@@ -1006,6 +1006,18 @@ impl Supervisor {
         self.tell_systemd();
     }
 
+    /// Slots whose own worker is ready and not asked to go: what `herd
+    /// status`, `/ready` and systemd's `READY=1` count.
+    fn ready_slots(&self) -> usize {
+        (0..self.life.slots())
+            .filter(|s| {
+                self.life
+                    .worker(*s)
+                    .is_some_and(|w| w.ready && w.retire_kill_at.is_none())
+            })
+            .count()
+    }
+
     /// The ready count to systemd (`STATUS=`, and `READY=1` once the
     /// cluster serves `min_ready` workers).
     fn tell_systemd(&mut self) {
@@ -1013,15 +1025,7 @@ impl Supervisor {
             return;
         }
         let slots = 0..self.life.slots();
-        let ready = slots
-            .clone()
-            .filter(|s| !self.life.leaving(*s))
-            .filter(|s| {
-                self.life
-                    .worker(*s)
-                    .is_some_and(|w| w.ready && w.retire_kill_at.is_none())
-            })
-            .count();
+        let ready = self.ready_slots();
         // In backoff after a worker died (not waiting for its first).
         let restarting = slots
             .filter(|s| {

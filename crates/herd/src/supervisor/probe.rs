@@ -213,12 +213,7 @@ fn parse_diag_msg(m: &[u8]) -> Option<(u64, SocketAddr)> {
 /// tree: its cgroup's members, or its descendants. Run on a blocking-pool
 /// thread: it reads procfs.
 pub(super) fn tree_rss(pid: u32, cgroup: Option<&Path>) -> u64 {
-    let page = procfs::page_size();
-    tree(pid, cgroup)
-        .into_iter()
-        .filter_map(|p| Process::new(p as i32).ok()?.statm().ok())
-        .map(|m| m.resident * page)
-        .sum()
+    tree_usage(pid, cgroup).1
 }
 
 /// The CPU time (user + system, seconds; `None` if unreadable) and
